@@ -1,0 +1,1 @@
+//! The REDO journal that makes commands durable before they are acknowledged.

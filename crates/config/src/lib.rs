@@ -1,0 +1,203 @@
+//! The configuration model: one [`Command`] enum and a deterministic state
+//! machine ([`State::apply`]) over it. This is the only way configuration
+//! changes. The CLI and REST API send commands; the journal ([`journal`])
+//! makes them durable before they are acknowledged; the cluster issue will
+//! replicate the same commands through the openraft log.
+//!
+//! Determinism: `apply` depends only on the state and the command, never on
+//! the clock, the environment or the machine. Everything a command needs from
+//! the outside world (for example an mdisk's capacity) is measured by whoever
+//! proposes it and carried in the command.
+//!
+//! Atomicity: `apply` validates completely before it changes anything, so an
+//! `Err` leaves the state exactly as it was.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub mod journal;
+mod state;
+
+pub use state::*;
+
+/// Stable identifier of an object (mdisk, pool, volume), allocated by the
+/// state machine from one counter. Volume ids are the front-end disk ids of
+/// the I/O stack; mdisk ids are its back-end disk ids.
+pub type ObjectId = u64;
+
+/// Default extent size of a storage pool.
+pub const EXTENT_SIZE_MIB_DEFAULT: u32 = 16;
+/// Smallest extent size a pool may be created with.
+pub const EXTENT_SIZE_MIB_MIN: u32 = 1;
+/// Largest extent size a pool may be created with (8 GiB).
+pub const EXTENT_SIZE_MIB_MAX: u32 = 8192;
+/// Longest object name.
+pub const NAME_LEN_MAX: usize = 63;
+/// Volumes are sized in whole sectors.
+pub const SECTOR_BYTES: u64 = 512;
+/// Largest volume (256 TiB).
+pub const VOLUME_BYTES_MAX: u64 = 256 << 40;
+
+const _: () = assert!(EXTENT_SIZE_MIB_MIN <= EXTENT_SIZE_MIB_DEFAULT);
+const _: () = assert!(EXTENT_SIZE_MIB_DEFAULT <= EXTENT_SIZE_MIB_MAX);
+
+/// How a new volume's extents are placed on the pool's mdisks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeLayout {
+    /// Round-robin across the pool's managed mdisks, one extent at a time.
+    Striped,
+    /// Consecutive extents, filling one mdisk before moving to the next.
+    Sequential,
+}
+
+/// Every configuration change. Serialized with an externally tagged `op`
+/// field so the journal, the REST API and the CLI's `--json` share one form.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Registers a back-end disk (file or block device) as an unmanaged mdisk.
+    /// `capacity_bytes` is measured by the proposer.
+    AddMdisk {
+        name: String,
+        path: String,
+        capacity_bytes: u64,
+    },
+    /// Forgets an unmanaged mdisk. Refused while it is in a pool.
+    RemoveMdisk { name: String },
+    RenameMdisk { name: String, new_name: String },
+    /// A storage pool of extents of `extent_size_mib` (fixed at creation).
+    CreatePool { name: String, extent_size_mib: u32 },
+    /// Refused while the pool has volumes or mdisks.
+    DeletePool { name: String },
+    RenamePool { name: String, new_name: String },
+    /// An unmanaged mdisk becomes managed: its capacity becomes extents of the pool.
+    AddMdiskToPool { mdisk: String, pool: String },
+    /// A managed mdisk leaves its pool. Refused while it holds extents.
+    RemoveMdiskFromPool { mdisk: String },
+    /// A volume of `size_bytes` (a multiple of 512) carved from the pool.
+    /// `mdisks`, if not empty, restricts placement to those mdisks of the pool
+    /// (in that order, for sequential volumes).
+    CreateVolume {
+        name: String,
+        pool: String,
+        size_bytes: u64,
+        layout: VolumeLayout,
+        #[serde(default)]
+        mdisks: Vec<String>,
+    },
+    /// Image mode: a volume that is exactly one unmanaged mdisk, data kept as
+    /// is. The mdisk joins the pool in image mode.
+    CreateImageVolume {
+        name: String,
+        pool: String,
+        mdisk: String,
+    },
+    /// Grows a volume to `new_size_bytes`, adding extents with the volume's layout.
+    ExpandVolume { name: String, new_size_bytes: u64 },
+    DeleteVolume { name: String },
+    RenameVolume { name: String, new_name: String },
+}
+
+/// What an applied command produced (for the caller's reply).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Done,
+    Created { id: ObjectId, name: String },
+}
+
+/// Why a command was refused. Every variant says what to do about it; the
+/// state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ConfigError {
+    #[error("{object} '{name}' does not exist")]
+    NotFound { object: String, name: String },
+    #[error("{object} '{name}' already exists")]
+    AlreadyExists { object: String, name: String },
+    #[error("invalid name '{name}': {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument { field: String, reason: String },
+    #[error("pool '{pool}' has {free_bytes} bytes free ({free_extents} extents of {extent_size_mib} MiB); {needed_bytes} bytes needed")]
+    InsufficientCapacity {
+        pool: String,
+        needed_bytes: u64,
+        free_bytes: u64,
+        free_extents: u64,
+        extent_size_mib: u32,
+    },
+    #[error("{object} '{name}' is in use: {reason}")]
+    InUse {
+        object: String,
+        name: String,
+        reason: String,
+    },
+}
+
+/// The whole configuration of a node (later: of the cluster).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Sequence number of the last applied command (the journal's record
+    /// number; later the replicated log's index).
+    pub applied: u64,
+    pub next_id: ObjectId,
+    pub mdisks: BTreeMap<String, Mdisk>,
+    pub pools: BTreeMap<String, Pool>,
+    pub volumes: BTreeMap<String, Volume>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum MdiskMode {
+    Unmanaged,
+    Managed { pool: String },
+    Image { pool: String, volume: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mdisk {
+    pub id: ObjectId,
+    pub name: String,
+    pub path: String,
+    pub capacity_bytes: u64,
+    pub mode: MdiskMode,
+    /// Extents of the pool's size that fit on the mdisk (0 unless managed).
+    pub extents_total: u64,
+    /// Free extent indexes (managed mdisks), ascending.
+    pub extents_free: Vec<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub id: ObjectId,
+    pub name: String,
+    pub extent_size_mib: u32,
+    /// Member mdisks in the order they joined (striping order).
+    pub mdisks: Vec<String>,
+}
+
+/// Where one extent of a volume lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhysExtent {
+    pub mdisk: ObjectId,
+    /// Extent index on the mdisk (byte offset = index × extent size).
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub id: ObjectId,
+    pub name: String,
+    pub pool: String,
+    pub size_bytes: u64,
+    /// `None` for image-mode volumes.
+    pub layout: Option<VolumeLayout>,
+    /// Placement restriction given at creation (empty: whole pool).
+    pub mdisks: Vec<String>,
+    /// Extent map: volume extent i lives at `extents[i]`. For image mode one
+    /// entry per extent-sized piece of the mdisk, in order, index i.
+    pub extents: Vec<PhysExtent>,
+}
