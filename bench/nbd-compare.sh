@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# NBD data-path benchmark: sanvirt vs nbdkit vs qemu-nbd on the same backing
+# files, in one run, with fio's nbd engine.
+#
+#   bench/nbd-compare.sh [--runtime SECONDS] [--size-mib MIB_PER_FILE] [--dir DIR]
+#
+# sanvirt serves a volume striped across four backing files (four mdisks, one
+# pool, 1 MiB extents); nbdkit serves the same four files concatenated (split
+# plugin); qemu-nbd serves the first file (it cannot combine files). Every
+# server uses the page cache (nbdkit and qemu-nbd default to it, sanvirt runs
+# with io_mode = "buffered"); a second sanvirt row uses O_DIRECT. Server CPU per
+# I/O comes from /proc/PID/stat (utime + stime) around each fio job.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runtime=10; size_mib=256; dir=""
+while [ $# -gt 0 ]; do
+  case $1 in
+    --runtime) runtime=$2; shift 2;;
+    --size-mib) size_mib=$2; shift 2;;
+    --dir) dir=$2; shift 2;;
+    *) echo "usage: $0 [--runtime S] [--size-mib MIB] [--dir DIR]" >&2; exit 2;;
+  esac
+done
+for b in fio nbdkit qemu-nbd python3; do command -v $b >/dev/null || { echo "missing $b" >&2; exit 1; }; done
+
+cargo build --release -q -p sanvirtd -p sanvirt-cli
+SANVIRTD=$PWD/target/release/sanvirtd
+SANVIRT=$PWD/target/release/sanvirt
+
+work=${dir:-$(mktemp -d /var/tmp/sanvirt-bench.XXXXXX)}
+mkdir -p "$work"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; [ -z "$dir" ] && rm -rf "$work"; }
+trap cleanup EXIT
+
+files=()
+for i in 0 1 2 3; do
+  f=$work/backing$i.img
+  if [ ! -f "$f" ]; then
+    dd if=/dev/urandom of="$f" bs=1M count="$size_mib" status=none
+  fi
+  files+=("$f")
+done
+total=$((4 * size_mib * 1024 * 1024))
+
+wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+
+start_sanvirt() { # mode nbd_port admin_port
+  local mode=$1 port=$2 aport=$3 d=$work/sanvirt-$1
+  rm -rf "$d"; mkdir -p "$d"
+  cat > "$d/sanvirtd.toml" <<TOML
+data_dir = "$d/data"
+[admin]
+listen = "127.0.0.1:$aport"
+[nbd]
+listen = "127.0.0.1:$port"
+[backend]
+io_mode = "$mode"
+TOML
+  "$SANVIRTD" --config "$d/sanvirtd.toml" > "$d/log" 2>&1 &
+  pids+=($!); SERVER_PID=$!
+  wait_port "$aport"
+  export SANVIRT_API=http://127.0.0.1:$aport SANVIRT_TOKEN_FILE=$d/data/api-token
+  for i in 0 1 2 3; do "$SANVIRT" mdisk add --name md$i --path "${files[$i]}" >/dev/null; done
+  "$SANVIRT" pool create --name p0 --extent-size 1MiB >/dev/null
+  "$SANVIRT" pool add-mdisk --pool p0 md0 md1 md2 md3 >/dev/null
+  "$SANVIRT" volume create --name bench --pool p0 --size $((total / 1048576))MiB --striped >/dev/null
+  wait_port "$port"
+  URI=nbd://127.0.0.1:$port/bench
+}
+
+cpu_ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
+
+results=$work/results.jsonl; : > "$results"
+run_jobs() { # server-name pid uri
+  local name=$1 pid=$2 uri=$3
+  for job in "randread 4k 32" "randwrite 4k 32" "read 64k 32" "write 64k 32" "randread 4k 1" "randwrite 4k 1"; do
+    set -- $job
+    local before after out
+    before=$(cpu_ticks "$pid")
+    out=$(fio --name=j --ioengine=nbd --uri="$uri" --rw=$1 --bs=$2 --iodepth=$3 \
+          --runtime="$runtime" --time_based --ramp_time=1 --size=$((total < 1073741824 ? total : 1073741824)) \
+          --output-format=json 2>/dev/null)
+    after=$(cpu_ticks "$pid")
+    python3 - "$name" "$1" "$2" "$3" "$before" "$after" "$(getconf CLK_TCK)" <<PY >> "$results"
+import json, sys
+name, rw, bs, qd, b, a, hz = sys.argv[1:]
+j = json.loads('''$out''')["jobs"][0]
+side = j["read"] if "read" in rw else j["write"]
+ios = side["total_ios"]
+pct = side["clat_ns"].get("percentile", {})
+print(json.dumps({"server": name, "rw": rw, "bs": bs, "qd": int(qd), "iops": side["iops"],
+  "bw_mib": side["bw_bytes"] / 1048576, "p50_us": pct.get("50.000000", 0) / 1000,
+  "p99_us": pct.get("99.000000", 0) / 1000,
+  "cpu_us_per_io": (int(a) - int(b)) / int(hz) * 1e6 / max(ios, 1)}))
+PY
+  done
+}
+
+# sanvirt, page cache (same caching as the peers)
+start_sanvirt buffered 20809 20480; run_jobs sanvirt "$SERVER_PID" "$URI"
+kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+# sanvirt, O_DIRECT
+start_sanvirt direct 20810 20481; run_jobs sanvirt-direct "$SERVER_PID" "$URI"
+kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+
+nbdkit -f -p 20811 --exportname=bench split "${files[@]}" >/dev/null 2>&1 &
+pids+=($!); NBDKIT=$!; wait_port 20811
+run_jobs nbdkit "$NBDKIT" nbd://127.0.0.1:20811/bench
+kill "$NBDKIT"; wait "$NBDKIT" 2>/dev/null || true
+
+qemu-nbd -f raw -p 20812 -x bench --cache=writeback --aio=threads "${files[0]}" >/dev/null 2>&1 &
+pids+=($!); QNBD=$!; wait_port 20812
+run_jobs qemu-nbd "$QNBD" nbd://127.0.0.1:20812/bench
+kill "$QNBD"; wait "$QNBD" 2>/dev/null || true
+
+python3 bench/report.py "$results"

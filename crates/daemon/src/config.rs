@@ -1,0 +1,191 @@
+//! `sanvirtd`'s TOML configuration. Every field has a default that works on a
+//! fresh machine, so the daemon starts with no file at all.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// Smallest page arena the daemon accepts (16 MiB).
+pub const BUFFER_PAGES_MIN: usize = 4096;
+/// Largest page arena the daemon accepts (16 GiB).
+pub const BUFFER_PAGES_MAX: usize = sanvirt_buffer::POOL_PAGES_MAX;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// This node's id in the cluster (1 for a single node).
+    pub node_id: u64,
+    /// Where the configuration journal, the API token and demo files live.
+    pub data_dir: PathBuf,
+    pub admin: AdminConfig,
+    pub nbd: NbdConfig,
+    pub buffers: BufferConfig,
+    pub backend: BackendConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// REST API address; loopback by default.
+    pub listen: SocketAddr,
+    /// Bearer token file; created (mode 0600) with a random token if missing.
+    /// Default: `<data_dir>/api-token`.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferConfig {
+    /// 4 KiB pages allocated at start-up for host data.
+    pub pages: usize,
+    /// IOB descriptors (each points to up to 8 pages).
+    pub iobs: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// `direct` (O_DIRECT where the filesystem allows it) or `buffered`.
+    pub io_mode: String,
+    /// Execution engine: `auto`, `threads` or `uring`.
+    pub engine: String,
+    /// Worker threads of the thread-pool engine.
+    pub threads: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            node_id: 1,
+            data_dir: PathBuf::from("data"),
+            admin: AdminConfig::default(),
+            nbd: NbdConfig::default(),
+            buffers: BufferConfig::default(),
+            backend: BackendConfig::default(),
+        }
+    }
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:7480".parse().expect("literal address"),
+            token_file: None,
+        }
+    }
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            listen: "127.0.0.1:10809".parse().expect("literal address"),
+        }
+    }
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        // 256 MiB of pages: 32 connections × 32 requests × 128 KiB, doubled.
+        BufferConfig {
+            pages: 65536,
+            iobs: 16384,
+        }
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            io_mode: "direct".into(),
+            engine: "auto".into(),
+            threads: 8,
+        }
+    }
+}
+
+impl DaemonConfig {
+    /// Reads `path`, or the defaults when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<DaemonConfig> {
+        let cfg = match path {
+            None => DaemonConfig::default(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("cannot read config file {}", p.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("invalid config file {}", p.display()))?
+            }
+        };
+        Ok(cfg)
+    }
+
+    /// Checks relationships the types cannot express.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.node_id == 0 {
+            bail!("node_id must be at least 1");
+        }
+        if !(BUFFER_PAGES_MIN..=BUFFER_PAGES_MAX).contains(&self.buffers.pages) {
+            bail!(
+                "buffers.pages must be between {BUFFER_PAGES_MIN} and {BUFFER_PAGES_MAX}, not {}",
+                self.buffers.pages
+            );
+        }
+        if self.buffers.iobs < self.buffers.pages / sanvirt_buffer::IOB_PAGES_MAX {
+            bail!(
+                "buffers.iobs must be at least buffers.pages / 8 = {}",
+                self.buffers.pages / sanvirt_buffer::IOB_PAGES_MAX
+            );
+        }
+        if !matches!(self.backend.io_mode.as_str(), "direct" | "buffered") {
+            bail!("backend.io_mode must be \"direct\" or \"buffered\", not {:?}", self.backend.io_mode);
+        }
+        if !matches!(self.backend.engine.as_str(), "auto" | "threads" | "uring") {
+            bail!("backend.engine must be \"auto\", \"threads\" or \"uring\", not {:?}", self.backend.engine);
+        }
+        if !(1..=256).contains(&self.backend.threads) {
+            bail!("backend.threads must be between 1 and 256");
+        }
+        Ok(())
+    }
+
+    pub fn token_path(&self) -> PathBuf {
+        self.admin
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("api-token"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        DaemonConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn partial_file_keeps_other_defaults() {
+        let c: DaemonConfig = toml::from_str("[nbd]\nlisten = \"127.0.0.1:20000\"\n").unwrap();
+        assert_eq!(c.nbd.listen.port(), 20000);
+        assert_eq!(c.admin.listen.port(), 7480);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<DaemonConfig>("nbd_port = 1").is_err());
+        let c: DaemonConfig = toml::from_str("[backend]\nio_mode = \"fast\"").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("io_mode"));
+        let c: DaemonConfig = toml::from_str("[buffers]\npages = 10").unwrap();
+        assert!(c.validate().is_err());
+    }
+}
