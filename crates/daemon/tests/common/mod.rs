@@ -1,0 +1,216 @@
+//! Harness for integration tests: a real `sanvirtd` process with its own data
+//! directory and ports, driven by the real `sanvirt` CLI and real clients.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Path of a workspace binary built next to this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    if name == "sanvirtd" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_sanvirtd"));
+    }
+    let exe = std::env::current_exe().expect("test exe path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run the tests with `cargo test --workspace` (or ./scripts/test)",
+        p.display()
+    );
+    p
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Fails the test (not skips) when a client it needs is missing: the test
+/// command installs them.
+pub fn require(tool: &str) {
+    assert!(have(tool), "{tool} is not installed: run ./scripts/test, which installs it");
+}
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub nbd_port: u16,
+    pub admin_port: u16,
+    pub child: Option<Child>,
+    pub extra_args: Vec<String>,
+    pub io_mode: &'static str,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Self::start_with(&[], "direct")
+    }
+
+    pub fn start_with(extra: &[&str], io_mode: &'static str) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("sanvirt-it-")
+            .tempdir_in(std::env::var("SANVIRT_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .expect("temp dir");
+        let mut d = Daemon {
+            dir,
+            nbd_port: free_port(),
+            admin_port: free_port(),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            io_mode,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().expect("utf8 path").to_string()
+    }
+
+    pub fn spawn(&mut self) {
+        let cfg = self.dir.path().join("sanvirtd.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n",
+                self.data_dir(),
+                self.admin_port,
+                self.nbd_port,
+                self.io_mode
+            ),
+        )
+        .expect("write config");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sanvirtd.log"))
+            .expect("log file");
+        let child = Command::new(bin("sanvirtd"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(&self.extra_args)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start sanvirtd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("sanvirtd exited early ({st}); log:\n{}", self.log());
+                }
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "sanvirtd not ready; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sanvirtd.log")).unwrap_or_default()
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.nbd_port, export)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("sanvirt"))
+            .env("SANVIRT_API", format!("http://127.0.0.1:{}", self.admin_port))
+            .env("SANVIRT_TOKEN_FILE", self.data_dir().join("api-token"))
+            .env_remove("SANVIRT_TOKEN")
+            .args(args)
+            .output()
+            .expect("run sanvirt")
+    }
+
+    /// Runs the CLI and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "sanvirt {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("CLI --json output parses")
+    }
+
+    /// Four mdisks of `mib` MiB each (sparse files) in pool `p0`.
+    pub fn pool_of_four(&self, mib: u64, extent: &str) {
+        for i in 0..4 {
+            self.ok(&[
+                "mdisk", "add", "--name", &format!("md{i}"), "--path",
+                &self.path(&format!("md{i}.img")), "--create-size", &format!("{mib}MiB"),
+            ]);
+        }
+        self.ok(&["pool", "create", "--name", "p0", "--extent-size", extent]);
+        self.ok(&["pool", "add-mdisk", "--pool", "p0", "md0", "md1", "md2", "md3"]);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs an external client; panics with its output when it fails.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
