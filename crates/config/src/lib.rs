@@ -39,7 +39,22 @@ pub const SECTOR_BYTES: u64 = 512;
 /// Largest volume (256 TiB).
 pub const VOLUME_BYTES_MAX: u64 = 256 << 40;
 
+/// Longest mdisk path (Linux `PATH_MAX`).
+pub const PATH_LEN_MAX: usize = 4096;
+/// Most pool extents one mdisk may hold. Free extents are listed in the
+/// state, so this bounds its size; larger mdisks need a larger extent size
+/// (4 Mi extents: 4 TiB at 1 MiB, 64 TiB at the default 16 MiB).
+pub const MDISK_EXTENTS_MAX: u64 = 4 << 20;
+/// Most extents one volume may have (bounds its extent map, in the state and
+/// in the virtualization facility's volume table).
+pub const VOLUME_EXTENTS_MAX: u64 = 4 << 20;
+
 const _: () = assert!(EXTENT_SIZE_MIB_MIN <= EXTENT_SIZE_MIB_DEFAULT);
+const _: () =
+    assert!(EXTENT_SIZE_MIB_MIN.is_power_of_two() && EXTENT_SIZE_MIB_MAX.is_power_of_two());
+// The largest volume fits in the extent map at the largest extent size.
+const _: () =
+    assert!(VOLUME_BYTES_MAX / ((EXTENT_SIZE_MIB_MAX as u64) << 20) <= VOLUME_EXTENTS_MAX);
 const _: () = assert!(EXTENT_SIZE_MIB_DEFAULT <= EXTENT_SIZE_MIB_MAX);
 
 /// How a new volume's extents are placed on the pool's mdisks.
@@ -65,17 +80,35 @@ pub enum Command {
         capacity_bytes: u64,
     },
     /// Forgets an unmanaged mdisk. Refused while it is in a pool.
-    RemoveMdisk { name: String },
-    RenameMdisk { name: String, new_name: String },
+    RemoveMdisk {
+        name: String,
+    },
+    RenameMdisk {
+        name: String,
+        new_name: String,
+    },
     /// A storage pool of extents of `extent_size_mib` (fixed at creation).
-    CreatePool { name: String, extent_size_mib: u32 },
+    CreatePool {
+        name: String,
+        extent_size_mib: u32,
+    },
     /// Refused while the pool has volumes or mdisks.
-    DeletePool { name: String },
-    RenamePool { name: String, new_name: String },
+    DeletePool {
+        name: String,
+    },
+    RenamePool {
+        name: String,
+        new_name: String,
+    },
     /// An unmanaged mdisk becomes managed: its capacity becomes extents of the pool.
-    AddMdiskToPool { mdisk: String, pool: String },
+    AddMdiskToPool {
+        mdisk: String,
+        pool: String,
+    },
     /// A managed mdisk leaves its pool. Refused while it holds extents.
-    RemoveMdiskFromPool { mdisk: String },
+    RemoveMdiskFromPool {
+        mdisk: String,
+    },
     /// A volume of `size_bytes` (a multiple of 512) carved from the pool.
     /// `mdisks`, if not empty, restricts placement to those mdisks of the pool
     /// (in that order, for sequential volumes).
@@ -95,9 +128,17 @@ pub enum Command {
         mdisk: String,
     },
     /// Grows a volume to `new_size_bytes`, adding extents with the volume's layout.
-    ExpandVolume { name: String, new_size_bytes: u64 },
-    DeleteVolume { name: String },
-    RenameVolume { name: String, new_name: String },
+    ExpandVolume {
+        name: String,
+        new_size_bytes: u64,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    RenameVolume {
+        name: String,
+        new_name: String,
+    },
 }
 
 /// What an applied command produced (for the caller's reply).

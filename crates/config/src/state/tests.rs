@@ -1,0 +1,740 @@
+use super::*;
+use proptest::prelude::*;
+
+const MIB: u64 = 1 << 20;
+
+fn ok(s: &mut State, c: Command) -> Outcome {
+    let r = s.apply(&c);
+    s.check_invariants().expect("invariants");
+    r.unwrap_or_else(|e| panic!("{c:?}: {e}"))
+}
+
+fn err(s: &mut State, c: Command) -> ConfigError {
+    let before = serde_json::to_string(s).unwrap();
+    let e = s.apply(&c).expect_err("command must be refused");
+    assert_eq!(
+        serde_json::to_string(s).unwrap(),
+        before,
+        "refusal changed state"
+    );
+    e
+}
+
+fn add_mdisk(name: &str, cap: u64) -> Command {
+    Command::AddMdisk {
+        name: name.into(),
+        path: format!("/dev/{name}"),
+        capacity_bytes: cap,
+    }
+}
+
+fn pool(name: &str, mib: u32) -> Command {
+    Command::CreatePool {
+        name: name.into(),
+        extent_size_mib: mib,
+    }
+}
+
+fn join(m: &str, p: &str) -> Command {
+    Command::AddMdiskToPool {
+        mdisk: m.into(),
+        pool: p.into(),
+    }
+}
+
+fn vol(name: &str, p: &str, size: u64, layout: VolumeLayout, mdisks: &[&str]) -> Command {
+    Command::CreateVolume {
+        name: name.into(),
+        pool: p.into(),
+        size_bytes: size,
+        layout,
+        mdisks: mdisks.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+/// Pool `p0` of 1 MiB extents over mdisks `m0..m{n}` of `extents` extents each.
+fn pool_of(n: usize, extents: u64) -> State {
+    let mut s = State::default();
+    ok(&mut s, pool("p0", 1));
+    for i in 0..n {
+        ok(&mut s, add_mdisk(&format!("m{i}"), extents * MIB));
+        ok(&mut s, join(&format!("m{i}"), "p0"));
+    }
+    s
+}
+
+fn placement(s: &State, v: &str) -> Vec<(String, u64)> {
+    s.volumes[v]
+        .extents
+        .iter()
+        .map(|e| (s.mdisk_by_id(e.mdisk).unwrap().name.clone(), e.index))
+        .collect()
+}
+
+fn pl(v: &[(&str, u64)]) -> Vec<(String, u64)> {
+    v.iter().map(|(m, i)| (m.to_string(), *i)).collect()
+}
+
+#[test]
+fn names_are_checked() {
+    for good in ["a", "vol-1", "A.b_c", "x".repeat(63).as_str(), "0"] {
+        check_name(good).unwrap();
+    }
+    for bad in [
+        "",
+        "-a",
+        "a b",
+        "é",
+        "a/b",
+        ".",
+        "..",
+        "x".repeat(64).as_str(),
+    ] {
+        assert!(
+            matches!(check_name(bad), Err(ConfigError::InvalidName { .. })),
+            "{bad:?}"
+        );
+    }
+    let mut s = State::default();
+    ok(&mut s, pool("p", 16));
+    assert!(matches!(
+        err(&mut s, pool("p", 16)),
+        ConfigError::AlreadyExists { .. }
+    ));
+    // Names are unique per kind: an mdisk may share a pool's name.
+    ok(&mut s, add_mdisk("p", MIB));
+}
+
+#[test]
+fn extent_size_must_be_a_power_of_two_in_range() {
+    let mut s = State::default();
+    for bad in [0, 3, 24, 16384] {
+        let e = err(&mut s, pool("p", bad));
+        assert!(e.to_string().contains("power of two"), "{e}");
+    }
+    ok(&mut s, pool("p", 8192));
+}
+
+#[test]
+fn ids_come_from_one_counter_starting_at_one() {
+    let mut s = State::default();
+    assert_eq!(
+        ok(&mut s, pool("p", 1)),
+        Outcome::Created {
+            id: 1,
+            name: "p".into()
+        }
+    );
+    assert_eq!(
+        ok(&mut s, add_mdisk("m", 4 * MIB)),
+        Outcome::Created {
+            id: 2,
+            name: "m".into()
+        }
+    );
+    err(&mut s, pool("p", 1));
+    ok(&mut s, join("m", "p"));
+    assert_eq!(
+        ok(&mut s, vol("v", "p", MIB, VolumeLayout::Striped, &[])),
+        Outcome::Created {
+            id: 3,
+            name: "v".into()
+        }
+    );
+}
+
+#[test]
+fn add_mdisk_checks_path_and_capacity() {
+    let mut s = State::default();
+    ok(&mut s, add_mdisk("a", MIB));
+    assert!(matches!(
+        err(&mut s, add_mdisk("b", 0)),
+        ConfigError::InvalidArgument { .. }
+    ));
+    let e = err(
+        &mut s,
+        Command::AddMdisk {
+            name: "b".into(),
+            path: "/dev/a".into(),
+            capacity_bytes: MIB,
+        },
+    );
+    assert!(e.to_string().contains("mdisk 'a' already uses it"), "{e}");
+}
+
+#[test]
+fn mdisk_joins_pool_with_floor_extents() {
+    let mut s = State::default();
+    ok(&mut s, pool("p", 4));
+    ok(&mut s, add_mdisk("m", 4 * 10 * MIB + 4 * MIB - 1));
+    ok(&mut s, join("m", "p"));
+    let m = &s.mdisks["m"];
+    assert_eq!(m.extents_total, 10);
+    assert_eq!(m.extents_free, (0..10).collect::<Vec<_>>());
+    assert_eq!(m.mode, MdiskMode::Managed { pool: "p".into() });
+    assert!(matches!(
+        err(&mut s, join("m", "p")),
+        ConfigError::InUse { .. }
+    ));
+    ok(&mut s, add_mdisk("tiny", 4 * MIB - 1));
+    let e = err(&mut s, join("tiny", "p"));
+    assert!(e.to_string().contains("smaller than one extent"), "{e}");
+}
+
+#[test]
+fn mdisk_extent_limit() {
+    let mut s = State::default();
+    ok(&mut s, pool("p", 1));
+    ok(&mut s, add_mdisk("big", (MDISK_EXTENTS_MAX + 1) * MIB));
+    let e = err(&mut s, join("big", "p"));
+    assert!(e.to_string().contains("larger extent size"), "{e}");
+}
+
+#[test]
+fn volume_size_rules() {
+    let mut s = pool_of(1, 8);
+    for bad in [0, 511, 4097, VOLUME_BYTES_MAX + 512] {
+        assert!(matches!(
+            err(&mut s, vol("v", "p0", bad, VolumeLayout::Striped, &[])),
+            ConfigError::InvalidArgument { .. }
+        ));
+    }
+    ok(&mut s, vol("v", "p0", 512, VolumeLayout::Striped, &[]));
+    assert_eq!(s.volumes["v"].extents.len(), 1);
+}
+
+#[test]
+fn striped_round_robin_from_most_free() {
+    let mut s = pool_of(4, 4);
+    ok(&mut s, vol("a", "p0", 6 * MIB, VolumeLayout::Striped, &[]));
+    assert_eq!(
+        placement(&s, "a"),
+        pl(&[
+            ("m0", 0),
+            ("m1", 0),
+            ("m2", 0),
+            ("m3", 0),
+            ("m0", 1),
+            ("m1", 1)
+        ])
+    );
+    // m2 and m3 have the most free extents: the next volume starts at m2.
+    ok(&mut s, vol("b", "p0", 5 * MIB, VolumeLayout::Striped, &[]));
+    assert_eq!(
+        placement(&s, "b"),
+        pl(&[("m2", 1), ("m3", 1), ("m0", 2), ("m1", 2), ("m2", 2)])
+    );
+    // Full mdisks are skipped: 5 left (m0:1, m1:1, m2:1, m3:2); start at m3.
+    ok(&mut s, vol("c", "p0", 5 * MIB, VolumeLayout::Striped, &[]));
+    assert_eq!(
+        placement(&s, "c"),
+        pl(&[("m3", 2), ("m0", 3), ("m1", 3), ("m2", 3), ("m3", 3)])
+    );
+    let st = s.pool_stats("p0").unwrap();
+    assert_eq!(
+        (st.extents_total, st.extents_free, st.extents_used),
+        (16, 0, 16)
+    );
+}
+
+#[test]
+fn sequential_fills_one_mdisk_then_the_next() {
+    let mut s = pool_of(3, 4);
+    ok(
+        &mut s,
+        vol("x", "p0", MIB, VolumeLayout::Sequential, &["m0"]),
+    );
+    ok(
+        &mut s,
+        vol("a", "p0", 6 * MIB, VolumeLayout::Sequential, &[]),
+    );
+    assert_eq!(
+        placement(&s, "a"),
+        pl(&[
+            ("m0", 1),
+            ("m0", 2),
+            ("m0", 3),
+            ("m1", 0),
+            ("m1", 1),
+            ("m1", 2)
+        ])
+    );
+    // Expansion continues on the mdisk of the last extent.
+    ok(
+        &mut s,
+        Command::ExpandVolume {
+            name: "a".into(),
+            new_size_bytes: 8 * MIB,
+        },
+    );
+    assert_eq!(placement(&s, "a")[6..], pl(&[("m1", 3), ("m2", 0)])[..]);
+}
+
+#[test]
+fn placement_restriction_in_given_order() {
+    let mut s = pool_of(4, 4);
+    ok(
+        &mut s,
+        vol("a", "p0", 4 * MIB, VolumeLayout::Sequential, &["m2", "m1"]),
+    );
+    assert_eq!(
+        placement(&s, "a"),
+        pl(&[("m2", 0), ("m2", 1), ("m2", 2), ("m2", 3)])
+    );
+    ok(
+        &mut s,
+        vol("b", "p0", 3 * MIB, VolumeLayout::Striped, &["m3", "m1"]),
+    );
+    // m3 and m1 tie on free extents: start at the first listed.
+    assert_eq!(placement(&s, "b"), pl(&[("m3", 0), ("m1", 0), ("m3", 1)]));
+    // Restriction errors: unknown, duplicate, not in pool.
+    ok(&mut s, add_mdisk("loose", 4 * MIB));
+    for bad in [&["nope"][..], &["m0", "m0"], &["loose"]] {
+        err(&mut s, vol("c", "p0", MIB, VolumeLayout::Striped, bad));
+    }
+    // The restricted set lacks room although the pool has some.
+    let e = err(
+        &mut s,
+        vol("c", "p0", 5 * MIB, VolumeLayout::Striped, &["m1"]),
+    );
+    assert_eq!(
+        e,
+        ConfigError::InsufficientCapacity {
+            pool: "p0".into(),
+            needed_bytes: 5 * MIB,
+            free_bytes: 3 * MIB,
+            free_extents: 3,
+            extent_size_mib: 1
+        }
+    );
+}
+
+#[test]
+fn insufficient_capacity_changes_nothing() {
+    let mut s = pool_of(2, 4);
+    ok(&mut s, vol("a", "p0", 5 * MIB, VolumeLayout::Striped, &[]));
+    let e = err(&mut s, vol("b", "p0", 4 * MIB, VolumeLayout::Striped, &[]));
+    assert_eq!(
+        e,
+        ConfigError::InsufficientCapacity {
+            pool: "p0".into(),
+            needed_bytes: 4 * MIB,
+            free_bytes: 3 * MIB,
+            free_extents: 3,
+            extent_size_mib: 1
+        }
+    );
+    assert!(e.to_string().contains("3145728 bytes free"), "{e}");
+    ok(&mut s, vol("b", "p0", 3 * MIB, VolumeLayout::Striped, &[]));
+}
+
+#[test]
+fn expand_grows_only_with_layout() {
+    let mut s = pool_of(3, 4);
+    ok(&mut s, vol("a", "p0", 2 * MIB, VolumeLayout::Striped, &[]));
+    let exp = |n: u64| Command::ExpandVolume {
+        name: "a".into(),
+        new_size_bytes: n,
+    };
+    let e = err(&mut s, exp(MIB));
+    assert!(e.to_string().contains("cannot shrink"), "{e}");
+    ok(&mut s, exp(2 * MIB)); // same size: nothing to do
+    ok(&mut s, exp(2 * MIB + 512)); // within a new extent
+    ok(&mut s, exp(4 * MIB));
+    // Round-robin continues after the mdisk holding the last extent.
+    assert_eq!(
+        placement(&s, "a"),
+        pl(&[("m0", 0), ("m1", 0), ("m2", 0), ("m0", 1)])
+    );
+    assert_eq!(s.volumes["a"].size_bytes, 4 * MIB);
+    let e = err(&mut s, exp(13 * MIB));
+    assert!(matches!(e, ConfigError::InsufficientCapacity { .. }));
+}
+
+#[test]
+fn image_mode_volume_is_its_mdisk() {
+    let mut s = State::default();
+    ok(&mut s, pool("p", 4));
+    ok(&mut s, add_mdisk("img", 10 * MIB + 700));
+    ok(
+        &mut s,
+        Command::CreateImageVolume {
+            name: "v".into(),
+            pool: "p".into(),
+            mdisk: "img".into(),
+        },
+    );
+    let v = &s.volumes["v"];
+    assert_eq!(v.size_bytes, 10 * MIB + 512);
+    assert_eq!(v.layout, None);
+    let id = s.mdisks["img"].id;
+    assert_eq!(
+        v.extents,
+        (0..3)
+            .map(|index| PhysExtent { mdisk: id, index })
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        s.mdisks["img"].mode,
+        MdiskMode::Image {
+            pool: "p".into(),
+            volume: "v".into()
+        }
+    );
+    assert!(matches!(
+        err(
+            &mut s,
+            Command::ExpandVolume {
+                name: "v".into(),
+                new_size_bytes: 20 * MIB
+            }
+        ),
+        ConfigError::InvalidArgument { .. }
+    ));
+    err(
+        &mut s,
+        Command::RemoveMdiskFromPool {
+            mdisk: "img".into(),
+        },
+    );
+    err(&mut s, Command::RemoveMdisk { name: "img".into() });
+    err(&mut s, join("img", "p"));
+    let st = s.pool_stats("p").unwrap();
+    assert_eq!(
+        (st.mdisk_count, st.image_mdisk_count, st.volume_count),
+        (1, 1, 1)
+    );
+    assert_eq!(st.volume_bytes, 10 * MIB + 512);
+    assert_eq!(st.capacity_bytes, 0);
+    ok(&mut s, Command::DeleteVolume { name: "v".into() });
+    assert_eq!(s.mdisks["img"].mode, MdiskMode::Unmanaged);
+    assert!(s.pools["p"].mdisks.is_empty());
+    ok(&mut s, Command::DeletePool { name: "p".into() });
+}
+
+#[test]
+fn removal_refusals_name_the_holders() {
+    let mut s = pool_of(2, 4);
+    ok(&mut s, vol("v1", "p0", 2 * MIB, VolumeLayout::Striped, &[]));
+    ok(
+        &mut s,
+        vol("v2", "p0", MIB, VolumeLayout::Sequential, &["m1"]),
+    );
+    let e = err(&mut s, Command::RemoveMdiskFromPool { mdisk: "m1".into() });
+    assert!(e.to_string().contains("'v1', 'v2'"), "{e}");
+    let e = err(&mut s, Command::RemoveMdisk { name: "m0".into() });
+    assert!(e.to_string().contains("'v1'"), "{e}");
+    let e = err(&mut s, Command::DeletePool { name: "p0".into() });
+    assert!(e.to_string().contains("'v1', 'v2'"), "{e}");
+    ok(&mut s, Command::DeleteVolume { name: "v1".into() });
+    ok(&mut s, Command::RemoveMdiskFromPool { mdisk: "m0".into() });
+    assert_eq!(s.mdisks["m0"].mode, MdiskMode::Unmanaged);
+    assert_eq!(s.mdisks["m0"].extents_total, 0);
+    // v2 is restricted to m1 and holds an extent there.
+    err(&mut s, Command::RemoveMdiskFromPool { mdisk: "m1".into() });
+    let e = err(&mut s, Command::DeletePool { name: "p0".into() });
+    assert!(e.to_string().contains("'v2'"), "{e}");
+    ok(&mut s, Command::DeleteVolume { name: "v2".into() });
+    let e = err(&mut s, Command::DeletePool { name: "p0".into() });
+    assert!(e.to_string().contains("mdisks 'm1'"), "{e}");
+    ok(&mut s, Command::RemoveMdiskFromPool { mdisk: "m1".into() });
+    ok(&mut s, Command::DeletePool { name: "p0".into() });
+    ok(&mut s, Command::RemoveMdisk { name: "m1".into() });
+    err(&mut s, Command::RemoveMdiskFromPool { mdisk: "m0".into() });
+}
+
+#[test]
+fn delete_frees_lowest_first_again() {
+    let mut s = pool_of(1, 6);
+    ok(
+        &mut s,
+        vol("a", "p0", 2 * MIB, VolumeLayout::Sequential, &[]),
+    );
+    ok(
+        &mut s,
+        vol("b", "p0", 2 * MIB, VolumeLayout::Sequential, &[]),
+    );
+    ok(&mut s, Command::DeleteVolume { name: "a".into() });
+    assert_eq!(s.mdisks["m0"].extents_free, vec![0, 1, 4, 5]);
+    ok(
+        &mut s,
+        vol("c", "p0", 3 * MIB, VolumeLayout::Sequential, &[]),
+    );
+    assert_eq!(placement(&s, "c"), pl(&[("m0", 0), ("m0", 1), ("m0", 4)]));
+}
+
+#[test]
+fn renames_update_every_reference() {
+    let mut s = pool_of(2, 4);
+    ok(&mut s, vol("v", "p0", MIB, VolumeLayout::Striped, &["m1"]));
+    ok(&mut s, add_mdisk("img", 3 * MIB));
+    ok(
+        &mut s,
+        Command::CreateImageVolume {
+            name: "iv".into(),
+            pool: "p0".into(),
+            mdisk: "img".into(),
+        },
+    );
+    ok(
+        &mut s,
+        Command::RenameMdisk {
+            name: "m1".into(),
+            new_name: "fast".into(),
+        },
+    );
+    ok(
+        &mut s,
+        Command::RenameMdisk {
+            name: "img".into(),
+            new_name: "legacy".into(),
+        },
+    );
+    ok(
+        &mut s,
+        Command::RenamePool {
+            name: "p0".into(),
+            new_name: "gold".into(),
+        },
+    );
+    ok(
+        &mut s,
+        Command::RenameVolume {
+            name: "iv".into(),
+            new_name: "db".into(),
+        },
+    );
+    assert_eq!(s.pools["gold"].mdisks, vec!["m0", "fast", "legacy"]);
+    assert_eq!(s.volumes["v"].mdisks, vec!["fast"]);
+    assert_eq!(s.volumes["v"].pool, "gold");
+    assert_eq!(s.volumes["db"].mdisks, vec!["legacy"]);
+    assert_eq!(
+        s.mdisks["legacy"].mode,
+        MdiskMode::Image {
+            pool: "gold".into(),
+            volume: "db".into()
+        }
+    );
+    assert_eq!(
+        s.mdisks["fast"].mode,
+        MdiskMode::Managed {
+            pool: "gold".into()
+        }
+    );
+    // Renaming onto an existing name or to an invalid one is refused.
+    err(
+        &mut s,
+        Command::RenameVolume {
+            name: "db".into(),
+            new_name: "v".into(),
+        },
+    );
+    err(
+        &mut s,
+        Command::RenamePool {
+            name: "gold".into(),
+            new_name: "-x".into(),
+        },
+    );
+    // Expansion still honours the renamed restriction.
+    ok(
+        &mut s,
+        Command::ExpandVolume {
+            name: "v".into(),
+            new_size_bytes: 3 * MIB,
+        },
+    );
+    assert_eq!(
+        placement(&s, "v"),
+        pl(&[("fast", 0), ("fast", 1), ("fast", 2)])
+    );
+}
+
+#[test]
+fn stats() {
+    let mut s = pool_of(2, 4);
+    ok(
+        &mut s,
+        vol("v", "p0", 3 * MIB - 512, VolumeLayout::Striped, &[]),
+    );
+    let p = s.pool_stats("p0").unwrap();
+    assert_eq!(
+        p,
+        PoolStats {
+            id: p.id,
+            name: "p0".into(),
+            extent_size_mib: 1,
+            mdisk_count: 2,
+            image_mdisk_count: 0,
+            volume_count: 1,
+            extents_total: 8,
+            extents_free: 5,
+            extents_used: 3,
+            capacity_bytes: 8 * MIB,
+            free_bytes: 5 * MIB,
+            used_bytes: 3 * MIB,
+            volume_bytes: 3 * MIB - 512,
+        }
+    );
+    let m = s.mdisk_stats("m0").unwrap();
+    assert_eq!((m.extents_total, m.extents_free, m.extents_used), (4, 2, 2));
+    assert_eq!(m.extent_size_mib, Some(1));
+    assert_eq!(m.volumes, vec!["v"]);
+    serde_json::to_string(&m).unwrap();
+    assert!(matches!(
+        s.pool_stats("nope"),
+        Err(ConfigError::NotFound { .. })
+    ));
+    assert!(matches!(
+        s.mdisk_stats("nope"),
+        Err(ConfigError::NotFound { .. })
+    ));
+}
+
+#[test]
+fn command_json_form() {
+    let c = vol("v", "p", 4096, VolumeLayout::Sequential, &[]);
+    let j = serde_json::to_value(&c).unwrap();
+    assert_eq!(j["op"], "create_volume");
+    assert_eq!(j["layout"], "sequential");
+    // `mdisks` may be left out.
+    let c2: Command = serde_json::from_str(
+        r#"{"op":"create_volume","name":"v","pool":"p","size_bytes":4096,"layout":"sequential"}"#,
+    )
+    .unwrap();
+    assert_eq!(c, c2);
+}
+
+// ---- property tests -------------------------------------------------------
+
+fn name_of(kind: &'static str) -> impl Strategy<Value = String> {
+    prop_oneof![
+        30 => (0..4u8).prop_map(move |i| format!("{kind}{i}")),
+        1 => Just("-bad".to_string()),
+        1 => Just(String::new()),
+    ]
+}
+
+fn size() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        12 => (1..40u64).prop_map(|n| n * 512 * 1024),
+        4 => (1..24u64).prop_map(|n| n * MIB),
+        1 => Just(0u64),
+        1 => 1..10_000u64,
+    ]
+}
+
+fn layout() -> impl Strategy<Value = VolumeLayout> {
+    prop_oneof![Just(VolumeLayout::Striped), Just(VolumeLayout::Sequential)]
+}
+
+/// A pool of 1 MiB and one of 4 MiB extents over four mdisks, so random
+/// sequences reach volumes early; the random part may undo all of it.
+fn setup() -> Vec<Command> {
+    let mut v = vec![pool("p0", 1), pool("p1", 4)];
+    for i in 0..4 {
+        v.push(add_mdisk(&format!("m{i}"), (8 + 8 * i) * MIB));
+        v.push(join(&format!("m{i}"), if i < 3 { "p0" } else { "p1" }));
+    }
+    v
+}
+
+fn commands() -> impl Strategy<Value = Vec<Command>> {
+    (any::<bool>(), proptest::collection::vec(command(), 1..120)).prop_map(|(pre, cmds)| {
+        let mut v = if pre { setup() } else { Vec::new() };
+        v.extend(cmds);
+        v
+    })
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        3 => (name_of("m"), 0..12u8, 0..48u64).prop_map(|(name, p, mib)| Command::AddMdisk {
+            name,
+            path: format!("/dev/p{p}"),
+            capacity_bytes: mib * MIB + (mib % 3) * 1000,
+        }),
+        1 => name_of("m").prop_map(|name| Command::RemoveMdisk { name }),
+        1 => (name_of("m"), name_of("m"))
+            .prop_map(|(name, new_name)| Command::RenameMdisk { name, new_name }),
+        2 => (name_of("p"), prop_oneof![Just(1u32), Just(2), Just(3), Just(4), Just(16)])
+            .prop_map(|(name, extent_size_mib)| Command::CreatePool { name, extent_size_mib }),
+        1 => name_of("p").prop_map(|name| Command::DeletePool { name }),
+        1 => (name_of("p"), name_of("p"))
+            .prop_map(|(name, new_name)| Command::RenamePool { name, new_name }),
+        4 => (name_of("m"), name_of("p"))
+            .prop_map(|(mdisk, pool)| Command::AddMdiskToPool { mdisk, pool }),
+        1 => name_of("m").prop_map(|mdisk| Command::RemoveMdiskFromPool { mdisk }),
+        6 => (
+            name_of("v"),
+            name_of("p"),
+            size(),
+            layout(),
+            prop_oneof![
+                4 => Just(Vec::new()),
+                1 => proptest::collection::vec(name_of("m"), 1..3),
+            ]
+        )
+            .prop_map(|(name, pool, size_bytes, layout, mdisks)| Command::CreateVolume {
+                name,
+                pool,
+                size_bytes,
+                layout,
+                mdisks,
+            }),
+        1 => (name_of("v"), name_of("p"), name_of("m"))
+            .prop_map(|(name, pool, mdisk)| Command::CreateImageVolume { name, pool, mdisk }),
+        2 => (name_of("v"), size())
+            .prop_map(|(name, new_size_bytes)| Command::ExpandVolume { name, new_size_bytes }),
+        2 => name_of("v").prop_map(|name| Command::DeleteVolume { name }),
+        1 => (name_of("v"), name_of("v"))
+            .prop_map(|(name, new_name)| Command::RenameVolume { name, new_name }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_command_sequences(cmds in commands()) {
+        let mut s = State::default();
+        let mut accepted = Vec::new();
+        for c in &cmds {
+            let j = serde_json::to_string(c).unwrap();
+            prop_assert_eq!(&serde_json::from_str::<Command>(&j).unwrap(), c);
+            let before = serde_json::to_string(&s).unwrap();
+            let valid = s.validate(c);
+            prop_assert_eq!(serde_json::to_string(&s).unwrap(), before.clone());
+            match s.apply(c) {
+                Ok(_) => {
+                    prop_assert!(valid.is_ok());
+                    accepted.push(c.clone());
+                }
+                Err(e) => {
+                    prop_assert_eq!(valid, Err(e));
+                    prop_assert_eq!(serde_json::to_string(&s).unwrap(), before);
+                }
+            }
+            if let Err(e) = s.check_invariants() {
+                prop_assert!(false, "after {:?}: {}", c, e);
+            }
+        }
+        // Replay of the accepted commands is deterministic.
+        let mut r = State::default();
+        for c in &accepted {
+            r.apply(c).unwrap();
+        }
+        prop_assert_eq!(&r, &s);
+        let j = serde_json::to_string(&s).unwrap();
+        prop_assert_eq!(serde_json::from_str::<State>(&j).unwrap(), s.clone());
+        // Stats agree with the state for every pool and mdisk.
+        for p in s.pools.keys() {
+            let st = s.pool_stats(p).unwrap();
+            prop_assert_eq!(st.extents_free + st.extents_used, st.extents_total);
+        }
+        for m in s.mdisks.keys() {
+            let st = s.mdisk_stats(m).unwrap();
+            prop_assert_eq!(st.extents_free + st.extents_used, st.extents_total);
+        }
+    }
+}
