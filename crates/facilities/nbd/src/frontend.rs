@@ -1,0 +1,223 @@
+//! The NBD front-end facility: the IOClient at the left end of the stack.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use sanvirt_buffer::PAGE_SIZE;
+use sanvirt_facility::{BufferPool, DiskPathEvent, FrontEndDiskEvent, IoClient, IoServer};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::config::{ConfigError, NbdConfig};
+use crate::exports::{ExportSummary, Exports};
+use crate::negotiate::handshake;
+use crate::transmission::{exec, Transmission};
+
+/// The NBD front end over IOServer `S`: one export per front-end disk the
+/// server announces, named after it.
+///
+/// Buffers: every READ and WRITE gets a [`sanvirt_facility::Buffer`] from
+/// `pool`, moved into the request and handed back with the completion; the
+/// front end receives WRITE payloads into its pages and sends READ replies
+/// from them, and never copies host data.
+pub struct NbdFrontEnd<S: IoServer> {
+    server: S,
+    pool: Arc<BufferPool>,
+    config: NbdConfig,
+    exports: Exports,
+    shutdown: Arc<watch::Sender<bool>>,
+}
+
+/// Stops a running front end: listeners stop accepting, handshakes end,
+/// connections stop reading requests, finish the ones in flight, and close.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.tx.send_replace(true);
+    }
+}
+
+impl<S: IoServer> NbdFrontEnd<S> {
+    /// Builds the front end and binds it as `server`'s IOClient (the server
+    /// then announces its disks, which become exports).
+    ///
+    /// # Panics
+    /// If `config` is invalid (see [`NbdConfig::validate`]); use
+    /// [`NbdFrontEnd::try_new`] to get the error instead.
+    pub fn new(server: S, pool: Arc<BufferPool>, config: NbdConfig) -> Arc<Self> {
+        match Self::try_new(server, pool, config) {
+            Ok(fe) => fe,
+            Err(e) => panic!("invalid NBD configuration: {e}"),
+        }
+    }
+
+    pub fn try_new(
+        server: S,
+        pool: Arc<BufferPool>,
+        mut config: NbdConfig,
+    ) -> Result<Arc<Self>, ConfigError> {
+        config.validate()?;
+        // A payload must fit the pool, or its allocation could never succeed.
+        let pool_bytes = pool.page_count().saturating_mul(PAGE_SIZE);
+        let fits = u32::try_from(pool_bytes).unwrap_or(u32::MAX).max(4096);
+        config.payload_max_bytes = config.payload_max_bytes.min(fits);
+        let (tx, _) = watch::channel(false);
+        let fe = Arc::new(NbdFrontEnd {
+            server,
+            pool,
+            config,
+            exports: Exports::default(),
+            shutdown: Arc::new(tx),
+        });
+        let client: Arc<dyn IoClient> = fe.clone();
+        let weak: Weak<dyn IoClient> = Arc::downgrade(&client);
+        drop(client);
+        fe.server.bind_client(weak);
+        Ok(fe)
+    }
+
+    pub fn server(&self) -> &S {
+        &self.server
+    }
+
+    pub fn pool(&self) -> &Arc<BufferPool> {
+        &self.pool
+    }
+
+    /// The configuration in force (payload maximum clamped to the pool).
+    pub fn config(&self) -> &NbdConfig {
+        &self.config
+    }
+
+    /// Current exports, by name.
+    pub fn exports(&self) -> Vec<ExportSummary> {
+        self.exports.summaries()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            tx: self.shutdown.clone(),
+        }
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    async fn stopped(&self) {
+        let mut rx = self.shutdown.subscribe();
+        // An error means the sender is gone, which cannot happen while `self`
+        // lives; either way there is nothing left to wait for.
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+
+    /// Binds `addr` and serves until shut down.
+    pub async fn run(self: &Arc<Self>, addr: impl ToSocketAddrs) -> io::Result<()> {
+        let listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "NBD front end listening");
+        self.serve(listener).await
+    }
+
+    /// Serves clients from `listener` until shut down, then waits for every
+    /// connection to finish its in-flight requests. Must run on a tokio
+    /// runtime with the I/O and time drivers enabled.
+    pub async fn serve(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
+        let slots = Arc::new(Semaphore::new(self.config.connections_max));
+        let mut tasks = JoinSet::new();
+        let mut stop = pin!(self.stopped());
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = &mut stop => break,
+            };
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = &mut stop => break,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: transient, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let fe = self.clone();
+            tasks.spawn(async move {
+                fe.connection(stream, peer).await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        while tasks.join_next().await.is_some() {}
+        Ok(())
+    }
+
+    async fn connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        // Replies are batched by the connection itself; Nagle would only
+        // delay the last one of a batch.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %e, "TCP_NODELAY");
+        }
+        let negotiated = tokio::select! {
+            r = tokio::time::timeout(
+                self.config.handshake_timeout,
+                handshake(&mut stream, &self.exports, &self.config),
+            ) => r,
+            _ = self.stopped() => return,
+        };
+        let session = match negotiated {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => {
+                tracing::debug!(%peer, "client ended the handshake");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::info!(%peer, error = %e, "handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "handshake timed out");
+                return;
+            }
+        };
+        let export = session.export.name();
+        tracing::info!(%peer, %export, structured = session.structured, "client connected");
+        let mut t = Transmission::new(
+            &self.server,
+            exec::<S>,
+            &stream,
+            &self.pool,
+            session,
+            Box::pin(self.stopped()),
+        );
+        poll_fn(|cx| t.poll(cx)).await;
+        tracing::info!(%peer, %export, "client disconnected");
+    }
+}
+
+impl<S: IoServer> IoClient for NbdFrontEnd<S> {
+    fn disk_path_event(&self, event: DiskPathEvent) {
+        if event.node == self.config.node {
+            self.exports.set_path(event.disk, event.state);
+        }
+    }
+
+    fn front_end_disk_event(&self, event: FrontEndDiskEvent) {
+        self.exports.apply(event);
+    }
+}

@@ -1,0 +1,83 @@
+//! Every limit of the NBD front end, in one place (TIGER_STYLE: everything has
+//! a limit, relationships are checked at compile time).
+
+use sanvirt_facility::REQUEST_BYTES_MAX;
+
+/// Longest string the protocol allows (export names, queries, messages).
+pub const STRING_BYTES_MAX: usize = 4096;
+
+/// Largest option payload read into memory during the handshake. The largest
+/// legitimate option is `NBD_OPT_SET_META_CONTEXT` with an export name of
+/// [`STRING_BYTES_MAX`] and a few queries.
+pub const OPTION_DATA_BYTES_MAX: usize = 16 << 10;
+
+/// Longer option payloads are skipped in [`DISCARD_CHUNK_BYTES`] pieces and
+/// refused with `NBD_REP_ERR_TOO_BIG`, up to this size; beyond it the client is
+/// treated as hostile and disconnected.
+pub const OPTION_DISCARD_BYTES_MAX: u64 = 1 << 20;
+
+/// Options one session may send before it must enter transmission.
+pub const OPTIONS_PER_SESSION_MAX: usize = 256;
+
+/// Queries one `NBD_OPT_{LIST,SET}_META_CONTEXT` may carry.
+pub const META_QUERIES_MAX: usize = 64;
+
+/// Largest READ or WRITE payload, advertised as the maximum block size.
+pub const PAYLOAD_BYTES_MAX: u32 = REQUEST_BYTES_MAX as u32;
+
+/// Over-long WRITE payloads up to this size are read and thrown away with
+/// bounded memory (the request gets `EINVAL`, the session stays in sync);
+/// larger ones close the connection, as the protocol allows.
+pub const OVERSIZE_WRITE_DISCARD_BYTES_MAX: u64 = 64 << 20;
+
+/// Requests one connection may have in flight (received, not yet fully
+/// replied to). The connection stops reading from the socket when all slots
+/// are busy: TCP flow control is the backpressure towards the client.
+pub const IN_FLIGHT_MAX: usize = 64;
+
+/// Bytes of one request header.
+pub const REQUEST_HEADER_BYTES: usize = 28;
+
+/// Largest reply header a slot stores: a structured error chunk header (20)
+/// plus error (4), message length (2) and message.
+pub const SLOT_HEADER_BYTES_MAX: usize = 20 + 6 + ERROR_MESSAGE_BYTES_MAX;
+
+/// Longest human-readable message in a structured error chunk.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 120;
+
+/// Block status descriptors in one reply chunk.
+pub const BLOCK_STATUS_EXTENTS_MAX: usize = 128;
+
+/// iovecs handed to one `writev` of replies (Linux `IOV_MAX`).
+pub const SEND_IOV_MAX: usize = 1024;
+
+/// iovecs handed to one `readv` of a WRITE payload.
+pub const RECV_IOV_MAX: usize = 256;
+
+/// Scratch memory per connection, for throwing away payloads.
+pub const DISCARD_CHUNK_BYTES: usize = 16 << 10;
+
+/// While the buffer pool is exhausted, a connection retries its allocation
+/// this often (and whenever one of its own requests completes).
+pub const BUFFER_RETRY_INTERVAL_MS: u64 = 1;
+
+/// Poll-loop rounds before a connection yields to the runtime.
+pub const POLL_ROUNDS_MAX: usize = 32;
+
+/// Default and largest number of concurrent connections.
+pub const CONNECTIONS_DEFAULT: usize = 256;
+pub const CONNECTIONS_MAX: usize = 4096;
+
+/// Default time a client has to finish the handshake.
+pub const HANDSHAKE_TIMEOUT_S_DEFAULT: u64 = 30;
+
+const _: () = assert!(IN_FLIGHT_MAX <= 64, "ready set is one u64 bitmask");
+const _: () = assert!(IN_FLIGHT_MAX <= u8::MAX as usize, "slot ids are u8");
+const _: () = assert!(PAYLOAD_BYTES_MAX as u64 == REQUEST_BYTES_MAX);
+const _: () = assert!(PAYLOAD_BYTES_MAX as u64 <= OVERSIZE_WRITE_DISCARD_BYTES_MAX);
+const _: () = assert!(OPTION_DATA_BYTES_MAX >= 4 + STRING_BYTES_MAX + 2 + 2 * 8);
+const _: () = assert!(OPTION_DATA_BYTES_MAX as u64 <= OPTION_DISCARD_BYTES_MAX);
+const _: () = assert!(ERROR_MESSAGE_BYTES_MAX <= u16::MAX as usize);
+const _: () = assert!(BLOCK_STATUS_EXTENTS_MAX >= 1 && BLOCK_STATUS_EXTENTS_MAX <= 1 << 20);
+const _: () = assert!(DISCARD_CHUNK_BYTES >= IN_FLIGHT_MAX * REQUEST_HEADER_BYTES);
+const _: () = assert!(CONNECTIONS_DEFAULT <= CONNECTIONS_MAX);

@@ -1,0 +1,931 @@
+//! The transmission phase of one connection: a single task, no locks, no
+//! allocation per request.
+//!
+//! * **Slots.** A connection owns [`IN_FLIGHT_MAX`] request slots (metadata,
+//!   reply header bytes, block-status payload space) and a [`FutureSlab`] of
+//!   the same size holding each request's IOServer future. A request occupies
+//!   a slot from the moment its header is accepted until its reply has been
+//!   written completely. When every slot is busy the connection stops reading
+//!   the socket: TCP flow control pushes back on the client.
+//! * **Receiving.** Headers are *peeked*, parsed, then consumed only up to the
+//!   end of the last accepted header, so a WRITE payload is never pulled into
+//!   scratch memory: it is read with `readv` straight into the pages of a
+//!   [`Buffer`] from the pool. A request whose buffer cannot be had leaves its
+//!   header unread in the socket and the connection retries (backpressure, no
+//!   error).
+//! * **Executing.** Requests run concurrently; each slot future is polled only
+//!   when its own waker fired. Replies go out in completion order.
+//! * **Sending.** Completed replies are queued (slot indices) and written with
+//!   `writev`, many replies per call: header bytes from the slot, data from
+//!   the buffer's pages.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use sanvirt_buffer::PAGE_SIZE;
+use sanvirt_facility::{
+    AllocExtent, Buffer, BufferPool, DiskId, IoError, IoFlags, IoRequest, IoResult, IoServer,
+};
+use tokio::io::ReadBuf;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use crate::judge::{errno_for, judge, ExportView, Verdict};
+use crate::limits::*;
+use crate::negotiate::{Session, BASE_ALLOCATION_ID};
+use crate::proto::*;
+use crate::slab::FutureSlab;
+
+/// What a slot asks of the IOServer.
+pub enum Op {
+    Io(IoRequest),
+    Status { disk: DiskId, offset: u64, len: u64 },
+}
+
+/// What the IOServer answered.
+pub enum Done {
+    Io(IoResult),
+    Status(Result<Vec<AllocExtent>, IoError>),
+}
+
+/// The future stored in a slot: one `async fn`, so every slot has the same
+/// (statically known, unboxed) type.
+pub async fn exec<S: IoServer>(server: &S, op: Op) -> Done {
+    match op {
+        Op::Io(req) => Done::Io(server.submit(req).await),
+        Op::Status { disk, offset, len } => {
+            Done::Status(server.block_status(disk, offset, len).await)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    Free,
+    /// WRITE payload being received, or being discarded before an error reply.
+    Receiving,
+    Running,
+    Queued,
+}
+
+struct Slot {
+    state: SlotState,
+    cookie: u64,
+    cmd: Command,
+    offset: u64,
+    len: u32,
+    flags: u16,
+    /// Error to answer once a discarded payload has been read.
+    errno: u32,
+    hdr: [u8; SLOT_HEADER_BYTES_MAX],
+    hdr_len: usize,
+    /// WRITE: the payload being received. READ: the data being sent.
+    data: Option<Buffer>,
+    /// Block-status payload (capacity reserved at connection start).
+    extents: Vec<u8>,
+    reply_len: usize,
+}
+
+impl Slot {
+    fn new() -> Slot {
+        Slot {
+            state: SlotState::Free,
+            cookie: 0,
+            cmd: Command::Read,
+            offset: 0,
+            len: 0,
+            flags: 0,
+            errno: 0,
+            hdr: [0; SLOT_HEADER_BYTES_MAX],
+            hdr_len: 0,
+            data: None,
+            extents: Vec::with_capacity(4 + 8 * BLOCK_STATUS_EXTENTS_MAX),
+            reply_len: 0,
+        }
+    }
+
+    /// The reply's bytes, in order.
+    fn pieces(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(&self.hdr[..self.hdr_len])
+            .chain(self.data.iter().flat_map(|b| b.segments()))
+            .chain(std::iter::once(&self.extents[..]))
+    }
+}
+
+enum Recv {
+    Headers,
+    Payload { slot: usize, received: usize },
+    Discard { slot: usize, remaining: u64 },
+    Stopped,
+}
+
+/// What happened to one accepted header.
+enum Admit {
+    /// Consumed; keep parsing headers.
+    Next,
+    /// Consumed; a payload follows (or the connection stops).
+    Last,
+    /// Not consumed: no buffer now, retry later.
+    NoBuffer,
+}
+
+/// `fmt::Write` into a byte slice that cuts at character boundaries when full.
+struct Bounded<'b> {
+    buf: &'b mut [u8],
+    len: usize,
+}
+
+impl std::fmt::Write for Bounded<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let room = self.buf.len() - self.len;
+        let mut n = s.len().min(room);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+pub struct Transmission<'a, S, F, G> {
+    server: &'a S,
+    exec: G,
+    stream: &'a TcpStream,
+    pool: &'a Arc<BufferPool>,
+    session: Session,
+    slots: Box<[Slot]>,
+    slab: FutureSlab<F>,
+    free: Vec<usize>,
+    sendq: VecDeque<usize>,
+    /// Bytes of the reply at the front of `sendq` already written.
+    front_sent: usize,
+    busy: usize,
+    recv: Recv,
+    hdr_buf: [u8; REQUEST_HEADER_BYTES],
+    hdr_have: usize,
+    scratch: Box<[u8]>,
+    /// Peeked bytes accepted but not yet consumed from the socket.
+    consume_pending: usize,
+    retry: Pin<Box<Sleep>>,
+    retry_armed: bool,
+    shutdown: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+    write_broken: bool,
+}
+
+impl<'a, S, F, G> Transmission<'a, S, F, G>
+where
+    S: IoServer,
+    F: Future<Output = Done>,
+    G: Fn(&'a S, Op) -> F,
+{
+    /// Must be created inside a tokio runtime with the time driver enabled.
+    pub fn new(
+        server: &'a S,
+        exec: G,
+        stream: &'a TcpStream,
+        pool: &'a Arc<BufferPool>,
+        session: Session,
+        shutdown: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
+    ) -> Self {
+        Transmission {
+            server,
+            exec,
+            stream,
+            pool,
+            session,
+            slots: (0..IN_FLIGHT_MAX).map(|_| Slot::new()).collect(),
+            slab: FutureSlab::new(),
+            free: (0..IN_FLIGHT_MAX).rev().collect(),
+            sendq: VecDeque::with_capacity(IN_FLIGHT_MAX),
+            front_sent: 0,
+            busy: 0,
+            recv: Recv::Headers,
+            hdr_buf: [0; REQUEST_HEADER_BYTES],
+            hdr_have: 0,
+            scratch: vec![0u8; DISCARD_CHUNK_BYTES].into_boxed_slice(),
+            consume_pending: 0,
+            retry: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            retry_armed: false,
+            shutdown,
+            write_broken: false,
+        }
+    }
+
+    /// Drives the connection; ready when the session is over (client
+    /// disconnect, protocol error, shutdown) and nothing is in flight.
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.slab.ready().register(cx.waker());
+        for _ in 0..POLL_ROUNDS_MAX {
+            let mut progress = self.poll_completions();
+            progress |= self.poll_send(cx);
+            if self.retry_armed && self.retry.as_mut().poll(cx).is_ready() {
+                self.retry_armed = false;
+                progress = true;
+            }
+            if !matches!(self.recv, Recv::Stopped) {
+                if self.shutdown.as_mut().poll(cx).is_ready() {
+                    self.stop("server shutting down");
+                    progress = true;
+                } else {
+                    progress |= self.poll_recv(cx);
+                }
+            }
+            if matches!(self.recv, Recv::Stopped) && self.busy == 0 {
+                return Poll::Ready(());
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+        // Plenty of work: let other tasks run, then continue.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn stop(&mut self, reason: &'static str) {
+        match std::mem::replace(&mut self.recv, Recv::Stopped) {
+            Recv::Payload { slot, .. } | Recv::Discard { slot, .. } => self.free_slot(slot),
+            Recv::Headers | Recv::Stopped => {}
+        }
+        tracing::debug!(reason, "connection stops receiving");
+    }
+
+    // ------------------------------------------------------------ slots
+
+    fn take_slot(&mut self, h: &RequestHeader) -> usize {
+        let i = self
+            .free
+            .pop()
+            .expect("a header is only accepted while a slot is free");
+        let s = &mut self.slots[i];
+        debug_assert_eq!(s.state, SlotState::Free);
+        s.cookie = h.cookie;
+        s.cmd = h.command();
+        s.offset = h.offset;
+        s.len = h.len;
+        s.flags = h.flags;
+        s.errno = 0;
+        s.hdr_len = 0;
+        s.reply_len = 0;
+        s.extents.clear();
+        s.state = SlotState::Running;
+        self.busy += 1;
+        i
+    }
+
+    fn free_slot(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        debug_assert_ne!(s.state, SlotState::Free);
+        s.state = SlotState::Free;
+        s.data = None;
+        s.extents.clear();
+        self.busy -= 1;
+        self.free.push(i);
+    }
+
+    fn run(&mut self, i: usize, op: Op) {
+        self.slots[i].state = SlotState::Running;
+        let fut = (self.exec)(self.server, op);
+        self.slab.insert(i, fut);
+    }
+
+    fn queue(&mut self, i: usize) {
+        if self.write_broken {
+            self.free_slot(i);
+            return;
+        }
+        let s = &mut self.slots[i];
+        s.reply_len = s.hdr_len + s.data.as_ref().map_or(0, Buffer::len) + s.extents.len();
+        s.state = SlotState::Queued;
+        self.sendq.push_back(i);
+    }
+
+    /// Success without data (and the empty structured reply to a 0-byte read).
+    fn reply_ok(&mut self, i: usize) {
+        let structured_read = self.session.structured && self.slots[i].cmd == Command::Read;
+        let s = &mut self.slots[i];
+        s.data = None;
+        s.hdr_len = if structured_read {
+            encode_chunk_header(&mut s.hdr, REPLY_FLAG_DONE, REPLY_TYPE_NONE, s.cookie, 0)
+        } else {
+            encode_simple_reply(&mut s.hdr, 0, s.cookie)
+        };
+        self.queue(i);
+    }
+
+    fn reply_read(&mut self, i: usize, buf: Buffer) {
+        let structured = self.session.structured;
+        let s = &mut self.slots[i];
+        s.hdr_len = if structured {
+            // One content chunk covering the whole read, marked final: the
+            // data are in memory, so no error can follow (this also honours
+            // NBD_CMD_FLAG_DF).
+            let n = encode_chunk_header(
+                &mut s.hdr,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                s.cookie,
+                8 + s.len,
+            );
+            s.hdr[n..n + 8].copy_from_slice(&s.offset.to_be_bytes());
+            n + 8
+        } else {
+            encode_simple_reply(&mut s.hdr, 0, s.cookie)
+        };
+        s.data = Some(buf);
+        self.queue(i);
+    }
+
+    fn reply_error(&mut self, i: usize, errno: u32, msg: std::fmt::Arguments<'_>) {
+        let structured = self.session.structured;
+        let s = &mut self.slots[i];
+        s.data = None;
+        s.extents.clear();
+        s.hdr_len = if structured {
+            let mut w = Bounded {
+                buf: &mut s.hdr[CHUNK_HEADER_BYTES + 6..],
+                len: 0,
+            };
+            // Bounded never fails; a cut message is still a message.
+            let _ = std::fmt::write(&mut w, msg);
+            let n = w.len;
+            let m = CHUNK_HEADER_BYTES;
+            encode_chunk_header(
+                &mut s.hdr,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                s.cookie,
+                (6 + n) as u32,
+            );
+            s.hdr[m..m + 4].copy_from_slice(&errno.to_be_bytes());
+            s.hdr[m + 4..m + 6].copy_from_slice(&(n as u16).to_be_bytes());
+            m + 6 + n
+        } else {
+            encode_simple_reply(&mut s.hdr, errno, s.cookie)
+        };
+        self.queue(i);
+    }
+
+    fn reply_reject(&mut self, i: usize, errno: u32) {
+        let msg = match errno {
+            NBD_EPERM => "export is read-only",
+            NBD_EIO => "disk path offline",
+            NBD_ENOSPC => "write beyond the end of the export",
+            NBD_ENOTSUP => "fast zero not available",
+            NBD_ENOMEM => "request larger than the buffer pool",
+            _ => "invalid request",
+        };
+        self.reply_error(i, errno, format_args!("{msg}"));
+    }
+
+    fn reply_status(&mut self, i: usize, extents: &[AllocExtent]) {
+        let s = &mut self.slots[i];
+        let req_one = s.flags & CMD_FLAG_REQ_ONE != 0;
+        let cap = if req_one { 1 } else { BLOCK_STATUS_EXTENTS_MAX };
+        let mut left = s.len as u64;
+        let mut descs: usize = 0;
+        // (length, flags) of the descriptor being built.
+        let mut cur: Option<(u64, u32)> = None;
+        s.extents.clear();
+        s.extents
+            .extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+        let push = |v: &mut Vec<u8>, (len, flags): (u64, u32)| {
+            v.extend_from_slice(&(len as u32).to_be_bytes());
+            v.extend_from_slice(&flags.to_be_bytes());
+        };
+        for e in extents {
+            let len = e.len.min(left);
+            if len == 0 {
+                continue;
+            }
+            let flags = if e.hole { STATE_HOLE } else { 0 } | if e.zero { STATE_ZERO } else { 0 };
+            cur = match cur {
+                Some((l, f)) if f == flags => Some((l + len, f)),
+                Some(prev) => {
+                    push(&mut s.extents, prev);
+                    descs += 1;
+                    if descs == cap {
+                        None
+                    } else {
+                        Some((len, flags))
+                    }
+                }
+                None => Some((len, flags)),
+            };
+            left -= len;
+            if descs == cap || left == 0 {
+                break;
+            }
+        }
+        if let Some(last) = cur {
+            if descs < cap {
+                push(&mut s.extents, last);
+                descs += 1;
+            }
+        }
+        if descs == 0 {
+            // Nothing usable from the server: status 0 is always safe.
+            push(&mut s.extents, (s.len as u64, 0));
+        }
+        s.hdr_len = encode_chunk_header(
+            &mut s.hdr,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_BLOCK_STATUS,
+            s.cookie,
+            s.extents.len() as u32,
+        );
+        self.queue(i);
+    }
+
+    fn complete(&mut self, i: usize, done: Done) {
+        let (cmd, len) = (self.slots[i].cmd, self.slots[i].len);
+        match done {
+            Done::Io(Ok(buf)) if cmd == Command::Read => match buf {
+                Some(b) if b.len() == len as usize => self.reply_read(i, b),
+                _ => self.reply_error(
+                    i,
+                    NBD_EIO,
+                    format_args!("read returned no data of the right size"),
+                ),
+            },
+            Done::Io(Ok(_)) => self.reply_ok(i),
+            Done::Io(Err(e)) | Done::Status(Err(e)) => {
+                self.reply_error(i, errno_for(&e, cmd), format_args!("{e}"))
+            }
+            Done::Status(Ok(extents)) => self.reply_status(i, &extents),
+        }
+    }
+
+    fn poll_completions(&mut self) -> bool {
+        let mut bits = self.slab.ready().take();
+        let mut progress = false;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if self.slots[i].state != SlotState::Running || !self.slab.is_busy(i) {
+                continue;
+            }
+            if let Poll::Ready(done) = self.slab.poll(i) {
+                self.complete(i, done);
+                progress = true;
+            }
+        }
+        progress
+    }
+
+    // ------------------------------------------------------------ sending
+
+    fn broken(&mut self, e: &io::Error) {
+        tracing::debug!(error = %e, "write to client failed");
+        self.write_broken = true;
+        while let Some(i) = self.sendq.pop_front() {
+            self.free_slot(i);
+        }
+        self.front_sent = 0;
+        if !matches!(self.recv, Recv::Stopped) {
+            self.stop("write failed");
+        }
+    }
+
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        while !self.sendq.is_empty() && !self.write_broken {
+            match self.stream.poll_write_ready(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => {
+                    self.broken(&e);
+                    return true;
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let written = {
+                let mut iov = [IoSlice::new(&[]); SEND_IOV_MAX];
+                let n = gather(&self.slots, &self.sendq, self.front_sent, &mut iov);
+                self.stream.try_write_vectored(&iov[..n])
+            };
+            match written {
+                Ok(0) => {
+                    self.broken(&io::ErrorKind::WriteZero.into());
+                    return true;
+                }
+                Ok(n) => {
+                    self.advance(n);
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => {
+                    self.broken(&e);
+                    return true;
+                }
+            }
+        }
+        progress
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let i = *self
+                .sendq
+                .front()
+                .expect("bytes written belong to queued replies");
+            let rest = self.slots[i].reply_len - self.front_sent;
+            if n >= rest {
+                n -= rest;
+                self.front_sent = 0;
+                self.sendq.pop_front();
+                self.free_slot(i);
+            } else {
+                self.front_sent += n;
+                n = 0;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ receiving
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> bool {
+        let mut progress = false;
+        loop {
+            if self.consume_pending > 0 && !self.consume(cx) {
+                return progress;
+            }
+            let step = match self.recv {
+                Recv::Headers => self.recv_headers(cx),
+                Recv::Payload { slot, received } => self.recv_payload(cx, slot, received),
+                Recv::Discard { slot, remaining } => self.recv_discard(cx, slot, remaining),
+                Recv::Stopped => false,
+            };
+            if !step {
+                return progress;
+            }
+            progress = true;
+        }
+    }
+
+    /// Reads and drops `consume_pending` bytes already parsed from a peek.
+    fn consume(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.consume_pending > 0 {
+            match self.stream.poll_read_ready(cx) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(_)) => {
+                    self.stop("read failed");
+                    return false;
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let k = self.consume_pending.min(self.scratch.len());
+            match self.stream.try_read(&mut self.scratch[..k]) {
+                Ok(0) => {
+                    self.stop("client closed the connection");
+                    return false;
+                }
+                Ok(m) => self.consume_pending -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => {
+                    self.stop("read failed");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn arm_retry(&mut self, cx: &mut Context<'_>) {
+        if !self.retry_armed {
+            let at = Instant::now() + Duration::from_millis(BUFFER_RETRY_INTERVAL_MS);
+            self.retry.as_mut().reset(at);
+            self.retry_armed = true;
+            if self.retry.as_mut().poll(cx).is_ready() {
+                self.retry_armed = false;
+                cx.waker().wake_by_ref();
+            }
+        }
+    }
+
+    fn recv_headers(&mut self, cx: &mut Context<'_>) -> bool {
+        let free = self.free.len();
+        if free == 0 {
+            return false;
+        }
+        let want = (free * REQUEST_HEADER_BYTES - self.hdr_have).min(self.scratch.len());
+        let n = {
+            let mut rb = ReadBuf::new(&mut self.scratch[..want]);
+            match self.stream.poll_peek(cx, &mut rb) {
+                Poll::Pending => return false,
+                Poll::Ready(Err(_)) => {
+                    self.stop("read failed");
+                    return true;
+                }
+                Poll::Ready(Ok(n)) => n,
+            }
+        };
+        if n == 0 {
+            self.stop("client closed the connection");
+            return true;
+        }
+        let mut pos = 0;
+        while !self.free.is_empty() && matches!(self.recv, Recv::Headers) {
+            let need = REQUEST_HEADER_BYTES - self.hdr_have;
+            if n - pos < need {
+                // A partial header: header bytes only, safe to consume.
+                let k = n - pos;
+                self.hdr_buf[self.hdr_have..self.hdr_have + k]
+                    .copy_from_slice(&self.scratch[pos..n]);
+                self.hdr_have += k;
+                pos = n;
+                break;
+            }
+            let parsed = if self.hdr_have > 0 {
+                self.hdr_buf[self.hdr_have..].copy_from_slice(&self.scratch[pos..pos + need]);
+                RequestHeader::parse(&self.hdr_buf)
+            } else {
+                RequestHeader::parse(&self.scratch[pos..pos + need])
+            };
+            let h = match parsed {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "closing connection: stream out of sync");
+                    self.stop("bad request magic");
+                    return true;
+                }
+            };
+            match self.admit(&h) {
+                Admit::NoBuffer => {
+                    self.arm_retry(cx);
+                    break;
+                }
+                Admit::Next => {}
+                Admit::Last => {
+                    pos += need;
+                    self.hdr_have = 0;
+                    break;
+                }
+            }
+            pos += need;
+            self.hdr_have = 0;
+        }
+        self.consume_pending += pos;
+        pos > 0 || matches!(self.recv, Recv::Stopped)
+    }
+
+    fn alloc(&self, len: u32) -> Option<Buffer> {
+        self.pool.alloc(len as usize).ok()
+    }
+
+    /// Acts on one request header (already framed).
+    fn admit(&mut self, h: &RequestHeader) -> Admit {
+        let e = &self.session.export;
+        let view = ExportView {
+            size: e.size(),
+            read_only: self.session.read_only,
+            can_trim: self.session.can_trim,
+            can_write_zeroes: self.session.can_write_zeroes,
+            structured: self.session.structured,
+            block_status: self.session.block_status,
+            online: e.online(),
+            payload_max: self.session.payload_max,
+        };
+        let disk = e.disk();
+        match judge(h, &view) {
+            Verdict::Disconnect => {
+                self.stop("client disconnected (NBD_CMD_DISC)");
+                Admit::Last
+            }
+            Verdict::Close { reason } => {
+                tracing::warn!(reason, len = h.len, "closing connection");
+                self.stop(reason);
+                Admit::Last
+            }
+            Verdict::Reject { errno, discard } => {
+                let i = self.take_slot(h);
+                if discard > 0 {
+                    self.slots[i].errno = errno;
+                    self.slots[i].state = SlotState::Receiving;
+                    self.recv = Recv::Discard {
+                        slot: i,
+                        remaining: discard as u64,
+                    };
+                    Admit::Last
+                } else {
+                    self.reply_reject(i, errno);
+                    Admit::Next
+                }
+            }
+            Verdict::Execute => self.execute(h, disk),
+        }
+    }
+
+    fn execute(&mut self, h: &RequestHeader, disk: DiskId) -> Admit {
+        let cmd = h.command();
+        let fua = h.flags & CMD_FLAG_FUA != 0;
+        let (offset, len) = (h.offset, h.len);
+        let needs_buf = matches!(cmd, Command::Read | Command::Write) && len > 0;
+        let buf = if needs_buf {
+            if (len as usize).div_ceil(PAGE_SIZE) > self.pool.page_count() {
+                // Could never be satisfied: refuse instead of waiting forever.
+                let i = self.take_slot(h);
+                if cmd == Command::Write {
+                    self.slots[i].errno = NBD_ENOMEM;
+                    self.slots[i].state = SlotState::Receiving;
+                    self.recv = Recv::Discard {
+                        slot: i,
+                        remaining: len as u64,
+                    };
+                    return Admit::Last;
+                }
+                self.reply_reject(i, NBD_ENOMEM);
+                return Admit::Next;
+            }
+            match self.alloc(len) {
+                Some(b) => Some(b),
+                None => return Admit::NoBuffer,
+            }
+        } else {
+            None
+        };
+        let i = self.take_slot(h);
+        let payloadless = len == 0 && cmd != Command::Flush && cmd != Command::BlockStatus;
+        if payloadless || cmd == Command::Cache {
+            // Nothing to do: empty ranges succeed, CACHE is an accepted no-op.
+            self.reply_ok(i);
+            return Admit::Next;
+        }
+        let mut flags = IoFlags {
+            fua,
+            no_unmap: h.flags & CMD_FLAG_NO_HOLE != 0,
+        };
+        let op = match cmd {
+            Command::Read => {
+                let buf = buf.expect("allocated above");
+                Op::Io(IoRequest::read(disk, offset, buf))
+            }
+            Command::Write => {
+                let s = &mut self.slots[i];
+                s.data = buf;
+                s.state = SlotState::Receiving;
+                self.recv = Recv::Payload {
+                    slot: i,
+                    received: 0,
+                };
+                return Admit::Last;
+            }
+            Command::Flush => Op::Io(IoRequest::flush(disk)),
+            Command::Trim => {
+                flags.no_unmap = false;
+                let mut r = IoRequest::unmap(disk, offset, len as u64);
+                r.flags = flags;
+                Op::Io(r)
+            }
+            Command::WriteZeroes => {
+                Op::Io(IoRequest::write_zeroes(disk, offset, len as u64, flags))
+            }
+            Command::BlockStatus => Op::Status {
+                disk,
+                offset,
+                len: len as u64,
+            },
+            Command::Cache | Command::Disc | Command::Unknown(_) => {
+                unreachable!("judged before execution")
+            }
+        };
+        self.run(i, op);
+        Admit::Next
+    }
+
+    fn recv_payload(&mut self, cx: &mut Context<'_>, slot: usize, mut received: usize) -> bool {
+        let stream = self.stream;
+        loop {
+            match stream.poll_read_ready(cx) {
+                Poll::Pending => {
+                    self.recv = Recv::Payload { slot, received };
+                    return false;
+                }
+                Poll::Ready(Err(_)) => {
+                    self.stop("read failed");
+                    return true;
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let got = {
+                let buf = self.slots[slot]
+                    .data
+                    .as_mut()
+                    .expect("a receiving write slot holds its buffer");
+                let mut iov: [IoSliceMut<'_>; RECV_IOV_MAX] =
+                    std::array::from_fn(|_| IoSliceMut::new(&mut []));
+                let mut k = 0;
+                let mut skip = received;
+                for seg in buf.segments_mut() {
+                    if skip >= seg.len() {
+                        skip -= seg.len();
+                        continue;
+                    }
+                    iov[k] = IoSliceMut::new(&mut seg[skip..]);
+                    skip = 0;
+                    k += 1;
+                    if k == RECV_IOV_MAX {
+                        break;
+                    }
+                }
+                stream.try_read_vectored(&mut iov[..k])
+            };
+            match got {
+                Ok(0) => {
+                    self.stop("client closed the connection inside a write payload");
+                    return true;
+                }
+                Ok(m) => {
+                    received += m;
+                    let s = &mut self.slots[slot];
+                    if received == s.len as usize {
+                        let buf = s.data.take().expect("payload buffer");
+                        let fua = s.flags & CMD_FLAG_FUA != 0;
+                        let req = IoRequest::write(self.session.export.disk(), s.offset, buf, fua);
+                        self.recv = Recv::Headers;
+                        self.run(slot, Op::Io(req));
+                        return true;
+                    }
+                    self.recv = Recv::Payload { slot, received };
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => {
+                    self.stop("read failed");
+                    return true;
+                }
+            }
+        }
+    }
+
+    fn recv_discard(&mut self, cx: &mut Context<'_>, slot: usize, mut remaining: u64) -> bool {
+        loop {
+            match self.stream.poll_read_ready(cx) {
+                Poll::Pending => {
+                    self.recv = Recv::Discard { slot, remaining };
+                    return false;
+                }
+                Poll::Ready(Err(_)) => {
+                    self.stop("read failed");
+                    return true;
+                }
+                Poll::Ready(Ok(())) => {}
+            }
+            let k = remaining.min(self.scratch.len() as u64) as usize;
+            match self.stream.try_read(&mut self.scratch[..k]) {
+                Ok(0) => {
+                    self.stop("client closed the connection inside a write payload");
+                    return true;
+                }
+                Ok(m) => {
+                    remaining -= m as u64;
+                    if remaining == 0 {
+                        self.recv = Recv::Headers;
+                        let errno = self.slots[slot].errno;
+                        self.reply_reject(slot, errno);
+                        return true;
+                    }
+                    self.recv = Recv::Discard { slot, remaining };
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => {
+                    self.stop("read failed");
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// Fills `iov` with the queued replies' bytes, skipping the `skip` bytes of
+/// the first one already sent. Returns the number of slices used.
+fn gather<'s>(
+    slots: &'s [Slot],
+    sendq: &VecDeque<usize>,
+    mut skip: usize,
+    iov: &mut [IoSlice<'s>],
+) -> usize {
+    let mut n = 0;
+    for &i in sendq {
+        for piece in slots[i].pieces() {
+            if piece.is_empty() {
+                continue;
+            }
+            if skip >= piece.len() {
+                skip -= piece.len();
+                continue;
+            }
+            iov[n] = IoSlice::new(&piece[skip..]);
+            skip = 0;
+            n += 1;
+            if n == iov.len() {
+                return n;
+            }
+        }
+    }
+    n
+}
