@@ -1,0 +1,217 @@
+//! The API's JSON bodies: requests (strict: unknown fields are refused) and
+//! responses (the CLI deserializes these same types, leniently).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::service::{DiskState, MdiskStatus};
+
+// ---------------------------------------------------------------- requests
+
+/// `POST /v1/mdisks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMdiskRequest {
+    #[schema(example = "md0")]
+    pub name: String,
+    /// A block device or a regular file on the node.
+    #[schema(example = "/dev/sdb")]
+    pub path: String,
+    /// If set, a sparse file of this many bytes (a multiple of 512) is
+    /// created at `path` first; an existing path is then refused.
+    #[serde(default)]
+    pub create_size_bytes: Option<u64>,
+}
+
+/// `POST /v1/{mdisks,pools,volumes}/{name}/rename`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    pub new_name: String,
+}
+
+/// `POST /v1/pools`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePoolRequest {
+    #[schema(example = "p0")]
+    pub name: String,
+    /// Extent size in MiB, fixed for the pool's life (default 16).
+    #[serde(default)]
+    #[schema(example = 16)]
+    pub extent_size_mib: Option<u32>,
+}
+
+/// `POST /v1/pools/{name}/mdisks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PoolMdiskRequest {
+    /// An unmanaged mdisk; it becomes managed and its capacity becomes
+    /// extents of the pool.
+    pub mdisk: String,
+}
+
+/// Placement of a new volume's extents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LayoutRequest {
+    Striped,
+    Sequential,
+}
+
+/// `POST /v1/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    #[schema(example = "v0")]
+    pub name: String,
+    #[schema(example = "p0")]
+    pub pool: String,
+    /// A multiple of 512.
+    #[schema(example = 10737418240u64)]
+    pub size_bytes: u64,
+    /// Default `striped`.
+    #[serde(default)]
+    pub layout: Option<LayoutRequest>,
+    /// Restricts placement to these mdisks of the pool (in this order for
+    /// sequential volumes). Default: every mdisk of the pool.
+    #[serde(default)]
+    pub mdisks: Option<Vec<String>>,
+}
+
+/// `POST /v1/volumes/{name}/expand`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExpandVolumeRequest {
+    /// The new size (larger than the current one, a multiple of 512).
+    pub size_bytes: u64,
+}
+
+/// `POST /v1/volumes/image`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImageVolumeRequest {
+    pub name: String,
+    pub pool: String,
+    /// An unmanaged mdisk whose data becomes the volume, as is.
+    pub mdisk: String,
+}
+
+// --------------------------------------------------------------- responses
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MdiskModeView {
+    /// Registered, in no pool.
+    Unmanaged,
+    /// In a pool; its capacity is extents of the pool.
+    Managed,
+    /// In a pool as exactly one image-mode volume.
+    Image,
+}
+
+/// An mdisk with its extent accounting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MdiskView {
+    pub id: u64,
+    pub name: String,
+    pub path: String,
+    pub mode: MdiskModeView,
+    /// The pool (managed and image mode).
+    pub pool: Option<String>,
+    /// The image-mode volume.
+    pub volume: Option<String>,
+    pub capacity_bytes: u64,
+    /// The pool's extent size (managed and image mode).
+    pub extent_size_mib: Option<u32>,
+    /// Extents of the pool's size on this mdisk (0 unless managed).
+    pub extents_total: u64,
+    pub extents_free: u64,
+    pub extents_used: u64,
+    /// Disk-path state from the back end.
+    pub status: DiskState,
+    /// Why it is offline, if it is.
+    pub status_reason: Option<String>,
+}
+
+/// A storage pool with its capacity accounting. Capacity counts managed
+/// mdisks only: an image-mode mdisk belongs to its volume, not to the pool's
+/// free space.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolView {
+    pub id: u64,
+    pub name: String,
+    pub extent_size_mib: u32,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub extents_total: u64,
+    pub extents_used: u64,
+    pub extents_free: u64,
+    /// Member mdisks (managed and image mode).
+    pub mdisk_count: u64,
+    pub volume_count: u64,
+    /// Member mdisks in striping order.
+    pub mdisks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LayoutView {
+    Striped,
+    Sequential,
+    Image,
+}
+
+/// A volume with its extent accounting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeView {
+    pub id: u64,
+    pub name: String,
+    pub pool: String,
+    pub size_bytes: u64,
+    pub layout: LayoutView,
+    pub extent_size_mib: Option<u32>,
+    pub extent_count: u64,
+    /// Mdisks holding its extents, in order of first use.
+    pub mdisks_used: Vec<String>,
+    /// Placement restriction given at creation (empty: the whole pool).
+    pub placement: Vec<String>,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StatusView {
+    pub node_id: u64,
+    pub version: String,
+    pub uptime_s: u64,
+    pub nbd_portal: Option<String>,
+    /// Sequence number of the last applied configuration command.
+    pub applied: u64,
+    pub mdisk_count: u64,
+    pub pool_count: u64,
+    pub volume_count: u64,
+    /// Sum over all pools.
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub mdisks: Vec<MdiskStatus>,
+}
+
+/// Every error body. Fields of the refusal (`object`, `name`, `pool`,
+/// `needed_bytes`, ...) are added beside `error` and `message`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Machine-readable kind: `not_found`, `already_exists`, `in_use`,
+    /// `invalid_name`, `invalid_argument`, `insufficient_capacity`,
+    /// `invalid_json`, `payload_too_large`, `unauthorized`, `no_route`,
+    /// `method_not_allowed`, `internal`.
+    #[schema(example = "not_found")]
+    pub error: String,
+    /// For people.
+    #[schema(example = "pool 'p9' does not exist")]
+    pub message: String,
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
