@@ -31,7 +31,8 @@ use sanvirt_facility::*;
 pub mod config;
 pub mod map;
 
-use config::{Control, Event, Table, VolumeEntry, LOCAL_NODE};
+pub use config::LOCAL_NODE;
+use config::{Control, Event, Table, VolumeEntry};
 use map::Piece;
 
 /// Pieces of one unmap / write-zeroes / block-status request in flight at
@@ -56,6 +57,7 @@ impl<S: IoServer> Clone for Virtualization<S> {
 }
 
 struct Inner<S> {
+    node: NodeId,
     server: S,
     /// What the data path reads: replaced whole, never changed in place.
     table: ArcSwap<Table>,
@@ -65,9 +67,17 @@ struct Inner<S> {
 }
 
 impl<S: IoServer> Virtualization<S> {
-    /// A facility with no volumes over `server`, bound as its IOClient.
+    /// A facility with no volumes over `server`, bound as its IOClient, on
+    /// node [`LOCAL_NODE`].
     pub fn new(server: S) -> Self {
+        Virtualization::new_on_node(server, LOCAL_NODE)
+    }
+
+    /// As [`new`](Virtualization::new), for node `node` (the node named in
+    /// the disk-path events the facility originates).
+    pub fn new_on_node(server: S, node: NodeId) -> Self {
         let inner = Arc::new(Inner {
+            node,
             server,
             table: ArcSwap::from_pointee(Table::default()),
             control: Mutex::new(Control::default()),
@@ -92,7 +102,7 @@ impl<S: IoServer> Virtualization<S> {
     pub fn reconfigure(&self, state: &sanvirt_config::State) {
         let mut control = self.inner.control.lock();
         control.configure(state);
-        self.inner.publish(&control, LOCAL_NODE);
+        self.inner.publish(&control, self.inner.node);
     }
 
     /// Whether volume `disk` can do I/O now (`Err` gives the reason).
@@ -460,7 +470,7 @@ impl<S: IoServer> IoServer for Virtualization<S> {
         let _control = self.inner.control.lock();
         self.inner.client.bind(client);
         self.inner
-            .send(config::announce(&self.inner.table.load()), LOCAL_NODE);
+            .send(config::announce(&self.inner.table.load()), self.inner.node);
     }
 }
 
@@ -496,7 +506,7 @@ impl<S: IoServer> IoClient for Inner<S> {
             }
             FrontEndDiskEvent::Resized { .. } | FrontEndDiskEvent::Renamed { .. } => {}
         }
-        self.publish(&control, LOCAL_NODE);
+        self.publish(&control, self.node);
     }
 }
 

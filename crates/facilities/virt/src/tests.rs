@@ -718,3 +718,104 @@ async fn malformed_requests_are_refused() {
         .unwrap();
     assert!(r.take_requests().is_empty());
 }
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Write { off: u64, len: usize, seed: u8 },
+        Read { off: u64, len: usize },
+        Zero { off: u64, len: u64 },
+    }
+
+    fn op(size: u64) -> impl Strategy<Value = Op> {
+        let range = (0..size).prop_flat_map(move |off| {
+            let max = (size - off).min(3 * MIB);
+            (Just(off), 1..=max)
+        });
+        prop_oneof![
+            3 => (range.clone(), any::<u8>())
+                .prop_map(|((off, len), seed)| Op::Write { off, len: len as usize, seed }),
+            3 => range.clone().prop_map(|(off, len)| Op::Read { off, len: len as usize }),
+            1 => range.prop_map(|(off, len)| Op::Zero { off, len }),
+        ]
+    }
+
+    fn case() -> impl Strategy<Value = (Vec<u64>, bool, u64, u64, Vec<Op>)> {
+        (
+            proptest::collection::vec(2..5u64, 1..5),
+            any::<bool>(),
+            0..3u64,
+            1..10u64,
+        )
+            .prop_flat_map(|(caps, striped, filler, eighths)| {
+                let total: u64 = caps.iter().sum::<u64>() - filler;
+                // Between 1/8 and 9/8 of the free space: sometimes refused.
+                let size = (total * MIB * eighths / 8).max(512) / 512 * 512;
+                let ops = proptest::collection::vec(op(size), 1..12);
+                (Just(caps), Just(striped), Just(filler), Just(size), ops)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Random pools, layouts and byte ranges (any alignment) behave like
+        /// one flat disk.
+        #[test]
+        fn volume_behaves_like_a_flat_disk((caps, striped, filler, size, ops) in case()) {
+            let names: Vec<String> = (0..caps.len()).map(|i| format!("m{i}")).collect();
+            let spec: Vec<(&str, u64, bool)> = names
+                .iter()
+                .zip(&caps)
+                .map(|(n, c)| (n.as_str(), c * MIB, true))
+                .collect();
+            let mut r = Rig::new(1, &spec, None);
+            if filler > 0 {
+                r.volume("filler", filler * MIB, VolumeLayout::Sequential);
+            }
+            let layout = if striped { VolumeLayout::Striped } else { VolumeLayout::Sequential };
+            let cmd = Command::CreateVolume {
+                name: "v".into(),
+                pool: "p".into(),
+                size_bytes: size,
+                layout,
+                mdisks: vec![],
+            };
+            let v = match r.state.apply(&cmd) {
+                Ok(sanvirt_config::Outcome::Created { id, .. }) => id,
+                Ok(o) => panic!("{o:?}"),
+                Err(_) => return Ok(()), // the pool is too small: nothing to test
+            };
+            r.virt.reconfigure(&r.state);
+            let mut model = vec![0u8; size as usize];
+            futures::executor::block_on(async {
+                for op in ops {
+                    match op {
+                        Op::Write { off, len, seed } => {
+                            let data = Rig::pattern(len, seed);
+                            r.write(v, off, &data).await;
+                            model[off as usize..off as usize + len].copy_from_slice(&data);
+                        }
+                        Op::Read { off, len } => {
+                            let got = r.read(v, off, len).await;
+                            assert!(got == model[off as usize..off as usize + len], "read {off}+{len}");
+                        }
+                        Op::Zero { off, len } => {
+                            r.virt
+                                .submit(IoRequest::write_zeroes(v, off, len, IoFlags::default()))
+                                .await
+                                .unwrap();
+                            model[off as usize..(off + len) as usize].fill(0);
+                        }
+                    }
+                }
+                let got = r.read(v, 0, size.min(8 * MIB) as usize).await;
+                assert!(got == model[..got.len()]);
+            });
+            prop_assert_eq!(r.pool.pages_available(), 4096, "every page returned");
+        }
+    }
+}
