@@ -819,3 +819,41 @@ mod model {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn io_continues_while_reconfiguring() {
+    let mut r = Rig::new(1, &four_mdisks(), None);
+    let v = r.volume("v", 4 * MIB, VolumeLayout::Striped);
+    let (virt, pool) = (r.virt.clone(), Arc::clone(&r.pool));
+    let io = tokio::spawn(async move {
+        for k in 0..2000u64 {
+            let off = (k * 7919 * 512) % (4 * MIB - 8192);
+            let data = Rig::pattern(8192, k as u8);
+            let mut b = pool.alloc(8192).unwrap();
+            b.copy_from_slice(0, &data);
+            let b = virt
+                .submit(IoRequest::write(v, off, b, false))
+                .await
+                .unwrap()
+                .unwrap();
+            let b = virt
+                .submit(IoRequest::read(v, off, b))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(b.to_vec(), data);
+        }
+    });
+    for i in 0..300 {
+        r.volume("w", MIB, VolumeLayout::Striped);
+        r.apply(Command::RenameVolume {
+            name: "w".into(),
+            new_name: format!("w{i}"),
+        });
+        r.apply(Command::DeleteVolume {
+            name: format!("w{i}"),
+        });
+    }
+    io.await.unwrap();
+    assert!(r.virt.volume_status(v).unwrap().is_ok());
+}
