@@ -303,7 +303,7 @@ fn main() {
                         );
                     }
                 }
-                eprintln!("{eng} {cache_s}: mdisk mode {mode:?}");
+                eprintln!("{eng} {cache_s}: mdisk mode {mode:?}, {:?}", be.stats());
             }
         }
     }

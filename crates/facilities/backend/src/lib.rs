@@ -131,8 +131,28 @@ pub struct MdiskStatus {
     pub offline: Option<Arc<str>>,
 }
 
+/// Counters of the data path (relaxed atomics; for benchmarks and
+/// diagnostics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// Reads served inline from the page cache (`RWF_NOWAIT` hit).
+    pub inline_hits: u64,
+    /// Inline attempts that missed and went to the engine.
+    pub inline_misses: u64,
+    /// Operations run by the engine.
+    pub engine_ops: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    inline_hits: std::sync::atomic::AtomicU64,
+    inline_misses: std::sync::atomic::AtomicU64,
+    engine_ops: std::sync::atomic::AtomicU64,
+}
+
 /// The back-end facility.
 pub struct BackEnd {
+    counters: Counters,
     config: BackEndConfig,
     mdisks: RwLock<HashMap<DiskId, Arc<Mdisk>>>,
     /// Serialises open/close/reconcile (control path).
@@ -156,6 +176,7 @@ impl BackEnd {
             Engine::new(config.engine, Arc::clone(&slots), config.pool_threads)
                 .map_err(BackendError::Engine)?;
         Ok(BackEnd {
+            counters: Counters::default(),
             config,
             mdisks: RwLock::new(HashMap::new()),
             control: Mutex::new(()),
@@ -174,6 +195,15 @@ impl BackEnd {
     /// Why the engine differs from the one configured (io_uring refused).
     pub fn engine_note(&self) -> Option<&str> {
         self.engine_note.as_deref()
+    }
+
+    pub fn stats(&self) -> BackendStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        BackendStats {
+            inline_hits: self.counters.inline_hits.load(Relaxed),
+            inline_misses: self.counters.inline_misses.load(Relaxed),
+            engine_ops: self.counters.engine_ops.load(Relaxed),
+        }
     }
 
     pub fn config(&self) -> &BackEndConfig {
@@ -314,6 +344,7 @@ impl BackEnd {
         len: u64,
         buf: Option<Buffer>,
     ) -> (OpStatus, Option<Buffer>) {
+        bump(&self.counters.engine_ops);
         let mut g = self.slots.acquire().await;
         let op = g.op();
         op.kind = kind;
@@ -345,11 +376,11 @@ impl BackEnd {
         let kind = match op {
             IoOp::Read => {
                 if self.config.inline_cached_reads && !m.is_direct(fd) {
-                    if let Some(done) = read_cached(fd, offset, len, &mut buf) {
-                        if done == len {
-                            return Ok(Some(buf));
-                        }
+                    if read_cached(fd, offset, len, &mut buf) == Some(len) {
+                        bump(&self.counters.inline_hits);
+                        return Ok(Some(buf));
                     }
+                    bump(&self.counters.inline_misses);
                 }
                 OpKind::Read
             }
@@ -599,6 +630,11 @@ fn read_cached(fd: i32, offset: u64, len: u64, buf: &mut Buffer) -> Option<u64> 
 
 /// Iovecs `read_cached` builds on the stack (larger requests skip it).
 const INLINE_IOVECS_MAX: usize = 32;
+
+#[inline]
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
 
 fn mdisk_name(id: DiskId) -> Arc<str> {
     format!("mdisk{id}").into()
