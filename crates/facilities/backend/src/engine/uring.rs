@@ -263,24 +263,20 @@ fn ring_thread(ring: IoUring, s: &Shared) {
             unsafe { sq.push(&e) }.expect("SQ sized for every slot");
             inflight += 1;
         }
-        let queued = !sq.is_empty();
         drop(sq);
-        let want = if queued {
-            0
-        } else {
-            if s.shutdown.load(Ordering::Acquire) && inflight == 0 && !wake_armed {
-                break;
-            }
-            s.sleeping.store(true, Ordering::Relaxed);
-            fence(Ordering::SeqCst);
-            if s.queue.is_empty() {
-                1
-            } else {
-                s.sleeping.store(false, Ordering::Relaxed);
-                continue;
-            }
-        };
-        if let Err(e) = ring.submit_and_wait(want) {
+        if s.shutdown.load(Ordering::Acquire) && inflight == 0 && !wake_armed {
+            break;
+        }
+        // Submit and sleep in one io_uring_enter. Submitters that arrive
+        // after the check below see `sleeping` and write the eventfd, whose
+        // outstanding read then completes and ends the wait.
+        s.sleeping.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if !s.queue.is_empty() {
+            s.sleeping.store(false, Ordering::Relaxed);
+            continue;
+        }
+        if let Err(e) = ring.submit_and_wait(1) {
             if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) {
                 tracing::error!("io_uring_enter: {e}; retrying");
                 std::thread::sleep(std::time::Duration::from_millis(1));
