@@ -1,0 +1,430 @@
+//! The protocol's edges, spoken over a raw socket: option negotiation errors,
+//! malformed and oversized requests, disconnects, pipelining, backpressure.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use sanvirt_facility::scaffold::MemDisks;
+use sanvirt_facility::*;
+use sanvirt_nbd::limits::IN_FLIGHT_MAX;
+use sanvirt_nbd::proto::*;
+use sanvirt_nbd::NbdConfig;
+
+#[test]
+fn unknown_option_then_session_continues() {
+    let srv = mem_server(&[(1, MIB)]);
+    let mut c = Raw::connect(srv.addr);
+    // An unknown option with data, an extended-headers request, STARTTLS.
+    c.send(&IHAVEOPT.to_be_bytes());
+    c.send(&99u32.to_be_bytes());
+    c.send(&5u32.to_be_bytes());
+    c.send(b"hello");
+    let r = c.option_reply();
+    assert_eq!((r.option, r.reply), (99, REP_ERR_UNSUP));
+    c.option(&ClientOption::Unknown {
+        option: OPT_EXTENDED_HEADERS,
+    });
+    assert_eq!(c.option_reply().reply, REP_ERR_UNSUP);
+    c.option(&ClientOption::StartTls);
+    assert_eq!(c.option_reply().reply, REP_ERR_POLICY);
+    c.option(&ClientOption::List);
+    let r = c.option_replies();
+    assert_eq!(r.len(), 2);
+    assert_eq!(&r[0].data[4..], b"mem1");
+    let (size, flags) = c.go("mem1", false, false);
+    assert_eq!(size, MIB);
+    for f in [
+        TFLAG_HAS_FLAGS,
+        TFLAG_SEND_FLUSH,
+        TFLAG_SEND_FUA,
+        TFLAG_SEND_TRIM,
+        TFLAG_SEND_WRITE_ZEROES,
+        TFLAG_CAN_MULTI_CONN,
+    ] {
+        assert_ne!(flags & f, 0, "flag {f:#x}");
+    }
+    assert_eq!(flags & (TFLAG_READ_ONLY | TFLAG_SEND_DF), 0);
+    let data = pattern(8192, 3);
+    c.write(1, 4096, &data);
+    assert_eq!(c.reply(|_| 0).error(), 0);
+    match c.read_simple(4096, 8192) {
+        Reply::Simple {
+            error: 0, data: d, ..
+        } => assert_eq!(d, data),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unknown_and_default_exports() {
+    let srv = mem_server(&[(1, MIB), (2, MIB)]);
+    let mut c = Raw::connect(srv.addr);
+    for name in ["nope", ""] {
+        c.option(&ClientOption::Go(ExportRequest {
+            name: name.into(),
+            info: vec![],
+        }));
+        let r = c.option_replies();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].reply, REP_ERR_UNKNOWN, "export {name:?}");
+    }
+    // NBD_OPT_EXPORT_NAME cannot report an error: the server hangs up.
+    c.option(&ClientOption::ExportName {
+        name: "nope".into(),
+    });
+    assert!(c.closed());
+
+    // With exactly one export, the empty name selects it.
+    let one = mem_server(&[(7, 2 * MIB)]);
+    let mut c = Raw::connect(one.addr);
+    assert_eq!(c.go("", false, false).0, 2 * MIB);
+    // Legacy NBD_OPT_EXPORT_NAME, without NO_ZEROES: 124 zero bytes follow.
+    let mut c = Raw::connect_bare(one.addr);
+    c.send(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes());
+    c.option(&ClientOption::ExportName {
+        name: "mem7".into(),
+    });
+    let r = c.read_n(8 + 2 + 124);
+    assert_eq!(&r[..8], &(2 * MIB).to_be_bytes());
+    assert!(r[10..].iter().all(|&b| b == 0));
+    assert_eq!(c.read_simple(0, 512).error(), 0);
+}
+
+#[test]
+fn refused_clients_and_bad_magic() {
+    let srv = mem_server(&[(1, MIB)]);
+    // Not fixed newstyle (an old client): refused by closing.
+    let mut c = Raw::connect_bare(srv.addr);
+    c.send(&0u32.to_be_bytes());
+    assert!(c.closed());
+    // Unknown client flags.
+    let mut c = Raw::connect_bare(srv.addr);
+    c.send(&(FLAG_C_FIXED_NEWSTYLE | 0x100).to_be_bytes());
+    assert!(c.closed());
+    // Bad option magic.
+    let mut c = Raw::connect(srv.addr);
+    c.send(&[0x55; 16]);
+    assert!(c.closed());
+    // Bad request magic in transmission.
+    let mut c = Raw::connect(srv.addr);
+    c.go("mem1", false, false);
+    c.send(&[0x77; 28]);
+    assert!(c.closed());
+}
+
+#[test]
+fn abort_and_long_options() {
+    let srv = mem_server(&[(1, MIB)]);
+    let mut c = Raw::connect(srv.addr);
+    // 20 KiB of option data: skipped with bounded memory, refused, session lives.
+    c.send(&IHAVEOPT.to_be_bytes());
+    c.send(&OPT_INFO.to_be_bytes());
+    c.send(&(20u32 << 10).to_be_bytes());
+    c.send(&vec![0u8; 20 << 10]);
+    assert_eq!(c.option_reply().reply, REP_ERR_TOO_BIG);
+    // Malformed GO (truncated): invalid, session lives.
+    c.send(&IHAVEOPT.to_be_bytes());
+    c.send(&OPT_GO.to_be_bytes());
+    c.send(&3u32.to_be_bytes());
+    c.send(&[0, 0, 9]);
+    assert_eq!(c.option_reply().reply, REP_ERR_INVALID);
+    c.option(&ClientOption::Abort);
+    assert_eq!(c.option_reply().reply, REP_ACK);
+    assert!(c.closed());
+    // Over a megabyte of option data: the server disconnects without reading it.
+    let mut c = Raw::connect(srv.addr);
+    c.send(&IHAVEOPT.to_be_bytes());
+    c.send(&OPT_INFO.to_be_bytes());
+    c.send(&(64u32 << 20).to_be_bytes());
+    assert!(c.closed());
+}
+
+#[test]
+fn oversized_and_out_of_range_requests() {
+    let srv = mem_server(&[(1, MIB)]);
+    let mut c = Raw::connect(srv.addr);
+    c.go("mem1", false, false);
+    let big = (32 << 20) + 4096;
+    c.request(CMD_READ, 0, 1, 0, big);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL);
+    // An oversized write's payload is discarded; the stream stays in sync.
+    c.request(CMD_WRITE, 0, 2, 0, big);
+    c.send(&vec![0xee; big as usize]);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL);
+    c.request(CMD_READ, 0, 3, MIB - 512, 1024);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL);
+    c.write(4, MIB - 512, &[1u8; 1024]);
+    assert_eq!(c.reply(|_| 0).error(), NBD_ENOSPC);
+    c.request(CMD_TRIM, 0, 5, u64::MAX - 10, 100);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL);
+    c.request(42, 0, 6, 0, 0);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL, "unknown command");
+    c.request(CMD_READ, 1 << 9, 7, 0, 512);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL, "unknown flag");
+    c.request(CMD_BLOCK_STATUS, 0, 8, 0, 512);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL, "no meta context");
+    c.request(CMD_WRITE_ZEROES, CMD_FLAG_FAST_ZERO, 9, 0, 4096);
+    assert_eq!(c.reply(|_| 0).error(), NBD_ENOTSUP);
+    // Zero-length requests succeed; CACHE is a no-op.
+    c.request(CMD_READ, 0, 10, 0, 0);
+    assert_eq!(c.reply(|_| 0).error(), 0);
+    c.request(CMD_CACHE, 0, 11, 0, 65536);
+    assert_eq!(c.reply(|_| 0).error(), 0);
+    // Still in sync after all that.
+    let data = pattern(4096, 9);
+    c.write(12, 0, &data);
+    assert_eq!(c.reply(|_| 0).error(), 0);
+    match c.read_simple(0, 4096) {
+        Reply::Simple {
+            error: 0, data: d, ..
+        } => assert_eq!(d, data),
+        other => panic!("{other:?}"),
+    }
+    // A payload too large even to discard closes the connection.
+    c.request(CMD_WRITE, 0, 13, 0, u32::MAX);
+    assert!(c.closed());
+}
+
+#[test]
+fn structured_replies_and_block_status() {
+    let srv = mem_server(&[(1, MIB)]);
+    let mut c = Raw::connect(srv.addr);
+    let (_, flags) = c.go("mem1", true, true);
+    assert_ne!(flags & TFLAG_SEND_DF, 0);
+    let data = pattern(12288, 5);
+    c.write(1, 8192, &data);
+    assert_eq!(
+        c.reply(|_| 0),
+        Reply::Simple {
+            error: 0,
+            cookie: 1,
+            data: vec![]
+        }
+    );
+    c.request(CMD_READ, CMD_FLAG_DF, 2, 8192, 12288);
+    match c.reply(|_| 0) {
+        Reply::Chunk {
+            flags,
+            ty,
+            cookie: 2,
+            payload,
+        } => {
+            assert_eq!((flags, ty), (REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA));
+            assert_eq!(&payload[..8], &8192u64.to_be_bytes());
+            assert_eq!(&payload[8..], &data[..]);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Errors come as error chunks with a message.
+    c.request(CMD_READ, 0, 3, MIB, 512);
+    match c.reply(|_| 0) {
+        Reply::Chunk {
+            ty, flags, payload, ..
+        } => {
+            assert_eq!((ty, flags), (REPLY_TYPE_ERROR, REPLY_FLAG_DONE));
+            assert_eq!(&payload[..4], &NBD_EINVAL.to_be_bytes());
+            let n = u16::from_be_bytes([payload[4], payload[5]]) as usize;
+            assert!(n > 0 && std::str::from_utf8(&payload[6..6 + n]).is_ok());
+        }
+        other => panic!("{other:?}"),
+    }
+    for (cookie, flags) in [(4u64, 0u16), (5, CMD_FLAG_REQ_ONE)] {
+        c.request(CMD_BLOCK_STATUS, flags, cookie, 4096, 65536);
+        match c.reply(|_| 0) {
+            Reply::Chunk { ty, payload, .. } => {
+                assert_eq!(ty, REPLY_TYPE_BLOCK_STATUS);
+                assert_eq!(&payload[..4], &1u32.to_be_bytes(), "context id");
+                assert_eq!(payload.len(), 4 + 8, "MemDisks: one data extent");
+                assert_eq!(&payload[4..8], &65536u32.to_be_bytes());
+                assert_eq!(&payload[8..12], &0u32.to_be_bytes());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    c.request(CMD_READ, 0, 6, 0, 0);
+    match c.reply(|_| 0) {
+        Reply::Chunk {
+            ty, flags, payload, ..
+        } => {
+            assert_eq!((ty, flags), (REPLY_TYPE_NONE, REPLY_FLAG_DONE));
+            assert!(payload.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Requests complete out of order (the later, the faster) and many more than
+/// `IN_FLIGHT_MAX` are pipelined; DISC is sent before any reply is read, and
+/// the server answers everything before closing.
+#[test]
+fn pipelining_out_of_order_and_disc_with_requests_in_flight() {
+    let slow = SlowDisks {
+        inner: MemDisks::new(&[(1, 4 * MIB)]),
+        delay_us: |offset| 20_000 - (offset / 4096) % 20 * 1000,
+    };
+    let srv = serve(slow, pool(), NbdConfig::default());
+    let mut c = Raw::connect(srv.addr);
+    c.go("mem1", false, false);
+    let n = 3 * IN_FLIGHT_MAX as u64;
+    for i in 0..n {
+        c.write(i, i * 4096, &pattern(4096, i as u8));
+    }
+    let mut seen = HashSet::new();
+    let mut order = Vec::new();
+    for _ in 0..n {
+        let r = c.reply(|_| 0);
+        assert_eq!(r.error(), 0);
+        assert!(seen.insert(r.cookie()), "one reply per cookie");
+        order.push(r.cookie());
+    }
+    assert!(
+        order.windows(2).any(|w| w[0] > w[1]),
+        "replies left in completion order, not request order"
+    );
+    for i in 0..n {
+        c.request(CMD_READ, 0, 1000 + i, i * 4096, 4096);
+    }
+    c.request(CMD_DISC, 0, 9999, 0, 0);
+    for _ in 0..n {
+        match c.reply(|_| 4096) {
+            Reply::Simple {
+                error: 0,
+                cookie,
+                data,
+            } => {
+                let i = cookie - 1000;
+                assert_eq!(data, pattern(4096, i as u8), "block {i}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(c.closed(), "closed after the last reply");
+}
+
+#[test]
+fn pool_exhaustion_is_backpressure_not_error() {
+    // 32 pages: at most two 64 KiB requests can hold buffers at once.
+    let pool = BufferPool::new(32, 64);
+    let srv = serve(
+        MemDisks::new(&[(1, 4 * MIB)]),
+        pool.clone(),
+        NbdConfig::default(),
+    );
+    let mut c = Raw::connect(srv.addr);
+    c.go("mem1", false, false);
+    for i in 0..40u64 {
+        c.write(i, i * 65536, &pattern(65536, i as u8));
+    }
+    for _ in 0..40 {
+        assert_eq!(c.reply(|_| 0).error(), 0);
+    }
+    for i in 0..40u64 {
+        c.request(CMD_READ, 0, i, i * 65536, 65536);
+    }
+    for _ in 0..40 {
+        match c.reply(|_| 65536) {
+            Reply::Simple {
+                error: 0,
+                cookie,
+                data,
+            } => {
+                assert_eq!(data, pattern(65536, cookie as u8))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    // The advertised maximum payload is clamped to what the pool can ever
+    // hold, so a larger request is refused instead of waiting forever.
+    assert_eq!(srv.front_end.config().payload_max_bytes, 128 << 10);
+    c.request(CMD_READ, 0, 99, 0, 256 << 10);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL);
+    drop(c);
+    drop(srv);
+    assert_eq!(pool.pages_available(), 32, "every page returned");
+}
+
+#[test]
+fn offline_path_answers_eio_read_only_answers_eperm() {
+    let srv = mem_server(&[(1, MIB)]);
+    let fe = srv.front_end.clone();
+    let mut c = Raw::connect(srv.addr);
+    c.go("mem1", false, false);
+    let offline = |state| DiskPathEvent {
+        disk: 1,
+        node: 1,
+        state,
+    };
+    fe.disk_path_event(offline(PathState::Offline {
+        reason: "cable pulled".into(),
+    }));
+    assert_eq!(c.read_simple(0, 512).error(), NBD_EIO);
+    c.write(1, 0, &[0u8; 512]);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EIO);
+    // Events for another node do not apply here.
+    fe.disk_path_event(DiskPathEvent {
+        node: 2,
+        ..offline(PathState::Online)
+    });
+    assert_eq!(c.read_simple(0, 512).error(), NBD_EIO);
+    fe.disk_path_event(offline(PathState::Online));
+    assert_eq!(c.read_simple(0, 512).error(), 0);
+    assert!(!fe.exports().is_empty());
+
+    let ro = serve(
+        MemDisks::new(&[(1, MIB)]),
+        pool(),
+        NbdConfig {
+            read_only: true,
+            ..NbdConfig::default()
+        },
+    );
+    let mut c = Raw::connect(ro.addr);
+    let (_, flags) = c.go("mem1", false, false);
+    assert_ne!(flags & TFLAG_READ_ONLY, 0);
+    c.write(1, 0, &[0u8; 512]);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EPERM);
+    assert_eq!(c.read_simple(0, 512).error(), 0);
+}
+
+#[test]
+fn events_create_rename_resize_delete_exports() {
+    let srv = mem_server(&[(1, MIB)]);
+    let fe = srv.front_end.clone();
+    fe.front_end_disk_event(FrontEndDiskEvent::Renamed {
+        disk: 1,
+        name: "vol-a".into(),
+    });
+    let mut c = Raw::connect(srv.addr);
+    c.option(&ClientOption::Go(ExportRequest {
+        name: "mem1".into(),
+        info: vec![],
+    }));
+    assert_eq!(c.option_replies()[0].reply, REP_ERR_UNKNOWN);
+    assert_eq!(c.go("vol-a", false, false).0, MIB);
+    fe.front_end_disk_event(FrontEndDiskEvent::Resized {
+        disk: 1,
+        info: DiskInfo::simple(2 * MIB),
+    });
+    // The export grew; MemDisks did not, so the server itself refuses.
+    c.request(CMD_READ, 0, 1, MIB, 512);
+    assert_eq!(c.reply(|_| 0).error(), NBD_EINVAL);
+    fe.front_end_disk_event(FrontEndDiskEvent::Deleted { disk: 1 });
+    assert_eq!(c.read_simple(0, 512).error(), NBD_EIO);
+    assert!(fe.exports().is_empty());
+}
+
+#[test]
+fn shutdown_closes_idle_and_busy_connections() {
+    let srv = mem_server(&[(1, MIB)]);
+    let mut idle = Raw::connect(srv.addr);
+    idle.go("mem1", false, false);
+    let mut negotiating = Raw::connect(srv.addr);
+    let t = std::time::Instant::now();
+    srv.stop().expect("clean stop");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(idle.closed());
+    assert!(negotiating.closed());
+}
