@@ -253,7 +253,11 @@ fn main() {
             }
         }
     }
-    for engine in [EngineKind::ThreadPool, EngineKind::IoUring] {
+    for engine in [
+        EngineKind::ThreadPool,
+        EngineKind::IoUring,
+        EngineKind::Hybrid,
+    ] {
         for cache in [CacheMode::Direct, CacheMode::Buffered] {
             let inlines: &[bool] = match cache {
                 CacheMode::Direct => &[false],

@@ -7,7 +7,11 @@ use sanvirt_facility::{BufferPool, IoClient};
 
 use super::*;
 
-const ENGINES: [EngineKind; 2] = [EngineKind::ThreadPool, EngineKind::IoUring];
+const ENGINES: [EngineKind; 3] = [
+    EngineKind::ThreadPool,
+    EngineKind::IoUring,
+    EngineKind::Hybrid,
+];
 const MIB: u64 = 1 << 20;
 
 fn disk_file(dir: &Path, name: &str, size: u64) -> PathBuf {

@@ -50,7 +50,11 @@ async fn block_device_conformance_and_capabilities() {
     let Some(lo) = Loop::attach(8 << 20) else {
         return;
     };
-    for engine in [EngineKind::ThreadPool, EngineKind::IoUring] {
+    for engine in [
+        EngineKind::ThreadPool,
+        EngineKind::IoUring,
+        EngineKind::Hybrid,
+    ] {
         for cache in [CacheMode::Direct, CacheMode::Buffered] {
             let be = BackEnd::new(BackEndConfig {
                 engine,

@@ -69,6 +69,16 @@ async fn conformance_uring_buffered_inline_reads() {
     run(EngineKind::IoUring, CacheMode::Buffered, true, None).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_hybrid_direct() {
+    run(EngineKind::Hybrid, CacheMode::Direct, false, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_hybrid_buffered() {
+    run(EngineKind::Hybrid, CacheMode::Buffered, true, None).await;
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn conformance_default_config_current_thread_runtime() {
     run(EngineKind::Auto, CacheMode::Direct, true, None).await;
@@ -83,7 +93,11 @@ async fn conformance_tmpfs() {
         eprintln!("no /dev/shm; skipped");
         return;
     }
-    for engine in [EngineKind::ThreadPool, EngineKind::IoUring] {
+    for engine in [
+        EngineKind::ThreadPool,
+        EngineKind::IoUring,
+        EngineKind::Hybrid,
+    ] {
         run(engine, CacheMode::Direct, true, Some(shm)).await;
     }
 }

@@ -23,6 +23,8 @@ pub enum EngineKind {
     ThreadPool,
     /// One io_uring driven by a dedicated ring thread.
     IoUring,
+    /// Reads, flushes and fallocate on the io_uring; writes on a thread pool.
+    Hybrid,
 }
 
 /// The default `Auto` resolves to, chosen by `examples/engine_bench.rs`.
@@ -45,8 +47,9 @@ impl Engine {
             EngineKind::Auto => ENGINE_DEFAULT,
             k => k,
         };
-        if want == EngineKind::IoUring {
-            match uring::UringEngine::new(Arc::clone(&slots), "sanvirt-be") {
+        if matches!(want, EngineKind::IoUring | EngineKind::Hybrid) {
+            let hybrid = want == EngineKind::Hybrid;
+            match uring::UringEngine::new(Arc::clone(&slots), "sanvirt-be", hybrid, threads) {
                 Ok(e) => return Ok((Engine::Uring(e), None)),
                 Err(e) => {
                     let why = format!("io_uring unavailable ({e}); using the thread pool");
@@ -65,6 +68,7 @@ impl Engine {
     pub fn kind(&self) -> EngineKind {
         match self {
             Engine::Pool(_) => EngineKind::ThreadPool,
+            Engine::Uring(u) if u.writes_to_pool() => EngineKind::Hybrid,
             Engine::Uring(_) => EngineKind::IoUring,
         }
     }

@@ -65,12 +65,22 @@ pub struct UringEngine {
     helper: PoolEngine,
     /// The kernel accepted `SINGLE_ISSUER | DEFER_TASKRUN`.
     pub deferred_taskrun: bool,
+    /// Writes go to the helper pool instead of the ring (hybrid engine).
+    writes_to_pool: bool,
 }
 
 impl UringEngine {
     /// Sets up the ring. Fails if io_uring is unavailable (old kernel,
     /// `kernel.io_uring_disabled`, a seccomp filter): the caller falls back.
-    pub fn new(slots: Arc<Slots>, name: &str) -> std::io::Result<UringEngine> {
+    /// `writes_to_pool`: run writes on a `helper_threads` pool rather than
+    /// the ring (the hybrid engine); otherwise the helper has one thread and
+    /// only runs ioctls.
+    pub fn new(
+        slots: Arc<Slots>,
+        name: &str,
+        writes_to_pool: bool,
+        helper_threads: usize,
+    ) -> std::io::Result<UringEngine> {
         // SAFETY: eventfd has no memory arguments; a non-negative return is a
         // new fd that we own.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -86,7 +96,8 @@ impl UringEngine {
             shutdown: AtomicBool::new(false),
             wake_fd,
         });
-        let helper = PoolEngine::new(slots, 1, &format!("{name}-ioctl"))?;
+        let helper_threads = if writes_to_pool { helper_threads } else { 1 };
+        let helper = PoolEngine::new(slots, helper_threads, &format!("{name}-help"))?;
         let s = Arc::clone(&shared);
         // The ring is created inside its thread: with SINGLE_ISSUER the
         // creating thread is the only one allowed to submit.
@@ -122,14 +133,24 @@ impl UringEngine {
             thread: Some(thread),
             helper,
             deferred_taskrun,
+            writes_to_pool,
         })
+    }
+
+    pub fn writes_to_pool(&self) -> bool {
+        self.writes_to_pool
     }
 
     pub fn start(&self, idx: u32) {
         // SAFETY: the caller just handed slot `idx` to the engine; nothing
         // runs it yet, so reading its kind is race-free.
         let kind = unsafe { self.shared.slots.op(idx).kind };
-        if matches!(kind, OpKind::Discard | OpKind::ZeroOut) {
+        let to_pool = match kind {
+            OpKind::Discard | OpKind::ZeroOut => true,
+            OpKind::Write { .. } | OpKind::WriteZeroPages { .. } => self.writes_to_pool,
+            _ => false,
+        };
+        if to_pool {
             self.helper.start(idx);
             return;
         }
