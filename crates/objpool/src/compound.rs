@@ -162,8 +162,9 @@ impl CompoundPool {
         work: &mut WorkItem,
         units: usize,
     ) -> Result<CompoundReservation<'_>, PoolError> {
-        work.admit(self.inner.node.rank, &self.inner.node.name);
+        work.check(self.inner.node.rank, &self.inner.node.name);
         self.try_reserve_detached(units)?;
+        work.record(self.inner.node.rank, &self.inner.node.name);
         Ok(CompoundReservation::new(self, units))
     }
 

@@ -142,7 +142,8 @@ pub enum PoolError {
         waiters: usize,
     },
     /// One request larger than the pool's antideadlock threshold (a base
-    /// pool's: its capacity) could wait forever, so it is refused.
+    /// pool's: its capacity less its child pools' thresholds) could wait
+    /// forever, so it is refused.
     #[error(
         "pool {pool}: a single reservation of {requested} exceeds the antideadlock \
          threshold {limit}; size the threshold for the largest work item"
@@ -237,6 +238,11 @@ pub struct PoolStats {
     pub floor: usize,
     /// Requests queued (clients and child pools).
     pub waiters: usize,
+    /// Units of a growth from the parents in progress (0 if none).
+    pub growth_units: usize,
+    /// Parents (in rank order) that already gave their part of that growth:
+    /// those objects are granted by the parents but not yet in `reserved`.
+    pub growth_parts_acquired: usize,
     /// Units the parent reclaimed from this pool.
     pub reclaimed: u64,
     /// Cached objects this pool asked its [`Reclaim`] holder to free.
@@ -288,24 +294,39 @@ impl WorkItem {
         self.last
     }
 
-    pub(crate) fn admit(&mut self, rank: Rank, pool: &Arc<str>) {
+    /// Debug-asserts that reserving from `rank` now respects the order.
+    pub(crate) fn check(&self, rank: Rank, pool: &Arc<str>) {
+        #[cfg(debug_assertions)]
+        if let Some(last) = self.last {
+            let last_pool = self.last_pool.as_deref().unwrap_or("?");
+            assert!(
+                last < rank,
+                "work item reserves from pool {pool} (rank {}) after pool {last_pool} \
+                 (rank {}): reservations must follow the fixed rank order",
+                rank.0,
+                last.0
+            );
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = (rank, pool);
+    }
+
+    /// Records a reservation made at `rank`.
+    pub(crate) fn record(&mut self, rank: Rank, pool: &Arc<str>) {
         #[cfg(debug_assertions)]
         {
-            if let Some(last) = self.last {
-                let last_pool = self.last_pool.as_deref().unwrap_or("?");
-                assert!(
-                    last < rank,
-                    "work item reserves from pool {pool} (rank {}) after pool {last_pool} \
-                     (rank {}): reservations must follow the fixed rank order",
-                    rank.0,
-                    last.0
-                );
-            }
             self.last_pool = Some(Arc::clone(pool));
         }
         #[cfg(not(debug_assertions))]
         let _ = pool;
         self.last = Some(rank);
+    }
+
+    /// Checks and records: for a waiting reservation, which will hold the
+    /// rank once it completes.
+    pub(crate) fn admit(&mut self, rank: Rank, pool: &Arc<str>) {
+        self.check(rank, pool);
+        self.record(rank, pool);
     }
 }
 

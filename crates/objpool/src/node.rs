@@ -154,8 +154,8 @@ struct Growth {
 struct Slow {
     /// Units reserved from the parents (base: capacity).
     held: usize,
-    /// Σ antideadlock thresholds of child pools, in this node's units.
-    children_ad: usize,
+    /// Σ floors of child pools, in this node's units.
+    children_floor: usize,
     waiters: VecDeque<Waiter>,
     task_waiters: usize,
     growth: Option<Growth>,
@@ -174,6 +174,9 @@ pub(crate) struct Node {
     /// Mirrors `WAITERS` on a line of its own: descendants read it on every
     /// put, so it must not bounce with `word`.
     pressure: Padded<AtomicBool>,
+    /// Largest single request: the antideadlock threshold; for a base pool
+    /// what its child pools' thresholds leave of its capacity.
+    request_max: AtomicUsize,
     cached: AtomicUsize,
     allocated: AtomicUsize,
     reclaiming: AtomicBool,
@@ -204,12 +207,16 @@ impl Node {
             parents,
             word: Padded(AtomicU64::new(in_word(held))),
             pressure: Padded(AtomicBool::new(false)),
+            request_max: AtomicUsize::new(match kind {
+                Kind::Base => held,
+                _ => limits.antideadlock,
+            }),
             cached: AtomicUsize::new(0),
             allocated: AtomicUsize::new(0),
             reclaiming: AtomicBool::new(false),
             slow: Mutex::new(Slow {
                 held,
-                children_ad: 0,
+                children_floor: 0,
                 waiters: VecDeque::with_capacity(WAITERS_PREALLOCATED),
                 task_waiters: 0,
                 growth: None,
@@ -279,58 +286,86 @@ impl Node {
         Ok(node)
     }
 
-    /// Raises this node's floor by a new child's antideadlock threshold `n`
-    /// and grants the child those `n` units.
+    /// A new child with antideadlock threshold `n` (in our units): raises our
+    /// floor (and our ancestors') by `n` and grants the child those `n` units.
     fn adopt_child(self: &Arc<Self>, child: &Arc<str>, n: usize) -> Result<(), PoolError> {
         let unavailable = || PoolError::AntideadlockUnavailable {
             pool: Arc::clone(child),
             parent: Arc::clone(&self.name),
             antideadlock: n,
         };
+        if !self.raise_floor(n) {
+            return Err(unavailable());
+        }
+        // Creation is control path: it may pass queued requests.
+        if self.try_acquire(n, n, false).is_none() {
+            self.lower_floor(n);
+            return Err(unavailable());
+        }
+        Ok(())
+    }
+
+    /// Raises the floor by `n` here and, scaled, in every ancestor, and grows
+    /// `held` to cover it (a floor is what the pool keeps for good: its own
+    /// antideadlock threshold plus its children's floors). False, with
+    /// nothing changed, if a quota or the base capacity does not allow it.
+    fn raise_floor(self: &Arc<Self>, n: usize) -> bool {
         {
             let mut s = self.slow.lock();
-            let floor = self.limits.antideadlock_floor(self.kind) + s.children_ad + n;
             let cap = match self.kind {
                 Kind::Base => s.held,
                 _ => self.limits.quota,
             };
-            if floor > cap {
-                return Err(unavailable());
+            if self.floor(&s) + n > cap {
+                return false;
             }
-            s.children_ad += n;
+            s.children_floor += n;
             self.update_flags(&s);
         }
-        // Creation is control path: it may pass queued requests.
-        if self.try_acquire(n, n, false).is_none() {
-            self.release_child(n, 0);
-            return Err(unavailable());
+        for (i, p) in self.parents.iter().enumerate() {
+            if !p.node.raise_floor(n * p.per_unit) {
+                for q in &self.parents[..i] {
+                    q.node.lower_floor(n * q.per_unit);
+                }
+                self.lower_floor_here(n);
+                return false;
+            }
         }
-        // The floor also guarantees this node's own antideadlock threshold to
-        // its direct clients, so held must cover it.
         let missing = {
             let s = self.slow.lock();
-            (self.limits.antideadlock_floor(self.kind) + s.children_ad).saturating_sub(s.held)
+            self.floor(&s).saturating_sub(s.held)
         };
         if missing > 0 {
             match self.try_grow(missing, missing) {
                 Some(g) => self.absorb(g),
                 None => {
-                    self.release_child(n, n);
-                    return Err(unavailable());
+                    self.lower_floor(n);
+                    return false;
                 }
             }
         }
-        Ok(())
+        true
     }
 
-    /// A child with antideadlock share `ad` goes away, returning `units`.
-    fn release_child(self: &Arc<Self>, ad: usize, units: usize) {
-        {
-            let mut s = self.slow.lock();
-            debug_assert!(s.children_ad >= ad);
-            s.children_ad -= ad;
-            self.update_flags(&s);
+    /// Undoes [`Node::raise_floor`] (units above the new floor are given
+    /// back by the usual bleed-down).
+    fn lower_floor(self: &Arc<Self>, n: usize) {
+        self.lower_floor_here(n);
+        for p in self.parents.iter() {
+            p.node.lower_floor(n * p.per_unit);
         }
+    }
+
+    fn lower_floor_here(&self, n: usize) {
+        let mut s = self.slow.lock();
+        debug_assert!(s.children_floor >= n);
+        s.children_floor -= n;
+        self.update_flags(&s);
+    }
+
+    /// A child whose floor was `floor` (in our units) goes away, returning `units`.
+    fn release_child(self: &Arc<Self>, floor: usize, units: usize) {
+        self.lower_floor(floor);
         self.put(units);
     }
 
@@ -444,6 +479,10 @@ impl Node {
         if want & !have != 0 {
             self.word.0.fetch_or(want & !have, Ordering::SeqCst);
         }
+        if self.kind == Kind::Base {
+            self.request_max
+                .store(s.held.saturating_sub(s.children_floor), Ordering::Relaxed);
+        }
         let pressured = !s.waiters.is_empty();
         if self.pressure.0.load(Ordering::Relaxed) != pressured {
             self.pressure.0.store(pressured, Ordering::SeqCst);
@@ -454,7 +493,7 @@ impl Node {
 
     /// Never given back while the node lives.
     fn floor(&self, s: &Slow) -> usize {
-        self.limits.antideadlock_floor(self.kind) + s.children_ad
+        self.limits.antideadlock_floor(self.kind) + s.children_floor
     }
 
     /// Kept while active: the antibottleneck threshold (or the floor if higher).
@@ -462,12 +501,16 @@ impl Node {
         self.limits.antibottleneck.max(self.floor(s))
     }
 
+    /// A request above the antideadlock threshold (for a base pool: above
+    /// what the child pools' thresholds leave) might never be served.
+    #[inline]
     pub(crate) fn check_request(&self, n: usize) -> Result<(), PoolError> {
-        if n > self.limits.antideadlock {
+        let limit = self.request_max.load(Ordering::Relaxed);
+        if n > limit {
             return Err(PoolError::TooLarge {
                 pool: Arc::clone(&self.name),
                 requested: n,
-                limit: self.limits.antideadlock,
+                limit,
             });
         }
         Ok(())
@@ -922,6 +965,10 @@ impl Node {
             }
         }
         self.reclaiming.store(false, Ordering::SeqCst);
+        // The units landed quietly in our spare; our own queue comes first.
+        if got > 0 && self.word.0.load(Ordering::SeqCst) & WAITERS != 0 {
+            self.settle();
+        }
         got
     }
 
@@ -1114,6 +1161,8 @@ impl Node {
             allocated: self.allocated.load(Ordering::Relaxed),
             floor: self.floor(&s),
             waiters: s.waiters.len(),
+            growth_units: s.growth.as_ref().map_or(0, |g| g.units),
+            growth_parts_acquired: s.growth.as_ref().map_or(0, |g| g.part),
             reclaimed: self.reclaimed.load(Ordering::Relaxed),
             cache_reclaimed: self.cache_reclaimed.load(Ordering::Relaxed),
             bled: self.bled.load(Ordering::Relaxed),

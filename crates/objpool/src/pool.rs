@@ -149,8 +149,10 @@ impl<T: Send> Pool<T> {
         work: &mut WorkItem,
         n: usize,
     ) -> Result<Reservation<'_, T>, PoolError> {
-        work.admit(self.node.rank, &self.node.name);
+        // A failed attempt reserves nothing, so only success records the rank.
+        work.check(self.node.rank, &self.node.name);
         self.try_reserve_detached(n)?;
+        work.record(self.node.rank, &self.node.name);
         Ok(Reservation {
             pool: self,
             reserved: n,
