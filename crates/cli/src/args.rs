@@ -1,0 +1,236 @@
+//! The command line: `sanvirt [OPTIONS] <NOUN> <VERB> ...`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::sizes;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sanvirt",
+    version,
+    about = "Administer a sanvirt node through its REST API",
+    after_help = "Exit status: 0 done; 1 refused by sanvirtd (nothing changed); \
+                  2 usage error; 3 sanvirtd unreachable or failed."
+)]
+pub struct Cli {
+    /// Admin API of sanvirtd.
+    #[arg(long, env = "SANVIRT_API", default_value = sanvirt_admin::API_URL_DEFAULT, global = true)]
+    pub api: String,
+
+    /// API token (takes precedence over --token-file).
+    #[arg(long, env = "SANVIRT_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+
+    /// File holding the API token (sanvirtd writes it at start-up).
+    #[arg(
+        long,
+        env = "SANVIRT_TOKEN_FILE",
+        default_value = "./data/api-token",
+        global = true
+    )]
+    pub token_file: PathBuf,
+
+    /// Machine-readable JSON output (the API's own JSON), for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub noun: Noun,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Noun {
+    /// Node status: identity, uptime, NBD portal, totals, disk paths.
+    Status,
+    /// Managed disks: the files and block devices pools are made of.
+    #[command(subcommand)]
+    Mdisk(MdiskCmd),
+    /// Storage pools of fixed-size extents.
+    #[command(subcommand)]
+    Pool(PoolCmd),
+    /// Volumes (virtual disks) carved from pools.
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    /// Submit one raw configuration command, e.g.
+    /// '{"op":"create_pool","name":"p0","extent_size_mib":16}' ('-' reads stdin).
+    Command {
+        #[arg(value_name = "COMMAND_JSON")]
+        command: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MdiskCmd {
+    /// List mdisks.
+    List,
+    /// Show one mdisk.
+    Show { name: String },
+    /// Register a block device or file as an unmanaged mdisk.
+    Add {
+        #[arg(long)]
+        name: String,
+        /// Block device or regular file on the node.
+        #[arg(long)]
+        path: String,
+        /// Create a sparse file of this size at --path first (e.g. 4GiB).
+        #[arg(long, value_name = "SIZE", value_parser = sizes::parse_create_size)]
+        create_size: Option<u64>,
+    },
+    /// Forget an unmanaged mdisk (its data is untouched).
+    Remove { name: String },
+    /// Rename an mdisk.
+    Rename { old: String, new: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PoolCmd {
+    /// List pools with their capacity.
+    List,
+    /// Show one pool.
+    Show { name: String },
+    /// Create an empty pool.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// Extent size, a whole number of MiB (default 16MiB).
+        #[arg(long, value_name = "SIZE", value_parser = sizes::parse_extent_size)]
+        extent_size: Option<u32>,
+    },
+    /// Delete an empty pool.
+    Delete { name: String },
+    /// Rename a pool.
+    Rename { old: String, new: String },
+    /// Add unmanaged mdisks to a pool; their capacity becomes free extents.
+    AddMdisk(PoolMdisks),
+    /// Remove mdisks that hold no volume extents from a pool.
+    RemoveMdisk(PoolMdisks),
+}
+
+#[derive(Debug, Args)]
+pub struct PoolMdisks {
+    #[arg(long)]
+    pub pool: String,
+    #[arg(required = true, value_name = "MDISK")]
+    pub mdisks: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VolumeCmd {
+    /// List volumes.
+    List,
+    /// Show one volume.
+    Show { name: String },
+    /// Create a volume from a pool's free extents.
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        pool: String,
+        /// Size, a multiple of 512 bytes (e.g. 10GiB).
+        #[arg(long, value_name = "SIZE", value_parser = sizes::parse_volume_size)]
+        size: u64,
+        /// Stripe extents round-robin across the mdisks (default).
+        #[arg(long, conflicts_with = "sequential")]
+        striped: bool,
+        /// Fill one mdisk before moving to the next.
+        #[arg(long)]
+        sequential: bool,
+        /// Place extents only on these mdisks of the pool (in this order).
+        #[arg(long, value_delimiter = ',', value_name = "MDISK,...")]
+        mdisks: Vec<String>,
+    },
+    /// Create an image-mode volume: one unmanaged mdisk, data kept as is.
+    CreateImage {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        mdisk: String,
+    },
+    /// Grow a volume.
+    Expand {
+        name: String,
+        /// New size, a multiple of 512 bytes (e.g. 20GiB).
+        #[arg(long, value_name = "SIZE", value_parser = sizes::parse_volume_size)]
+        size: u64,
+    },
+    /// Delete a volume; its extents return to the pool.
+    Delete { name: String },
+    /// Rename a volume.
+    Rename { old: String, new: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn options_go_anywhere_and_sizes_parse() {
+        let cli = Cli::try_parse_from([
+            "sanvirt", "volume", "create", "--name", "v0", "--pool", "p0", "--size", "10GiB",
+            "--mdisks", "md0,md1", "--json",
+        ])
+        .expect("parses");
+        assert!(cli.json);
+        match cli.noun {
+            Noun::Volume(VolumeCmd::Create { size, mdisks, .. }) => {
+                assert_eq!(size, 10 << 30);
+                assert_eq!(mdisks, ["md0", "md1"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // `command --json '{...}'`: --json is the output flag, the command positional.
+        let cli =
+            Cli::try_parse_from(["sanvirt", "command", "--json", r#"{"op":"x"}"#]).expect("parses");
+        assert!(cli.json);
+        assert!(matches!(cli.noun, Noun::Command { command } if command == r#"{"op":"x"}"#));
+    }
+
+    #[test]
+    fn bad_input_is_a_usage_error() {
+        for args in [
+            &[
+                "sanvirt", "volume", "create", "--name", "v", "--pool", "p", "--size", "1000",
+            ][..],
+            &[
+                "sanvirt", "volume", "create", "--name", "v", "--pool", "p", "--size", "-1G",
+            ],
+            &[
+                "sanvirt",
+                "volume",
+                "create",
+                "--name",
+                "v",
+                "--pool",
+                "p",
+                "--size",
+                "1G",
+                "--striped",
+                "--sequential",
+            ],
+            &[
+                "sanvirt",
+                "pool",
+                "create",
+                "--name",
+                "p",
+                "--extent-size",
+                "3KiB",
+            ],
+            &["sanvirt", "pool", "add-mdisk", "--pool", "p"],
+            &["sanvirt", "mdisk", "frobnicate"],
+        ] {
+            let e = Cli::try_parse_from(args).expect_err("refused");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,446 @@
+//! Human output: aligned tables and `key  value` blocks, sizes in binary
+//! units. Scripts use `--json` instead; nothing here is meant to be parsed.
+
+use sanvirt_admin::units::{format_bytes, format_mib};
+use sanvirt_admin::{
+    DiskState, LayoutView, MdiskModeView, MdiskView, PoolView, StatusView, VolumeView,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    Left,
+    Right,
+}
+
+/// Columns separated by two spaces, each as wide as its widest cell.
+pub struct Table {
+    headers: Vec<&'static str>,
+    align: Vec<Align>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(columns: &[(&'static str, Align)]) -> Table {
+        Table {
+            headers: columns.iter().map(|c| c.0).collect(),
+            align: columns.iter().map(|c| c.1).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.headers.len());
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let width = |i: usize| {
+            self.rows
+                .iter()
+                .filter_map(|r| r.get(i))
+                .map(|c| c.chars().count())
+                .chain([self.headers[i].len()])
+                .max()
+                .unwrap_or(0)
+        };
+        let widths: Vec<usize> = (0..self.headers.len()).map(width).collect();
+        let line = |cells: Vec<&str>| {
+            let mut out = String::new();
+            for (i, cell) in cells.iter().enumerate() {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                if i > 0 {
+                    out.push_str("  ");
+                }
+                match self.align[i] {
+                    Align::Left => {
+                        out.push_str(cell);
+                        out.push_str(&" ".repeat(pad));
+                    }
+                    Align::Right => {
+                        out.push_str(&" ".repeat(pad));
+                        out.push_str(cell);
+                    }
+                }
+            }
+            out.truncate(out.trim_end().len());
+            out.push('\n');
+            out
+        };
+        let mut out = line(self.headers.clone());
+        for r in &self.rows {
+            out.push_str(&line(r.iter().map(String::as_str).collect()));
+        }
+        out
+    }
+}
+
+/// `key  value` lines with the values aligned.
+pub fn fields(pairs: &[(&str, String)]) -> String {
+    let w = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k:<w$}  {v}\n"))
+        .collect()
+}
+
+fn or_dash(s: Option<&str>) -> String {
+    s.unwrap_or("-").to_string()
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        "-".into()
+    } else {
+        names.join(",")
+    }
+}
+
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        return "-".into();
+    }
+    format!("{}%", u128::from(part) * 100 / u128::from(whole))
+}
+
+pub fn disk_state(s: DiskState) -> &'static str {
+    match s {
+        DiskState::Online => "online",
+        DiskState::Offline => "offline",
+        DiskState::Unknown => "unknown",
+    }
+}
+
+fn mode(m: MdiskModeView) -> &'static str {
+    match m {
+        MdiskModeView::Unmanaged => "unmanaged",
+        MdiskModeView::Managed => "managed",
+        MdiskModeView::Image => "image",
+    }
+}
+
+pub fn layout(l: LayoutView) -> &'static str {
+    match l {
+        LayoutView::Striped => "striped",
+        LayoutView::Sequential => "sequential",
+        LayoutView::Image => "image",
+    }
+}
+
+pub fn uptime(s: u64) -> String {
+    let (d, h, m, s) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m {s}s"),
+        _ => format!("{d}d {h}h {m}m"),
+    }
+}
+
+fn plural(n: u64, one: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {one}s")
+    }
+}
+
+pub fn status(s: &StatusView) -> String {
+    let mut out = fields(&[
+        ("node", s.node_id.to_string()),
+        ("version", s.version.clone()),
+        ("uptime", uptime(s.uptime_s)),
+        ("nbd portal", or_dash(s.nbd_portal.as_deref())),
+        ("commands applied", s.applied.to_string()),
+        (
+            "objects",
+            format!(
+                "{}, {}, {}",
+                plural(s.mdisk_count, "mdisk"),
+                plural(s.pool_count, "pool"),
+                plural(s.volume_count, "volume")
+            ),
+        ),
+        (
+            "pool capacity",
+            format!(
+                "{} ({} used, {} free)",
+                format_bytes(s.capacity_bytes),
+                format_bytes(s.used_bytes),
+                format_bytes(s.free_bytes)
+            ),
+        ),
+    ]);
+    if !s.mdisks.is_empty() {
+        let mut t = Table::new(&[
+            ("MDISK", Align::Left),
+            ("STATE", Align::Left),
+            ("REASON", Align::Left),
+        ]);
+        for m in &s.mdisks {
+            t.row(vec![
+                m.name.clone(),
+                disk_state(m.state).into(),
+                m.reason.clone().unwrap_or_default(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    out
+}
+
+pub fn mdisk_table(ms: &[MdiskView]) -> String {
+    if ms.is_empty() {
+        return "no mdisks\n".into();
+    }
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("ID", Align::Right),
+        ("MODE", Align::Left),
+        ("POOL", Align::Left),
+        ("CAPACITY", Align::Right),
+        ("EXTENTS", Align::Right),
+        ("FREE", Align::Right),
+        ("STATUS", Align::Left),
+        ("PATH", Align::Left),
+    ]);
+    for m in ms {
+        let managed = m.mode == MdiskModeView::Managed;
+        t.row(vec![
+            m.name.clone(),
+            m.id.to_string(),
+            mode(m.mode).into(),
+            or_dash(m.pool.as_deref()),
+            format_bytes(m.capacity_bytes),
+            if managed {
+                m.extents_total.to_string()
+            } else {
+                "-".into()
+            },
+            if managed {
+                m.extents_free.to_string()
+            } else {
+                "-".into()
+            },
+            disk_state(m.status).into(),
+            m.path.clone(),
+        ]);
+    }
+    t.render()
+}
+
+pub fn mdisk(m: &MdiskView) -> String {
+    let mut rows = vec![
+        ("name", m.name.clone()),
+        ("id", m.id.to_string()),
+        ("path", m.path.clone()),
+        ("mode", mode(m.mode).into()),
+        ("pool", or_dash(m.pool.as_deref())),
+    ];
+    if let Some(v) = &m.volume {
+        rows.push(("image volume", v.clone()));
+    }
+    rows.push(("capacity", format_bytes(m.capacity_bytes)));
+    if m.mode == MdiskModeView::Managed {
+        let ext = m.extent_size_mib.map(format_mib).unwrap_or_default();
+        rows.push(("extent size", ext));
+        rows.push((
+            "extents",
+            format!(
+                "{} total, {} used, {} free",
+                m.extents_total, m.extents_used, m.extents_free
+            ),
+        ));
+    }
+    let mut st = disk_state(m.status).to_string();
+    if let Some(r) = &m.status_reason {
+        st.push_str(&format!(" ({r})"));
+    }
+    rows.push(("status", st));
+    fields(&rows)
+}
+
+pub fn pool_table(ps: &[PoolView]) -> String {
+    if ps.is_empty() {
+        return "no pools\n".into();
+    }
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("ID", Align::Right),
+        ("EXTENT", Align::Right),
+        ("MDISKS", Align::Right),
+        ("VOLUMES", Align::Right),
+        ("CAPACITY", Align::Right),
+        ("USED", Align::Right),
+        ("FREE", Align::Right),
+        ("FREE%", Align::Right),
+    ]);
+    for p in ps {
+        t.row(vec![
+            p.name.clone(),
+            p.id.to_string(),
+            format_mib(p.extent_size_mib),
+            p.mdisk_count.to_string(),
+            p.volume_count.to_string(),
+            format_bytes(p.capacity_bytes),
+            format_bytes(p.used_bytes),
+            format_bytes(p.free_bytes),
+            percent(p.free_bytes, p.capacity_bytes),
+        ]);
+    }
+    t.render()
+}
+
+pub fn pool(p: &PoolView) -> String {
+    fields(&[
+        ("name", p.name.clone()),
+        ("id", p.id.to_string()),
+        ("extent size", format_mib(p.extent_size_mib)),
+        ("capacity", format_bytes(p.capacity_bytes)),
+        (
+            "used",
+            format!(
+                "{} ({})",
+                format_bytes(p.used_bytes),
+                percent(p.used_bytes, p.capacity_bytes)
+            ),
+        ),
+        (
+            "free",
+            format!(
+                "{} ({})",
+                format_bytes(p.free_bytes),
+                percent(p.free_bytes, p.capacity_bytes)
+            ),
+        ),
+        (
+            "extents",
+            format!(
+                "{} total, {} used, {} free",
+                p.extents_total, p.extents_used, p.extents_free
+            ),
+        ),
+        ("mdisks", list(&p.mdisks)),
+        ("volumes", p.volume_count.to_string()),
+    ])
+}
+
+pub fn volume_table(vs: &[VolumeView]) -> String {
+    if vs.is_empty() {
+        return "no volumes\n".into();
+    }
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("ID", Align::Right),
+        ("POOL", Align::Left),
+        ("SIZE", Align::Right),
+        ("LAYOUT", Align::Left),
+        ("EXTENTS", Align::Right),
+        ("MDISKS", Align::Left),
+    ]);
+    for v in vs {
+        t.row(vec![
+            v.name.clone(),
+            v.id.to_string(),
+            v.pool.clone(),
+            format_bytes(v.size_bytes),
+            layout(v.layout).into(),
+            v.extent_count.to_string(),
+            list(&v.mdisks_used),
+        ]);
+    }
+    t.render()
+}
+
+pub fn volume(v: &VolumeView) -> String {
+    let mut rows = vec![
+        ("name", v.name.clone()),
+        ("id", v.id.to_string()),
+        ("pool", v.pool.clone()),
+        (
+            "size",
+            format!("{} ({} bytes)", format_bytes(v.size_bytes), v.size_bytes),
+        ),
+        ("layout", layout(v.layout).into()),
+    ];
+    let extents = match v.extent_size_mib {
+        Some(e) => format!("{} of {}", v.extent_count, format_mib(e)),
+        None => v.extent_count.to_string(),
+    };
+    rows.push(("extents", extents));
+    rows.push(("mdisks used", list(&v.mdisks_used)));
+    if !v.placement.is_empty() {
+        rows.push(("placement", list(&v.placement)));
+    }
+    fields(&rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool_view(name: &str, total: u64, free: u64) -> PoolView {
+        PoolView {
+            id: 3,
+            name: name.into(),
+            extent_size_mib: 16,
+            capacity_bytes: total << 24,
+            used_bytes: (total - free) << 24,
+            free_bytes: free << 24,
+            extents_total: total,
+            extents_used: total - free,
+            extents_free: free,
+            mdisk_count: 2,
+            volume_count: 1,
+            mdisks: vec!["md0".into(), "md1".into()],
+        }
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let mut t = Table::new(&[
+            ("NAME", Align::Left),
+            ("SIZE", Align::Right),
+            ("X", Align::Left),
+        ]);
+        t.row(vec!["a".into(), "10.00 GiB".into(), String::new()]);
+        t.row(vec!["longer-name".into(), "512 B".into(), "é".into()]);
+        assert_eq!(
+            t.render(),
+            "NAME              SIZE  X\n\
+             a            10.00 GiB\n\
+             longer-name      512 B  é\n"
+        );
+    }
+
+    #[test]
+    fn pool_list_shows_capacity_in_people_units() {
+        let out = pool_table(&[pool_view("p0", 128, 64), pool_view("archive", 0, 0)]);
+        assert_eq!(
+            out,
+            "NAME     ID  EXTENT  MDISKS  VOLUMES  CAPACITY      USED      FREE  FREE%\n\
+             p0        3  16 MiB       2        1  2.00 GiB  1.00 GiB  1.00 GiB    50%\n\
+             archive   3  16 MiB       2        1       0 B       0 B       0 B      -\n"
+        );
+        assert_eq!(pool_table(&[]), "no pools\n");
+    }
+
+    #[test]
+    fn show_is_aligned_key_value() {
+        let out = pool(&pool_view("p0", 128, 32));
+        assert!(
+            out.starts_with("name         p0\nid           3\nextent size  16 MiB\n"),
+            "{out}"
+        );
+        assert!(out.contains("used         1.50 GiB (75%)\n"), "{out}");
+        assert!(out.contains("mdisks       md0,md1\n"), "{out}");
+    }
+
+    #[test]
+    fn uptimes() {
+        assert_eq!(uptime(5), "5s");
+        assert_eq!(uptime(65), "1m 5s");
+        assert_eq!(uptime(3 * 3600 + 12 * 60 + 5), "3h 12m 5s");
+        assert_eq!(uptime(2 * 86400 + 3600), "2d 1h 0m");
+    }
+}

@@ -1,0 +1,321 @@
+//! Each command: one or more API requests, then output for people or, with
+//! `--json`, the API's JSON as is.
+
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+
+use sanvirt_admin::units::{format_bytes, format_mib};
+use sanvirt_admin::{MdiskView, PoolView, StatusView, VolumeView};
+
+use crate::args::{Cli, MdiskCmd, Noun, PoolCmd, VolumeCmd};
+use crate::client::{segment, Client, Failure};
+use crate::render;
+
+pub fn run(cli: Cli) -> Result<String, Failure> {
+    let token = token(&cli)?;
+    let client = Client::new(&cli.api, token)?;
+    let out = Out { json: cli.json };
+    match cli.noun {
+        Noun::Status => {
+            let v = client.get("/v1/status")?;
+            out.show(v, |s: StatusView| render::status(&s))
+        }
+        Noun::Mdisk(c) => mdisk(&client, &out, c),
+        Noun::Pool(c) => pool(&client, &out, c),
+        Noun::Volume(c) => volume(&client, &out, c),
+        Noun::Command { command } => raw_command(&client, &out, &command),
+    }
+}
+
+/// The token from --token / SANVIRT_TOKEN, else from the token file.
+fn token(cli: &Cli) -> Result<String, Failure> {
+    let token = match &cli.token {
+        Some(t) => t.trim().to_string(),
+        None => std::fs::read_to_string(&cli.token_file)
+            .map_err(|e| {
+                Failure::Usage(format!(
+                    "no API token: cannot read {} ({e}); pass --token-file with sanvirtd's \
+                     token file (<data_dir>/api-token), --token, or set SANVIRT_TOKEN",
+                    cli.token_file.display()
+                ))
+            })?
+            .trim()
+            .to_string(),
+    };
+    if token.is_empty() {
+        return Err(Failure::Usage("the API token is empty".into()));
+    }
+    Ok(token)
+}
+
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    /// The API's JSON with --json, else `human` of its typed form.
+    fn show<T: DeserializeOwned>(
+        &self,
+        v: Value,
+        human: impl FnOnce(T) -> String,
+    ) -> Result<String, Failure> {
+        if self.json {
+            return Ok(pretty(&v));
+        }
+        let typed = serde_json::from_value(v).map_err(|e| {
+            Failure::Daemon(format!(
+                "sanvirtd sent an answer this sanvirt does not understand: {e}"
+            ))
+        })?;
+        Ok(human(typed))
+    }
+
+    fn deleted(&self, object: &str, name: &str) -> String {
+        if self.json {
+            pretty(&json!({"deleted": true, "object": object, "name": name}))
+        } else {
+            format!("deleted {object} '{name}'\n")
+        }
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    let mut s = serde_json::to_string_pretty(v).unwrap_or_default();
+    s.push('\n');
+    s
+}
+
+/// One URL path segment for an object name. `.` and `..` would be removed
+/// by URL normalization, so they are refused here.
+fn name(n: &str) -> Result<String, Failure> {
+    if n.is_empty() || n == "." || n == ".." {
+        return Err(Failure::Usage(format!("invalid name '{n}'")));
+    }
+    Ok(segment(n))
+}
+
+fn mdisk(c: &Client, out: &Out, cmd: MdiskCmd) -> Result<String, Failure> {
+    match cmd {
+        MdiskCmd::List => out.show(c.get("/v1/mdisks")?, |v: Vec<MdiskView>| {
+            render::mdisk_table(&v)
+        }),
+        MdiskCmd::Show { name: n } => out.show(
+            c.get(&format!("/v1/mdisks/{}", name(&n)?))?,
+            |m: MdiskView| render::mdisk(&m),
+        ),
+        MdiskCmd::Add {
+            name,
+            path,
+            create_size,
+        } => {
+            // The node is normally this machine: a relative path means one
+            // relative to here, not to sanvirtd's working directory.
+            let path = std::path::absolute(&path)
+                .map_err(|e| Failure::Usage(format!("--path {path}: {e}")))?;
+            let mut body = json!({"name": name, "path": path.to_string_lossy()});
+            if let Some(size) = create_size {
+                body["create_size_bytes"] = json!(size);
+            }
+            out.show(c.post("/v1/mdisks", &body)?, |m: MdiskView| {
+                format!(
+                    "added mdisk '{}': {} at {} (id {}, unmanaged)\n",
+                    m.name,
+                    format_bytes(m.capacity_bytes),
+                    m.path,
+                    m.id
+                )
+            })
+        }
+        MdiskCmd::Remove { name: n } => {
+            c.delete(&format!("/v1/mdisks/{}", name(&n)?))?;
+            Ok(out.deleted("mdisk", &n))
+        }
+        MdiskCmd::Rename { old, new } => {
+            let v = c.post(
+                &format!("/v1/mdisks/{}/rename", name(&old)?),
+                &json!({"new_name": new}),
+            )?;
+            out.show(v, |m: MdiskView| {
+                format!("renamed mdisk '{old}' to '{}'\n", m.name)
+            })
+        }
+    }
+}
+
+fn pool_summary(p: &PoolView) -> String {
+    format!(
+        "pool '{}': {} capacity, {} free ({} of {} extents of {} free)\n",
+        p.name,
+        format_bytes(p.capacity_bytes),
+        format_bytes(p.free_bytes),
+        p.extents_free,
+        p.extents_total,
+        format_mib(p.extent_size_mib)
+    )
+}
+
+fn pool(c: &Client, out: &Out, cmd: PoolCmd) -> Result<String, Failure> {
+    match cmd {
+        PoolCmd::List => out.show(c.get("/v1/pools")?, |v: Vec<PoolView>| {
+            render::pool_table(&v)
+        }),
+        PoolCmd::Show { name: n } => out.show(
+            c.get(&format!("/v1/pools/{}", name(&n)?))?,
+            |p: PoolView| render::pool(&p),
+        ),
+        PoolCmd::Create { name, extent_size } => {
+            let mut body = json!({"name": name});
+            if let Some(e) = extent_size {
+                body["extent_size_mib"] = json!(e);
+            }
+            out.show(c.post("/v1/pools", &body)?, |p: PoolView| {
+                format!(
+                    "created pool '{}' (id {}, extents of {})\n",
+                    p.name,
+                    p.id,
+                    format_mib(p.extent_size_mib)
+                )
+            })
+        }
+        PoolCmd::Delete { name: n } => {
+            c.delete(&format!("/v1/pools/{}", name(&n)?))?;
+            Ok(out.deleted("pool", &n))
+        }
+        PoolCmd::Rename { old, new } => {
+            let v = c.post(
+                &format!("/v1/pools/{}/rename", name(&old)?),
+                &json!({"new_name": new}),
+            )?;
+            out.show(v, |p: PoolView| {
+                format!("renamed pool '{old}' to '{}'\n", p.name)
+            })
+        }
+        PoolCmd::AddMdisk(a) => {
+            let url = format!("/v1/pools/{}/mdisks", name(&a.pool)?);
+            let mut last = Value::Null;
+            for m in &a.mdisks {
+                last = c.post(&url, &json!({"mdisk": m}))?;
+                // Progress goes out at once: a later refusal must not hide
+                // the mdisks already added.
+                if !out.json {
+                    println!("added mdisk '{m}' to pool '{}'", a.pool);
+                }
+            }
+            out.show(last, |p: PoolView| pool_summary(&p))
+        }
+        PoolCmd::RemoveMdisk(a) => {
+            let pool = name(&a.pool)?;
+            let mut last = Value::Null;
+            for m in &a.mdisks {
+                last = c.delete(&format!("/v1/pools/{pool}/mdisks/{}", name(m)?))?;
+                if !out.json {
+                    println!("removed mdisk '{m}' from pool '{}'", a.pool);
+                }
+            }
+            out.show(last, |p: PoolView| pool_summary(&p))
+        }
+    }
+}
+
+fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
+    match cmd {
+        VolumeCmd::List => out.show(c.get("/v1/volumes")?, |v: Vec<VolumeView>| {
+            render::volume_table(&v)
+        }),
+        VolumeCmd::Show { name: n } => out.show(
+            c.get(&format!("/v1/volumes/{}", name(&n)?))?,
+            |v: VolumeView| render::volume(&v),
+        ),
+        VolumeCmd::Create {
+            name,
+            pool,
+            size,
+            striped: _,
+            sequential,
+            mdisks,
+        } => {
+            let mut body = json!({
+                "name": name,
+                "pool": pool,
+                "size_bytes": size,
+                "layout": if sequential { "sequential" } else { "striped" },
+            });
+            if !mdisks.is_empty() {
+                body["mdisks"] = json!(mdisks);
+            }
+            out.show(c.post("/v1/volumes", &body)?, |v: VolumeView| {
+                format!(
+                    "created volume '{}': {} {} in pool '{}' ({} extents on {}; id {})\n",
+                    v.name,
+                    format_bytes(v.size_bytes),
+                    render::layout(v.layout),
+                    v.pool,
+                    v.extent_count,
+                    v.mdisks_used.join(","),
+                    v.id
+                )
+            })
+        }
+        VolumeCmd::CreateImage { name, pool, mdisk } => {
+            let body = json!({"name": name, "pool": pool, "mdisk": mdisk});
+            out.show(c.post("/v1/volumes/image", &body)?, |v: VolumeView| {
+                format!(
+                    "created image-mode volume '{}': {} in pool '{}', the data of mdisk '{mdisk}' (id {})\n",
+                    v.name,
+                    format_bytes(v.size_bytes),
+                    v.pool,
+                    v.id
+                )
+            })
+        }
+        VolumeCmd::Expand { name: n, size } => {
+            let v = c.post(
+                &format!("/v1/volumes/{}/expand", name(&n)?),
+                &json!({"size_bytes": size}),
+            )?;
+            out.show(v, |v: VolumeView| {
+                format!(
+                    "expanded volume '{}' to {} ({} extents)\n",
+                    v.name,
+                    format_bytes(v.size_bytes),
+                    v.extent_count
+                )
+            })
+        }
+        VolumeCmd::Delete { name: n } => {
+            c.delete(&format!("/v1/volumes/{}", name(&n)?))?;
+            Ok(out.deleted("volume", &n))
+        }
+        VolumeCmd::Rename { old, new } => {
+            let v = c.post(
+                &format!("/v1/volumes/{}/rename", name(&old)?),
+                &json!({"new_name": new}),
+            )?;
+            out.show(v, |v: VolumeView| {
+                format!("renamed volume '{old}' to '{}'\n", v.name)
+            })
+        }
+    }
+}
+
+/// `sanvirt command '{"op": ...}'`: checked here first (same strict parser as
+/// the API), so a typo is a usage error that never reaches the daemon.
+fn raw_command(c: &Client, out: &Out, text: &str) -> Result<String, Failure> {
+    let text = if text == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| Failure::Usage(format!("cannot read the command from stdin: {e}")))?;
+        s
+    } else {
+        text.to_string()
+    };
+    let cmd = sanvirt_admin::parse_command(text.as_bytes())
+        .map_err(|e| Failure::Usage(e.body.message))?;
+    let body = serde_json::to_value(&cmd)
+        .map_err(|e| Failure::Usage(format!("cannot encode the command: {e}")))?;
+    let v = c.post("/v1/commands", &body)?;
+    out.show(v, |o: sanvirt_config::Outcome| match o {
+        sanvirt_config::Outcome::Done => "done\n".to_string(),
+        sanvirt_config::Outcome::Created { id, name } => format!("created '{name}' (id {id})\n"),
+    })
+}
