@@ -27,8 +27,9 @@ pub enum EngineKind {
     Hybrid,
 }
 
-/// The default `Auto` resolves to, chosen by `examples/engine_bench.rs`.
-pub const ENGINE_DEFAULT: EngineKind = EngineKind::IoUring;
+/// The default `Auto` resolves to, chosen by measurement with
+/// `examples/engine_bench.rs` (table and reasoning in `docs/backend.md`).
+pub const ENGINE_DEFAULT: EngineKind = EngineKind::Hybrid;
 
 pub enum Engine {
     Pool(pool::PoolEngine),
