@@ -6,6 +6,7 @@ use sanvirt_facility::NodeId;
 
 use crate::limits::{
     CONNECTIONS_DEFAULT, CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_S_DEFAULT, PAYLOAD_BYTES_MAX,
+    SHUTDOWN_GRACE_S_DEFAULT,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +22,9 @@ pub struct NbdConfig {
     pub connections_max: usize,
     /// Time a client has to finish the handshake.
     pub handshake_timeout: Duration,
+    /// After shutdown, time connections get to finish in-flight requests
+    /// (a client that stops reading replies cannot hold the server up longer).
+    pub shutdown_grace: Duration,
 }
 
 impl Default for NbdConfig {
@@ -31,6 +35,7 @@ impl Default for NbdConfig {
             payload_max_bytes: PAYLOAD_BYTES_MAX,
             connections_max: CONNECTIONS_DEFAULT,
             handshake_timeout: Duration::from_secs(HANDSHAKE_TIMEOUT_S_DEFAULT),
+            shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_S_DEFAULT),
         }
     }
 }

@@ -127,9 +127,10 @@ impl<S: IoServer> NbdFrontEnd<S> {
         self.serve(listener).await
     }
 
-    /// Serves clients from `listener` until shut down, then waits for every
-    /// connection to finish its in-flight requests. Must run on a tokio
-    /// runtime with the I/O and time drivers enabled.
+    /// Serves clients from `listener` until shut down, then waits (at most
+    /// `shutdown_grace`) for every connection to finish its in-flight
+    /// requests. Must run on a tokio runtime with the I/O and time drivers
+    /// enabled.
     pub async fn serve(self: &Arc<Self>, listener: TcpListener) -> io::Result<()> {
         let slots = Arc::new(Semaphore::new(self.config.connections_max));
         let mut tasks = JoinSet::new();
@@ -163,7 +164,18 @@ impl<S: IoServer> NbdFrontEnd<S> {
             });
         }
         drop(listener);
-        while tasks.join_next().await.is_some() {}
+        let drained = tokio::time::timeout(self.config.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = tasks.len(),
+                "connections still busy after the shutdown grace period: dropping them"
+            );
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
         Ok(())
     }
 

@@ -71,6 +71,10 @@ pub const CONNECTIONS_MAX: usize = 4096;
 /// Default time a client has to finish the handshake.
 pub const HANDSHAKE_TIMEOUT_S_DEFAULT: u64 = 30;
 
+/// Default time connections get, after shutdown, to finish their in-flight
+/// requests and send the replies; then they are dropped.
+pub const SHUTDOWN_GRACE_S_DEFAULT: u64 = 10;
+
 const _: () = assert!(IN_FLIGHT_MAX <= 64, "ready set is one u64 bitmask");
 const _: () = assert!(IN_FLIGHT_MAX <= u8::MAX as usize, "slot ids are u8");
 const _: () = assert!(PAYLOAD_BYTES_MAX as u64 == REQUEST_BYTES_MAX);

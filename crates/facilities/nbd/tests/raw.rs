@@ -428,3 +428,25 @@ fn shutdown_closes_idle_and_busy_connections() {
     assert!(idle.closed());
     assert!(negotiating.closed());
 }
+
+#[test]
+fn shutdown_does_not_wait_forever_for_a_client_that_stops_reading() {
+    let srv = serve(
+        MemDisks::new(&[(1, 64 * MIB)]),
+        pool(),
+        NbdConfig {
+            shutdown_grace: Duration::from_millis(500),
+            ..NbdConfig::default()
+        },
+    );
+    let mut c = Raw::connect(srv.addr);
+    c.go("mem1", false, false);
+    // 48 MiB of replies that are never read: the server's writes block.
+    for i in 0..48u64 {
+        c.request(CMD_READ, 0, i, i * MIB, MIB as u32);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    srv.stop().expect("clean stop");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
