@@ -613,6 +613,27 @@ where
         if free == 0 {
             return false;
         }
+        if self.hdr_have == REQUEST_HEADER_BYTES {
+            // A whole header arrived with the previous write's payload.
+            let h = match RequestHeader::parse(&self.hdr_buf) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "closing connection: stream out of sync");
+                    self.stop("bad request magic");
+                    return true;
+                }
+            };
+            return match self.admit(&h) {
+                Admit::NoBuffer => {
+                    self.arm_retry(cx);
+                    false
+                }
+                Admit::Next | Admit::Last => {
+                    self.hdr_have = 0;
+                    true
+                }
+            };
+        }
         let want = (free * REQUEST_HEADER_BYTES - self.hdr_have).min(self.scratch.len());
         let n = {
             let mut rb = ReadBuf::new(&mut self.scratch[..want]);
@@ -817,21 +838,32 @@ where
                     .data
                     .as_mut()
                     .expect("a receiving write slot holds its buffer");
-                let mut iov: [IoSliceMut<'_>; RECV_IOV_MAX] =
+                let mut iov: [IoSliceMut<'_>; RECV_IOV_MAX + 1] =
                     std::array::from_fn(|_| IoSliceMut::new(&mut []));
                 let mut k = 0;
                 let mut skip = received;
+                let mut whole_rest = true;
                 for seg in buf.segments_mut() {
                     if skip >= seg.len() {
                         skip -= seg.len();
                         continue;
                     }
+                    if k == RECV_IOV_MAX {
+                        whole_rest = false;
+                        break;
+                    }
                     iov[k] = IoSliceMut::new(&mut seg[skip..]);
                     skip = 0;
                     k += 1;
-                    if k == RECV_IOV_MAX {
-                        break;
-                    }
+                }
+                // What follows a payload on the wire is the next request
+                // header (never payload bytes), so once the iovecs cover the
+                // rest of the payload the same readv may fetch it: a stream
+                // of writes costs one system call per write.
+                debug_assert_eq!(self.hdr_have, 0);
+                if whole_rest {
+                    iov[k] = IoSliceMut::new(&mut self.hdr_buf[..]);
+                    k += 1;
                 }
                 stream.try_read_vectored(&mut iov[..k])
             };
@@ -841,9 +873,11 @@ where
                     return true;
                 }
                 Ok(m) => {
-                    received += m;
                     let s = &mut self.slots[slot];
-                    if received == s.len as usize {
+                    let len = s.len as usize;
+                    received += m;
+                    if received >= len {
+                        self.hdr_have = received - len;
                         let buf = s.data.take().expect("payload buffer");
                         let fua = s.flags & CMD_FLAG_FUA != 0;
                         let req = IoRequest::write(self.session.export.disk(), s.offset, buf, fua);

@@ -186,9 +186,12 @@ fn fio_nbd_engine_verifies_crc32c() {
         return;
     }
     let srv = mem_server(&[(1, 32 * MIB)]);
+    // fio writes state files into its working directory: give it a private one.
+    let dir = tempfile::tempdir().expect("tempdir");
     for (rw, bs) in [("randwrite", "--bs=4k"), ("randrw", "--bsrange=512-128k")] {
         let out = stdout(&run(
-            Command::new("fio").args([
+            Command::new("fio").current_dir(dir.path()).args([
+                "--verify_state_save=0",
                 "--name=verify",
                 "--ioengine=nbd",
                 &format!("--uri={}", srv.uri("mem1")),
