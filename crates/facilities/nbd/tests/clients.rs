@@ -185,7 +185,21 @@ fn fio_nbd_engine_verifies_crc32c() {
     if !have("fio") {
         return;
     }
-    let srv = mem_server(&[(1, 32 * MIB)]);
+    fio_verify(mem_server(&[(1, 32 * MIB)]));
+}
+
+#[test]
+fn fio_verify_with_completions_from_other_threads() {
+    if !have("fio") {
+        return;
+    }
+    let disks = ThreadedDisks {
+        inner: sanvirt_facility::scaffold::MemDisks::new(&[(1, 32 * MIB)]),
+    };
+    fio_verify(serve(disks, pool(), sanvirt_nbd::NbdConfig::default()));
+}
+
+fn fio_verify<S: sanvirt_facility::IoServer>(srv: sanvirt_nbd::testing::RunningServer<S>) {
     // fio writes state files into its working directory: give it a private one.
     let dir = tempfile::tempdir().expect("tempdir");
     for (rw, bs) in [("randwrite", "--bs=4k"), ("randrw", "--bsrange=512-128k")] {

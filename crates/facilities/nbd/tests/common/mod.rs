@@ -55,6 +55,33 @@ impl IoServer for SlowDisks {
     }
 }
 
+/// MemDisks whose requests complete from other OS threads (as a thread-pool
+/// or io_uring back end would), after a pseudo-random delay of up to 300 µs.
+pub struct ThreadedDisks {
+    pub inner: MemDisks,
+}
+
+impl IoServer for ThreadedDisks {
+    fn submit(&self, req: IoRequest) -> impl Future<Output = IoResult> + Send {
+        async move {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let us = (req.offset / 512).wrapping_mul(2654435761) % 300;
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_micros(us));
+                let _ = tx.send(());
+            });
+            let _ = rx.await;
+            self.inner.submit(req).await
+        }
+    }
+    fn disk_info(&self, disk: DiskId) -> Option<DiskInfo> {
+        self.inner.disk_info(disk)
+    }
+    fn bind_client(&self, client: Weak<dyn IoClient>) {
+        self.inner.bind_client(client)
+    }
+}
+
 /// Is `bin` installed? Prints a loud skip notice when not.
 pub fn have(bin: &str) -> bool {
     let ok = Command::new("sh")
