@@ -62,17 +62,15 @@ pub struct ThreadedDisks {
 }
 
 impl IoServer for ThreadedDisks {
-    fn submit(&self, req: IoRequest) -> impl Future<Output = IoResult> + Send {
-        async move {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let us = (req.offset / 512).wrapping_mul(2654435761) % 300;
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_micros(us));
-                let _ = tx.send(());
-            });
-            let _ = rx.await;
-            self.inner.submit(req).await
-        }
+    async fn submit(&self, req: IoRequest) -> IoResult {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let us = (req.offset / 512).wrapping_mul(2654435761) % 300;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_micros(us));
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
+        self.inner.submit(req).await
     }
     fn disk_info(&self, disk: DiskId) -> Option<DiskInfo> {
         self.inner.disk_info(disk)
