@@ -72,6 +72,7 @@ pub fn status_of(e: &ConfigError) -> StatusCode {
         ConfigError::InvalidName { .. } | ConfigError::InvalidArgument { .. } => {
             StatusCode::BAD_REQUEST
         }
+        ConfigError::StoreFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

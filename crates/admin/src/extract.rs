@@ -54,14 +54,28 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// The serde error with the field it concerns, for people.
 fn describe(e: &serde_json::Error, field: &str) -> ApiError {
     use serde_json::error::Category;
-    let what = match e.classify() {
-        Category::Data => "invalid request",
-        Category::Syntax | Category::Eof | Category::Io => "malformed JSON",
-    };
-    if field == "." || field.is_empty() {
-        ApiError::invalid_json(format!("{what}: {e}"))
-    } else {
-        ApiError::invalid_json(format!("{what}: field `{field}`: {e}"))
+    if e.classify() != Category::Data {
+        return ApiError::invalid_json(format!("malformed JSON: {e}"));
+    }
+    let text = e.to_string();
+    let named = !(field == "." || field.is_empty() || field.contains('?'));
+    // serde_json reads integers beyond u64 as floats; say what was wrong.
+    let integer = ["u64", "u32"].into_iter().find(|t| {
+        text.contains("invalid type: floating point") && text.contains(&format!("expected {t}"))
+    });
+    match integer {
+        Some(t) if named => ApiError::invalid_json(format!(
+            "invalid request: field `{field}` must be a whole number from 0 to {} ({text})",
+            if t == "u64" {
+                u64::MAX.to_string()
+            } else {
+                u32::MAX.to_string()
+            }
+        )),
+        _ if named && !text.starts_with("unknown field") => {
+            ApiError::invalid_json(format!("invalid request: field `{field}`: {text}"))
+        }
+        _ => ApiError::invalid_json(format!("invalid request: {text}")),
     }
 }
 

@@ -479,13 +479,30 @@ pub async fn get_volume(
     volume_response(&ctx, &name, StatusCode::OK).await
 }
 
-/// `GET /v1/volumes/image`: the static route for image-mode creation
-/// shadows `{name}` = `image`, so a volume called `image` is served here.
+/// Show the volume named `image`.
+///
+/// `/v1/volumes/image` is the image-mode creation endpoint, which shadows
+/// `/v1/volumes/{name}` for a volume of that name; this serves it.
+#[utoipa::path(get, path = "/v1/volumes/image", tag = "volumes",
+    responses(
+        (status = 200, description = "the volume named image", body = VolumeView),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+    ))]
 pub async fn get_volume_named_image(AxumState(ctx): AxumState<Ctx>) -> Result<Response, ApiError> {
     volume_response(&ctx, "image", StatusCode::OK).await
 }
 
-/// `DELETE /v1/volumes/image`, for the same reason.
+/// Delete the volume named `image`.
+///
+/// See `GET /v1/volumes/image`.
+#[utoipa::path(delete, path = "/v1/volumes/image", tag = "volumes",
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+        (status = 409, description = "conflicts with the configuration (exists, in use, insufficient capacity)", body = ErrorBody),
+    ))]
 pub async fn delete_volume_named_image(
     AxumState(ctx): AxumState<Ctx>,
 ) -> Result<StatusCode, ApiError> {

@@ -220,6 +220,8 @@ impl Modify for BearerAuth {
         handlers::list_volumes,
         handlers::create_volume,
         handlers::create_image_volume,
+        handlers::get_volume_named_image,
+        handlers::delete_volume_named_image,
         handlers::get_volume,
         handlers::delete_volume,
         handlers::rename_volume,

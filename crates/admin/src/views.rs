@@ -12,7 +12,7 @@ use crate::service::{DiskState, MdiskStatus};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateMdiskRequest {
-    #[schema(example = "md0")]
+    #[schema(example = "md0", min_length = 1, max_length = 63)]
     pub name: String,
     /// A block device or a regular file on the node.
     #[schema(example = "/dev/sdb")]
@@ -20,6 +20,7 @@ pub struct CreateMdiskRequest {
     /// If set, a sparse file of this many bytes (a multiple of 512) is
     /// created at `path` first; an existing path is then refused.
     #[serde(default)]
+    #[schema(minimum = 512, multiple_of = 512)]
     pub create_size_bytes: Option<u64>,
 }
 
@@ -27,6 +28,7 @@ pub struct CreateMdiskRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenameRequest {
+    #[schema(min_length = 1, max_length = 63)]
     pub new_name: String,
 }
 
@@ -34,11 +36,11 @@ pub struct RenameRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreatePoolRequest {
-    #[schema(example = "p0")]
+    #[schema(example = "p0", min_length = 1, max_length = 63)]
     pub name: String,
     /// Extent size in MiB, fixed for the pool's life (default 16).
     #[serde(default)]
-    #[schema(example = 16)]
+    #[schema(example = 16, minimum = 1, maximum = 8192)]
     pub extent_size_mib: Option<u32>,
 }
 
@@ -63,12 +65,17 @@ pub enum LayoutRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolumeRequest {
-    #[schema(example = "v0")]
+    #[schema(example = "v0", min_length = 1, max_length = 63)]
     pub name: String,
     #[schema(example = "p0")]
     pub pool: String,
-    /// A multiple of 512.
-    #[schema(example = 10737418240u64)]
+    /// A multiple of 512, at most 256 TiB.
+    #[schema(
+        example = 10737418240u64,
+        minimum = 512,
+        maximum = 281474976710656u64,
+        multiple_of = 512
+    )]
     pub size_bytes: u64,
     /// Default `striped`.
     #[serde(default)]
@@ -83,7 +90,9 @@ pub struct CreateVolumeRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExpandVolumeRequest {
-    /// The new size (larger than the current one, a multiple of 512).
+    /// The new size (larger than the current one, a multiple of 512, at
+    /// most 256 TiB).
+    #[schema(minimum = 512, maximum = 281474976710656u64, multiple_of = 512)]
     pub size_bytes: u64,
 }
 
@@ -91,6 +100,7 @@ pub struct ExpandVolumeRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateImageVolumeRequest {
+    #[schema(min_length = 1, max_length = 63)]
     pub name: String,
     pub pool: String,
     /// An unmanaged mdisk whose data becomes the volume, as is.
