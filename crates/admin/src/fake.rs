@@ -89,6 +89,21 @@ impl AdminService for FakeService {
             reason,
         };
         if let Some(size) = create_size_bytes {
+            // A fake driven by a fuzzer must not litter the machine: it
+            // creates files only under the temporary directory.
+            let target = std::path::absolute(path).map_err(|e| bad(format!("{path}: {e}")))?;
+            let tmp = std::fs::canonicalize(std::env::temp_dir())
+                .map_err(|e| bad(format!("no temporary directory: {e}")))?;
+            let parent = target
+                .parent()
+                .and_then(|p| std::fs::canonicalize(p).ok())
+                .ok_or_else(|| bad(format!("cannot create {path}: no such directory")))?;
+            if !parent.starts_with(&tmp) {
+                return Err(bad(format!(
+                    "the fake service creates files only under {}",
+                    tmp.display()
+                )));
+            }
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -670,6 +685,23 @@ fn apply_in_place(s: &mut State, cmd: &Command) -> Result<Outcome, ConfigError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn creates_files_only_under_the_temporary_directory() {
+        let svc = FakeService::new();
+        let outside = "/sanvirt-fake-probe-test.img";
+        assert!(svc.probe_mdisk(outside, Some(4096)).is_err());
+        assert!(!std::path::Path::new(outside).exists());
+        let dir = tempfile::tempdir().expect("temp dir");
+        let inside = dir.path().join("md0.img");
+        let inside = inside.to_str().expect("utf-8 path");
+        assert_eq!(svc.probe_mdisk(inside, Some(4096)), Ok(4096));
+        assert_eq!(svc.probe_mdisk(inside, None), Ok(4096));
+        assert!(
+            svc.probe_mdisk(inside, Some(4096)).is_err(),
+            "never overwritten"
+        );
+    }
 
     #[test]
     fn striped_volume_alternates_and_delete_frees() {

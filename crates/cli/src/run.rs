@@ -29,8 +29,14 @@ pub fn run(cli: Cli) -> Result<String, Failure> {
 
 /// The token from --token / SANVIRT_TOKEN, else from the token file.
 fn token(cli: &Cli) -> Result<String, Failure> {
-    let token = match &cli.token {
-        Some(t) => t.trim().to_string(),
+    // An empty SANVIRT_TOKEN counts as unset.
+    let given = cli
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let token = match given {
+        Some(t) => t.to_string(),
         None => std::fs::read_to_string(&cli.token_file)
             .map_err(|e| {
                 Failure::Usage(format!(
@@ -70,11 +76,12 @@ impl Out {
         Ok(human(typed))
     }
 
-    fn deleted(&self, object: &str, name: &str) -> String {
+    /// `verb`: "deleted" or "removed", for people; the JSON is the same.
+    fn deleted(&self, verb: &str, object: &str, name: &str) -> String {
         if self.json {
             pretty(&json!({"deleted": true, "object": object, "name": name}))
         } else {
-            format!("deleted {object} '{name}'\n")
+            format!("{verb} {object} '{name}'\n")
         }
     }
 }
@@ -128,7 +135,7 @@ fn mdisk(c: &Client, out: &Out, cmd: MdiskCmd) -> Result<String, Failure> {
         }
         MdiskCmd::Remove { name: n } => {
             c.delete(&format!("/v1/mdisks/{}", name(&n)?))?;
-            Ok(out.deleted("mdisk", &n))
+            Ok(out.deleted("removed", "mdisk", &n))
         }
         MdiskCmd::Rename { old, new } => {
             let v = c.post(
@@ -179,7 +186,7 @@ fn pool(c: &Client, out: &Out, cmd: PoolCmd) -> Result<String, Failure> {
         }
         PoolCmd::Delete { name: n } => {
             c.delete(&format!("/v1/pools/{}", name(&n)?))?;
-            Ok(out.deleted("pool", &n))
+            Ok(out.deleted("deleted", "pool", &n))
         }
         PoolCmd::Rename { old, new } => {
             let v = c.post(
@@ -284,7 +291,7 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
         }
         VolumeCmd::Delete { name: n } => {
             c.delete(&format!("/v1/volumes/{}", name(&n)?))?;
-            Ok(out.deleted("volume", &n))
+            Ok(out.deleted("deleted", "volume", &n))
         }
         VolumeCmd::Rename { old, new } => {
             let v = c.post(

@@ -263,7 +263,7 @@ fn configure_a_node_end_to_end() {
     d.ok(&["volume", "delete", "legacy"]);
     assert_eq!(
         d.ok(&["mdisk", "remove", "old-disk"]),
-        "deleted mdisk 'old-disk'\n"
+        "removed mdisk 'old-disk'\n"
     );
     d.ok(&["volume", "delete", "v0"]);
     let out = d.ok(&["pool", "remove-mdisk", "--pool", "p0", "md0", "md1"]);
@@ -498,8 +498,13 @@ fn unreachable_daemon_and_wrong_token() {
         r.stderr
     );
 
-    // No token at all: the default token file ./data/api-token is missing.
-    let r = sanvirt_with(&["pool", "list"], &[("SANVIRT_API", &d.url)], d.dir.path());
+    // No token at all (an empty SANVIRT_TOKEN is none): the default token
+    // file ./data/api-token is missing.
+    let r = sanvirt_with(
+        &["pool", "list"],
+        &[("SANVIRT_API", &d.url), ("SANVIRT_TOKEN", "")],
+        d.dir.path(),
+    );
     assert_eq!(r.code, 2);
     assert!(
         r.stderr
