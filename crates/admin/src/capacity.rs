@@ -1,68 +1,47 @@
-//! Capacity accounting computed from a [`State`] snapshot, for display.
-//!
-//! The configuration crate will grow its own capacity helpers; until then the
-//! API derives what it shows from the state's fields here, in one place. All
-//! arithmetic saturates: the snapshot comes from outside this crate and a
-//! display must never panic.
+//! Response views built from a [`State`] snapshot. Capacity accounting is the
+//! configuration model's (`State::pool_stats`, `State::mdisk_stats`); this
+//! module only shapes it for the API and adds what the model does not keep
+//! (disk-path health, the mdisks a volume uses).
 
 use std::collections::BTreeMap;
 
-use sanvirt_config::{Mdisk, MdiskMode, ObjectId, Pool, State, Volume, VolumeLayout};
+use sanvirt_config::{ConfigError, MdiskMode, ObjectId, State, Volume, VolumeLayout};
 
 use crate::service::{DiskState, MdiskStatus, NodeStatus};
 use crate::views::{LayoutView, MdiskModeView, MdiskView, PoolView, StatusView, VolumeView};
 
-pub fn extent_bytes(extent_size_mib: u32) -> u64 {
-    u64::from(extent_size_mib) << 20
-}
-
-/// The pool an mdisk belongs to, if any.
-fn mdisk_pool(m: &Mdisk) -> Option<&str> {
-    match &m.mode {
-        MdiskMode::Unmanaged => None,
-        MdiskMode::Managed { pool } | MdiskMode::Image { pool, .. } => Some(pool),
-    }
-}
-
-/// (total, free, used) extents of a managed mdisk; zero otherwise.
-fn mdisk_extents(m: &Mdisk) -> (u64, u64, u64) {
-    if !matches!(m.mode, MdiskMode::Managed { .. }) {
-        return (0, 0, 0);
-    }
-    let free = m.extents_free.len() as u64;
-    (m.extents_total, free, m.extents_total.saturating_sub(free))
-}
-
-pub fn mdisk_view(state: &State, m: &Mdisk, health: Option<&MdiskStatus>) -> MdiskView {
-    let (mode, pool, volume) = match &m.mode {
+pub fn mdisk_view(
+    state: &State,
+    name: &str,
+    health: Option<&MdiskStatus>,
+) -> Result<MdiskView, ConfigError> {
+    let s = state.mdisk_stats(name)?;
+    let path = state
+        .mdisks
+        .get(name)
+        .map(|m| m.path.clone())
+        .unwrap_or_default();
+    let (mode, pool, volume) = match s.mode {
         MdiskMode::Unmanaged => (MdiskModeView::Unmanaged, None, None),
-        MdiskMode::Managed { pool } => (MdiskModeView::Managed, Some(pool.clone()), None),
-        MdiskMode::Image { pool, volume } => (
-            MdiskModeView::Image,
-            Some(pool.clone()),
-            Some(volume.clone()),
-        ),
+        MdiskMode::Managed { pool } => (MdiskModeView::Managed, Some(pool), None),
+        MdiskMode::Image { pool, volume } => (MdiskModeView::Image, Some(pool), Some(volume)),
     };
-    let extent_size_mib = pool
-        .as_ref()
-        .and_then(|p| state.pools.get(p))
-        .map(|p| p.extent_size_mib);
-    let (extents_total, extents_free, extents_used) = mdisk_extents(m);
-    MdiskView {
-        id: m.id,
-        name: m.name.clone(),
-        path: m.path.clone(),
+    Ok(MdiskView {
+        id: s.id,
+        name: s.name,
+        path,
         mode,
         pool,
         volume,
-        capacity_bytes: m.capacity_bytes,
-        extent_size_mib,
-        extents_total,
-        extents_free,
-        extents_used,
+        capacity_bytes: s.capacity_bytes,
+        extent_size_mib: s.extent_size_mib,
+        extents_total: s.extents_total,
+        extents_free: s.extents_free,
+        extents_used: s.extents_used,
+        volumes: s.volumes,
         status: health.map_or(DiskState::Unknown, |h| h.state),
         status_reason: health.and_then(|h| h.reason.clone()),
-    }
+    })
 }
 
 pub fn mdisk_views(state: &State, status: &NodeStatus) -> Vec<MdiskView> {
@@ -70,52 +49,44 @@ pub fn mdisk_views(state: &State, status: &NodeStatus) -> Vec<MdiskView> {
         status.mdisks.iter().map(|s| (s.name.as_str(), s)).collect();
     state
         .mdisks
-        .values()
-        .map(|m| mdisk_view(state, m, health.get(m.name.as_str()).copied()))
+        .keys()
+        .filter_map(|n| mdisk_view(state, n, health.get(n.as_str()).copied()).ok())
         .collect()
 }
 
-pub fn pool_view(state: &State, p: &Pool) -> PoolView {
-    let unit = extent_bytes(p.extent_size_mib);
-    let mut total = 0u64;
-    let mut free = 0u64;
-    let mut mdisk_count = 0u64;
-    for m in state.mdisks.values() {
-        if mdisk_pool(m) != Some(p.name.as_str()) {
-            continue;
-        }
-        mdisk_count += 1;
-        let (t, f, _) = mdisk_extents(m);
-        total = total.saturating_add(t);
-        free = free.saturating_add(f);
-    }
-    let used = total.saturating_sub(free);
-    PoolView {
-        id: p.id,
-        name: p.name.clone(),
-        extent_size_mib: p.extent_size_mib,
-        capacity_bytes: total.saturating_mul(unit),
-        used_bytes: used.saturating_mul(unit),
-        free_bytes: free.saturating_mul(unit),
-        extents_total: total,
-        extents_used: used,
-        extents_free: free,
-        mdisk_count,
-        volume_count: state.volumes.values().filter(|v| v.pool == p.name).count() as u64,
-        mdisks: p.mdisks.clone(),
-    }
+pub fn pool_view(state: &State, name: &str) -> Result<PoolView, ConfigError> {
+    let s = state.pool_stats(name)?;
+    Ok(PoolView {
+        id: s.id,
+        name: s.name,
+        extent_size_mib: s.extent_size_mib,
+        capacity_bytes: s.capacity_bytes,
+        used_bytes: s.used_bytes,
+        free_bytes: s.free_bytes,
+        extents_total: s.extents_total,
+        extents_used: s.extents_used,
+        extents_free: s.extents_free,
+        mdisk_count: s.mdisk_count,
+        image_mdisk_count: s.image_mdisk_count,
+        volume_count: s.volume_count,
+        volume_bytes: s.volume_bytes,
+        mdisks: state
+            .pools
+            .get(name)
+            .map(|p| p.mdisks.clone())
+            .unwrap_or_default(),
+    })
 }
 
 pub fn pool_views(state: &State) -> Vec<PoolView> {
-    state.pools.values().map(|p| pool_view(state, p)).collect()
+    state
+        .pools
+        .keys()
+        .filter_map(|n| pool_view(state, n).ok())
+        .collect()
 }
 
-pub fn volume_view(state: &State, v: &Volume) -> VolumeView {
-    let names: BTreeMap<ObjectId, &str> = state
-        .mdisks
-        .values()
-        .map(|m| (m.id, m.name.as_str()))
-        .collect();
+fn volume_view_of(state: &State, names: &BTreeMap<ObjectId, &str>, v: &Volume) -> VolumeView {
     let mut mdisks_used: Vec<String> = Vec::new();
     let mut seen: Vec<ObjectId> = Vec::new();
     for e in &v.extents {
@@ -145,11 +116,31 @@ pub fn volume_view(state: &State, v: &Volume) -> VolumeView {
     }
 }
 
+fn mdisk_names(state: &State) -> BTreeMap<ObjectId, &str> {
+    state
+        .mdisks
+        .values()
+        .map(|m| (m.id, m.name.as_str()))
+        .collect()
+}
+
+pub fn volume_view(state: &State, name: &str) -> Result<VolumeView, ConfigError> {
+    let v = state
+        .volumes
+        .get(name)
+        .ok_or_else(|| ConfigError::NotFound {
+            object: "volume".into(),
+            name: name.into(),
+        })?;
+    Ok(volume_view_of(state, &mdisk_names(state), v))
+}
+
 pub fn volume_views(state: &State) -> Vec<VolumeView> {
+    let names = mdisk_names(state);
     state
         .volumes
         .values()
-        .map(|v| volume_view(state, v))
+        .map(|v| volume_view_of(state, &names, v))
         .collect()
 }
 
@@ -175,108 +166,85 @@ pub fn status_view(state: &State, node: NodeStatus) -> StatusView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sanvirt_config::PhysExtent;
+    use sanvirt_config::Command;
 
-    fn mdisk(id: u64, name: &str, mode: MdiskMode, total: u64, free: u64) -> Mdisk {
-        Mdisk {
-            id,
-            name: name.into(),
-            path: format!("/dev/{name}"),
-            capacity_bytes: total << 24,
-            mode,
-            extents_total: total,
-            extents_free: (total - free..total).collect(),
-        }
+    fn apply(s: &mut State, c: Command) {
+        s.apply(&c).expect("applies");
     }
 
     #[test]
-    fn pool_counts_managed_extents_only() {
+    fn views_follow_the_models_accounting() {
         let mut s = State::default();
-        let managed = |p: &str| MdiskMode::Managed { pool: p.into() };
-        s.mdisks
-            .insert("a".into(), mdisk(1, "a", managed("p0"), 100, 40));
-        s.mdisks
-            .insert("b".into(), mdisk(2, "b", managed("p0"), 50, 50));
-        s.mdisks.insert(
-            "c".into(),
-            mdisk(
-                3,
-                "c",
-                MdiskMode::Image {
-                    pool: "p0".into(),
-                    volume: "img".into(),
+        for (n, cap) in [("a", 100u64 << 24), ("b", 50 << 24), ("c", 3 << 24)] {
+            apply(
+                &mut s,
+                Command::AddMdisk {
+                    name: n.into(),
+                    path: format!("/dev/{n}"),
+                    capacity_bytes: cap,
                 },
-                0,
-                0,
-            ),
-        );
-        s.mdisks
-            .insert("d".into(), mdisk(4, "d", MdiskMode::Unmanaged, 0, 0));
-        s.pools.insert(
-            "p0".into(),
-            Pool {
-                id: 5,
+            );
+        }
+        apply(
+            &mut s,
+            Command::CreatePool {
                 name: "p0".into(),
                 extent_size_mib: 16,
-                mdisks: vec!["a".into(), "b".into(), "c".into()],
             },
         );
-        s.volumes.insert(
-            "v".into(),
-            Volume {
-                id: 6,
+        for m in ["a", "b"] {
+            apply(
+                &mut s,
+                Command::AddMdiskToPool {
+                    mdisk: m.into(),
+                    pool: "p0".into(),
+                },
+            );
+        }
+        apply(
+            &mut s,
+            Command::CreateVolume {
                 name: "v".into(),
                 pool: "p0".into(),
                 size_bytes: 60 << 24,
-                layout: Some(VolumeLayout::Sequential),
+                layout: VolumeLayout::Sequential,
                 mdisks: vec![],
-                extents: (0..60).map(|i| PhysExtent { mdisk: 1, index: i }).collect(),
             },
         );
-        let p = pool_view(&s, &s.pools["p0"]);
+        apply(
+            &mut s,
+            Command::CreateImageVolume {
+                name: "img".into(),
+                pool: "p0".into(),
+                mdisk: "c".into(),
+            },
+        );
+        let p = pool_view(&s, "p0").expect("pool");
         assert_eq!(
             (p.extents_total, p.extents_free, p.extents_used),
             (150, 90, 60)
         );
-        assert_eq!(p.capacity_bytes, 150 << 24);
-        assert_eq!(p.free_bytes, 90 << 24);
-        assert_eq!((p.mdisk_count, p.volume_count), (3, 1));
-        let v = volume_view(&s, &s.volumes["v"]);
-        assert_eq!(v.mdisks_used, vec!["a".to_string()]);
+        assert_eq!((p.capacity_bytes, p.free_bytes), (150 << 24, 90 << 24));
+        assert_eq!(
+            (p.mdisk_count, p.image_mdisk_count, p.volume_count),
+            (3, 1, 2)
+        );
+        assert_eq!(p.volume_bytes, (60 << 24) + (3 << 24));
+        let v = volume_view(&s, "v").expect("volume");
+        assert_eq!(v.mdisks_used, ["a"]);
         assert_eq!((v.extent_count, v.layout), (60, LayoutView::Sequential));
-        let m = mdisk_view(&s, &s.mdisks["c"], None);
+        let m = mdisk_view(&s, "c", None).expect("mdisk");
         assert_eq!(m.mode, MdiskModeView::Image);
         assert_eq!(m.volume.as_deref(), Some("img"));
         assert_eq!(m.status, DiskState::Unknown);
-    }
-
-    #[test]
-    fn inconsistent_snapshots_do_not_panic() {
-        let mut s = State::default();
-        let mut m = mdisk(
-            1,
-            "a",
-            MdiskMode::Managed {
-                pool: "gone".into(),
-            },
-            1,
-            0,
+        let a = mdisk_view(&s, "a", None).expect("mdisk");
+        assert_eq!(
+            (a.extents_used, a.volumes.clone()),
+            (60, vec!["v".to_string()])
         );
-        m.extents_free = vec![0, 1, 2, 3];
-        m.extents_total = u64::MAX;
-        s.mdisks.insert("a".into(), m);
-        s.pools.insert(
-            "gone2".into(),
-            Pool {
-                id: 2,
-                name: "gone".into(),
-                extent_size_mib: u32::MAX,
-                mdisks: vec![],
-            },
-        );
-        let p = pool_view(&s, &s.pools["gone2"]);
-        assert_eq!(p.capacity_bytes, u64::MAX);
-        let mv = mdisk_view(&s, &s.mdisks["a"], None);
-        assert_eq!(mv.extent_size_mib, None);
+        assert!(matches!(
+            pool_view(&s, "nope"),
+            Err(ConfigError::NotFound { .. })
+        ));
     }
 }

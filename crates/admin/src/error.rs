@@ -6,6 +6,7 @@
 //! | `already_exists`, `in_use` | 409 |
 //! | `insufficient_capacity` | 409: the request conflicts with the pool's current free space; retrying after freeing or adding capacity can succeed |
 //! | `invalid_name`, `invalid_argument`, `invalid_json` | 400 |
+//! | `store_failed` | 503: the node could not record a change and accepts none until restarted |
 //! | `unauthorized` | 401 |
 //! | `no_route` | 404, `method_not_allowed` 405 |
 //! | `payload_too_large` | 413 |
@@ -63,16 +64,17 @@ impl ApiError {
     }
 }
 
-pub fn status_of(e: &ConfigError) -> StatusCode {
-    match e {
-        ConfigError::NotFound { .. } => StatusCode::NOT_FOUND,
-        ConfigError::AlreadyExists { .. }
-        | ConfigError::InUse { .. }
-        | ConfigError::InsufficientCapacity { .. } => StatusCode::CONFLICT,
-        ConfigError::InvalidName { .. } | ConfigError::InvalidArgument { .. } => {
-            StatusCode::BAD_REQUEST
-        }
-        ConfigError::StoreFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+/// The status for a refusal of the kind `kind` (`ConfigError`'s serde tag).
+/// By kind rather than by variant, so a variant added to the configuration
+/// model reaches clients as a 500 with its own kind and message until it is
+/// given a code here.
+pub fn status_of(kind: &str) -> StatusCode {
+    match kind {
+        "not_found" => StatusCode::NOT_FOUND,
+        "already_exists" | "in_use" | "insufficient_capacity" => StatusCode::CONFLICT,
+        "invalid_name" | "invalid_argument" => StatusCode::BAD_REQUEST,
+        "store_failed" => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
@@ -103,10 +105,10 @@ impl From<ConfigError> for ApiError {
         };
         let kind = match fields.remove("kind") {
             Some(serde_json::Value::String(k)) => k,
-            _ => "invalid_argument".to_string(),
+            _ => "internal".to_string(),
         };
         ApiError {
-            status: status_of(&e),
+            status: status_of(&kind),
             body: ErrorBody {
                 error: kind,
                 message: human_message(&e),
@@ -125,5 +127,91 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_has_its_code_and_fields() {
+        let s = |x: &str| x.to_string();
+        let cases = [
+            (
+                ConfigError::NotFound {
+                    object: s("pool"),
+                    name: s("p"),
+                },
+                404,
+                "not_found",
+            ),
+            (
+                ConfigError::AlreadyExists {
+                    object: s("pool"),
+                    name: s("p"),
+                },
+                409,
+                "already_exists",
+            ),
+            (
+                ConfigError::InvalidName {
+                    name: s("?"),
+                    reason: s("r"),
+                },
+                400,
+                "invalid_name",
+            ),
+            (
+                ConfigError::InvalidArgument {
+                    field: s("size_bytes"),
+                    reason: s("r"),
+                },
+                400,
+                "invalid_argument",
+            ),
+            (
+                ConfigError::InUse {
+                    object: s("pool"),
+                    name: s("p"),
+                    reason: s("r"),
+                },
+                409,
+                "in_use",
+            ),
+            (
+                ConfigError::InsufficientCapacity {
+                    pool: s("p"),
+                    needed_bytes: 10 << 30,
+                    free_bytes: 1 << 30,
+                    free_extents: 64,
+                    extent_size_mib: 16,
+                },
+                409,
+                "insufficient_capacity",
+            ),
+        ];
+        for (e, code, kind) in cases {
+            let a = ApiError::from(e);
+            assert_eq!((a.status.as_u16(), a.body.error.as_str()), (code, kind));
+            assert!(!a.body.fields.contains_key("kind"));
+        }
+        assert_eq!(status_of("store_failed"), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            status_of("something_new"),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let a = ApiError::from(ConfigError::InsufficientCapacity {
+            pool: s("p0"),
+            needed_bytes: 10 << 30,
+            free_bytes: 1 << 30,
+            free_extents: 64,
+            extent_size_mib: 16,
+        });
+        assert_eq!(
+            a.body.message,
+            "pool 'p0' has 1.00 GiB free (64 extents of 16 MiB); 10.00 GiB needed"
+        );
+        assert_eq!(a.body.fields["needed_bytes"], 10u64 << 30);
     }
 }

@@ -63,21 +63,18 @@ fn find<'a, T>(map: &'a BTreeMap<String, T>, object: &str, name: &str) -> Result
 
 async fn mdisk_response(ctx: &Ctx, name: &str, code: StatusCode) -> Result<Response, ApiError> {
     let (state, node) = call(ctx, |s| (s.state(), s.status())).await?;
-    let m = find(&state.mdisks, "mdisk", name)?;
     let health = node.mdisks.iter().find(|h| h.name == name);
-    Ok((code, Json(mdisk_view(&state, m, health))).into_response())
+    Ok((code, Json(mdisk_view(&state, name, health)?)).into_response())
 }
 
 async fn pool_response(ctx: &Ctx, name: &str, code: StatusCode) -> Result<Response, ApiError> {
     let state = snapshot(ctx).await?;
-    let p = find(&state.pools, "pool", name)?;
-    Ok((code, Json(pool_view(&state, p))).into_response())
+    Ok((code, Json(pool_view(&state, name)?)).into_response())
 }
 
 async fn volume_response(ctx: &Ctx, name: &str, code: StatusCode) -> Result<Response, ApiError> {
     let state = snapshot(ctx).await?;
-    let v = find(&state.volumes, "volume", name)?;
-    Ok((code, Json(volume_view(&state, v))).into_response())
+    Ok((code, Json(volume_view(&state, name)?)).into_response())
 }
 
 // ------------------------------------------------------------------ node

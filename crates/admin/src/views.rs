@@ -138,6 +138,8 @@ pub struct MdiskView {
     pub extents_total: u64,
     pub extents_free: u64,
     pub extents_used: u64,
+    /// Volumes with at least one extent here (an image-mode mdisk: its volume).
+    pub volumes: Vec<String>,
     /// Disk-path state from the back end.
     pub status: DiskState,
     /// Why it is offline, if it is.
@@ -160,7 +162,11 @@ pub struct PoolView {
     pub extents_free: u64,
     /// Member mdisks (managed and image mode).
     pub mdisk_count: u64,
+    /// Members in image mode (each is one image-mode volume).
+    pub image_mdisk_count: u64,
     pub volume_count: u64,
+    /// Sum of the sizes of the pool's volumes (image mode included).
+    pub volume_bytes: u64,
     /// Member mdisks in striping order.
     pub mdisks: Vec<String>,
 }
@@ -214,8 +220,8 @@ pub struct StatusView {
 pub struct ErrorBody {
     /// Machine-readable kind: `not_found`, `already_exists`, `in_use`,
     /// `invalid_name`, `invalid_argument`, `insufficient_capacity`,
-    /// `invalid_json`, `payload_too_large`, `unauthorized`, `no_route`,
-    /// `method_not_allowed`, `internal`.
+    /// `store_failed`, `invalid_json`, `payload_too_large`, `unauthorized`,
+    /// `no_route`, `method_not_allowed`, `internal`.
     #[schema(example = "not_found")]
     pub error: String,
     /// For people.

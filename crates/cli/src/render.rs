@@ -252,6 +252,9 @@ pub fn mdisk(m: &MdiskView) -> String {
             ),
         ));
     }
+    if m.mode != MdiskModeView::Unmanaged {
+        rows.push(("volumes", list(&m.volumes)));
+    }
     let mut st = disk_state(m.status).to_string();
     if let Some(r) = &m.status_reason {
         st.push_str(&format!(" ({r})"));
@@ -321,7 +324,14 @@ pub fn pool(p: &PoolView) -> String {
             ),
         ),
         ("mdisks", list(&p.mdisks)),
-        ("volumes", p.volume_count.to_string()),
+        (
+            "volumes",
+            format!(
+                "{} ({} provisioned)",
+                p.volume_count,
+                format_bytes(p.volume_bytes)
+            ),
+        ),
     ])
 }
 
@@ -391,7 +401,9 @@ mod tests {
             extents_used: total - free,
             extents_free: free,
             mdisk_count: 2,
+            image_mdisk_count: 0,
             volume_count: 1,
+            volume_bytes: (total - free) << 24,
             mdisks: vec!["md0".into(), "md1".into()],
         }
     }
