@@ -7,6 +7,16 @@
 //! chains to the next IOB for longer transfers. IOB descriptors also come from
 //! a fixed table sized at start-up.
 //!
+//! Pages and IOB descriptors are the objects of two object-pool base pools
+//! (`sanvirt-objpool`): page indexes in the page base pool (rank
+//! [`ranks::PAGE`]), IOB slot indexes in the IOB base pool (rank
+//! [`ranks::IOB`]). A facility takes its share with [`BufferPool::child`]: a
+//! child pool of each, with antideadlock and antibottleneck thresholds, from
+//! which it allocates ([`BufferChild::alloc`]), waits for buffers
+//! ([`BufferChild::alloc_wait`], backpressure) or builds buffers from
+//! reservations its work item made in the fixed rank order
+//! ([`BufferChild::alloc_in`]).
+//!
 //! Facilities hand buffers to each other by moving the [`Buffer`] handle, never
 //! by copying bytes. When two facilities need the same data at once,
 //! [`Buffer::share`] (the paper's *clone*) builds a second IOB chain over the
@@ -17,10 +27,18 @@
 //!
 //! # Accounting invariant
 //!
-//! `available == free_pages - Σ(refcount(p) - 1)` over allocated pages `p`:
-//! every extra reference to a page holds one reserved page for its eventual
-//! copy-on-write. Allocations and shares take from `available`; dropping a
-//! reference gives one back.
+//! Every page reference held by a buffer holds one reserved unit of the page
+//! pool, and every IOB of a chain one unit of the IOB pool, in the pool the
+//! buffer was allocated from (the base pools, or a facility's child pools;
+//! shares and splits stay in the pool of their source). Hence, with
+//! `held_unused` the units child pools hold but no buffer uses:
+//!
+//! `pages_available == free_pages - Σ(refcount(p) - 1) - held_unused`
+//!
+//! over allocated pages `p`: every extra reference to a page holds one
+//! reserved page for its eventual copy-on-write. Without child pools this is
+//! `available == free_pages - Σ(refcount(p) - 1)`. Allocations and shares
+//! reserve; dropping a reference unreserves one unit.
 //!
 //! # Copies
 //!
@@ -31,10 +49,12 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crossbeam_queue::ArrayQueue;
+use sanvirt_objpool::{
+    ranks, ChildLimits, Pool, PoolError, PoolStats, Rank, Reservation, WorkItem,
+};
 
 /// Size of one page of host data.
 pub const PAGE_SIZE: usize = 4096;
@@ -49,6 +69,19 @@ const NONE: u32 = u32::MAX;
 
 const _: () = assert!(PAGE_SIZE.is_power_of_two());
 const _: () = assert!(POOL_PAGES_MAX < NONE as usize);
+const _: () = assert!(POOL_PAGES_MAX <= sanvirt_objpool::POOL_OBJECTS_MAX);
+// A facility's child pools take ranks inside the page and IOB bands.
+const _: () = assert!(ranks::PAGE.0 + ranks::BAND <= ranks::IOB.0);
+
+/// Pages a buffer of `len` bytes holds.
+pub const fn pages_for(len: usize) -> usize {
+    len.div_ceil(PAGE_SIZE)
+}
+
+/// IOB descriptors a buffer of `pages` pages (from one allocation) holds.
+pub const fn iobs_for(pages: usize) -> usize {
+    pages.div_ceil(IOB_PAGES_MAX)
+}
 
 /// Why a buffer could not be built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -69,6 +102,63 @@ pub enum BufferError {
         len: usize,
         buffer_len: usize,
     },
+    /// A waiting allocation larger than its pool can ever grant (above the
+    /// pool's antideadlock threshold): it would wait forever.
+    #[error("buffer needs {needed} {what}, more than the {limit} its pool can ever grant")]
+    TooLarge {
+        what: &'static str,
+        needed: usize,
+        limit: usize,
+    },
+    /// Too many allocations already waiting on the pool.
+    #[error("too many allocations waiting for {what}")]
+    TooManyWaiters { what: &'static str },
+}
+
+/// Maps a page reservation failure.
+#[cold]
+fn pages_error(e: PoolError, needed: usize, pool: &Pool<u32>) -> BufferError {
+    match e {
+        PoolError::Exhausted { spare, .. } => BufferError::PagesExhausted {
+            needed,
+            available: spare,
+        },
+        // A non-waiting allocation larger than the pool: exhausted, as ever.
+        PoolError::TooLarge { .. } => BufferError::PagesExhausted {
+            needed,
+            available: pool.spare(),
+        },
+        PoolError::TooManyWaiters { .. } => BufferError::TooManyWaiters { what: "pages" },
+        other => unreachable!("page reservation: {other}"),
+    }
+}
+
+/// Maps an IOB reservation failure; `needed` counts the missing descriptors.
+#[cold]
+fn iobs_error(e: PoolError, iobs: usize, pool: &Pool<u32>) -> BufferError {
+    match e {
+        PoolError::Exhausted { .. } | PoolError::TooLarge { .. } => BufferError::IobsExhausted {
+            needed: iobs.saturating_sub(pool.spare()).max(1),
+        },
+        PoolError::TooManyWaiters { .. } => BufferError::TooManyWaiters { what: "IOBs" },
+        other => unreachable!("IOB reservation: {other}"),
+    }
+}
+
+/// Maps a failure of a waiting reservation.
+#[cold]
+fn wait_error(e: PoolError, what: &'static str) -> BufferError {
+    match e {
+        PoolError::TooLarge {
+            requested, limit, ..
+        } => BufferError::TooLarge {
+            what,
+            needed: requested,
+            limit,
+        },
+        PoolError::TooManyWaiters { .. } => BufferError::TooManyWaiters { what },
+        other => unreachable!("waiting reservation of {what}: {other}"),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -95,17 +185,19 @@ pub struct BufferStats {
     pub copied_bytes: u64,
 }
 
-/// The page arena, page reference counts and IOB descriptor table of one node.
+/// The page arena, page reference counts and IOB descriptor table of one
+/// node, with the base pools whose objects are their indexes.
 pub struct BufferPool {
     arena: *mut u8,
     layout: Layout,
     page_count: usize,
     refs: Box<[AtomicU32]>,
-    free_pages: ArrayQueue<u32>,
-    /// Pages that may still be allocated or reserved (see the crate invariant).
-    available: AtomicUsize,
-    iobs: Box<[UnsafeCell<IobSlot>]>,
-    free_iobs: ArrayQueue<u32>,
+    /// Base pool of page indexes; its spare is the pages neither allocated
+    /// nor reserved (see the crate invariant).
+    pages: Pool<u32>,
+    iob_table: Box<[UnsafeCell<IobSlot>]>,
+    /// Base pool of IOB slot indexes.
+    iobs: Pool<u32>,
     cow_copies: AtomicU64,
     explicit_copies: AtomicU64,
     copied_bytes: AtomicU64,
@@ -114,10 +206,28 @@ pub struct BufferPool {
 // SAFETY: the arena is only reached through `Buffer` handles. A page is written
 // only through `&mut Buffer` after `make_exclusive` proved its count is one, so
 // no other handle can read it concurrently. An IOB slot is owned by exactly one
-// `Buffer` (taken from `free_iobs`, returned on drop), so its `UnsafeCell` is
-// never accessed from two threads at once. All shared counters are atomics.
+// `Buffer` (allocated from the IOB pool, freed back on drop), so its
+// `UnsafeCell` is never accessed from two threads at once. All shared counters
+// are atomics.
 unsafe impl Send for BufferPool {}
 unsafe impl Sync for BufferPool {}
+
+/// A facility's child pools of pages and IOBs.
+struct Account {
+    pages: Pool<u32>,
+    iobs: Pool<u32>,
+}
+
+/// A facility's share of the buffer pools: a child pool of pages and a child
+/// pool of IOB descriptors (the paper's child pools), from which it allocates
+/// buffers. Cloning gives another handle; the child pools go away, returning
+/// their reservations, when the last handle and the last buffer allocated
+/// from them are gone.
+#[derive(Clone)]
+pub struct BufferChild {
+    pool: Arc<BufferPool>,
+    acct: Arc<Account>,
+}
 
 impl BufferPool {
     /// Allocates `page_count` pages and `iob_count` IOB descriptors up front.
@@ -129,25 +239,16 @@ impl BufferPool {
         // SAFETY: layout has non-zero size (page_count > 0).
         let arena = unsafe { alloc_zeroed(layout) };
         assert!(!arena.is_null(), "cannot allocate page arena");
-        let free_pages = ArrayQueue::new(page_count);
-        for p in 0..page_count as u32 {
-            free_pages.push(p).expect("queue sized for every page");
-        }
-        let free_iobs = ArrayQueue::new(iob_count);
-        for i in 0..iob_count as u32 {
-            free_iobs.push(i).expect("queue sized for every iob");
-        }
         Arc::new(BufferPool {
             arena,
             layout,
             page_count,
             refs: (0..page_count).map(|_| AtomicU32::new(0)).collect(),
-            free_pages,
-            available: AtomicUsize::new(page_count),
-            iobs: (0..iob_count)
+            pages: Pool::base("pages", ranks::PAGE, (0..page_count as u32).collect()),
+            iob_table: (0..iob_count)
                 .map(|_| UnsafeCell::new(EMPTY_SLOT))
                 .collect(),
-            free_iobs,
+            iobs: Pool::base("iobs", ranks::IOB, (0..iob_count as u32).collect()),
             cow_copies: AtomicU64::new(0),
             explicit_copies: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
@@ -159,14 +260,31 @@ impl BufferPool {
         self.page_count
     }
 
-    /// Pages neither allocated nor reserved for a copy-on-write.
+    /// Pages of the base pool neither allocated nor reserved (by buffers for
+    /// copy-on-write, or by child pools).
     pub fn pages_available(&self) -> usize {
-        self.available.load(Ordering::Acquire)
+        self.pages.spare()
     }
 
-    /// Free IOB descriptors.
+    /// Free IOB descriptors (not in any buffer's chain).
     pub fn iobs_free(&self) -> usize {
-        self.free_iobs.len()
+        self.iobs.free_objects()
+    }
+
+    /// IOB descriptors of the base pool neither allocated nor reserved.
+    pub fn iobs_available(&self) -> usize {
+        self.iobs.spare()
+    }
+
+    /// The page base pool (for stats, and for facilities that build compound
+    /// pools over pages).
+    pub fn page_pool(&self) -> &Pool<u32> {
+        &self.pages
+    }
+
+    /// The IOB base pool.
+    pub fn iob_pool(&self) -> &Pool<u32> {
+        &self.iobs
     }
 
     /// Copy counters since the pool was created.
@@ -178,70 +296,171 @@ impl BufferPool {
         }
     }
 
-    /// A buffer of `len` bytes (zero-filled only if the pages were never used:
-    /// callers must not rely on content).
+    /// Creates a facility's child pools: pages ranked `ranks::PAGE + offset`
+    /// and IOBs ranked `ranks::IOB + offset` (`offset` < `ranks::BAND`), with
+    /// the given thresholds. Fails if their antideadlock thresholds cannot be
+    /// reserved now.
+    pub fn child(
+        self: &Arc<Self>,
+        name: &str,
+        offset: u32,
+        pages: ChildLimits,
+        iobs: ChildLimits,
+    ) -> Result<BufferChild, PoolError> {
+        assert!(
+            offset > 0 && offset < ranks::BAND,
+            "rank offset {offset} outside the band"
+        );
+        let page_pool = self.pages.child(
+            &format!("{name}.pages"),
+            Rank(ranks::PAGE.0 + offset),
+            pages,
+        )?;
+        let iob_pool =
+            self.iobs
+                .child(&format!("{name}.iobs"), Rank(ranks::IOB.0 + offset), iobs)?;
+        Ok(BufferChild {
+            pool: Arc::clone(self),
+            acct: Arc::new(Account {
+                pages: page_pool,
+                iobs: iob_pool,
+            }),
+        })
+    }
+
+    /// A buffer of `len` bytes from the base pools, without waiting (zero-filled
+    /// only if the pages were never used: callers must not rely on content).
+    #[inline]
     pub fn alloc(self: &Arc<Self>, len: usize) -> Result<Buffer, BufferError> {
-        let pages = len.div_ceil(PAGE_SIZE);
-        self.take_available(pages)?;
-        let mut chain = ChainBuilder::new(self);
-        for i in 0..pages {
-            let p = self
-                .free_pages
-                .pop()
-                .expect("available pages imply free pages");
+        self.alloc_from(None, len)
+    }
+
+    /// A buffer of `len` bytes from the base pools, waiting in FIFO order for
+    /// pages, then IOBs, while there are not enough (backpressure). Dropping
+    /// the future before it completes reserves nothing.
+    pub async fn alloc_wait(self: &Arc<Self>, len: usize) -> Result<Buffer, BufferError> {
+        self.alloc_wait_from(None, len).await
+    }
+
+    /// A buffer of `len` bytes built from reservations of the base pools that
+    /// the caller's work item made (see [`BufferChild::alloc_in`]).
+    pub fn alloc_in(
+        self: &Arc<Self>,
+        pages: &mut Reservation<'_, u32>,
+        iobs: &mut Reservation<'_, u32>,
+        len: usize,
+    ) -> Result<Buffer, BufferError> {
+        self.alloc_in_from(None, pages, iobs, len)
+    }
+
+    fn pools<'a>(&'a self, acct: Option<&'a Arc<Account>>) -> (&'a Pool<u32>, &'a Pool<u32>) {
+        match acct {
+            Some(a) => (&a.pages, &a.iobs),
+            None => (&self.pages, &self.iobs),
+        }
+    }
+
+    #[inline]
+    fn alloc_from(
+        self: &Arc<Self>,
+        acct: Option<&Arc<Account>>,
+        len: usize,
+    ) -> Result<Buffer, BufferError> {
+        let (pp, ip) = self.pools(acct);
+        let pages = pages_for(len);
+        let iobs = iobs_for(pages);
+        pp.try_reserve_detached(pages)
+            .map_err(|e| pages_error(e, pages, pp))?;
+        if let Err(e) = ip.try_reserve_detached(iobs) {
+            pp.unreserve_detached(pages);
+            return Err(iobs_error(e, iobs, ip));
+        }
+        Ok(self.build(acct, pages, len))
+    }
+
+    async fn alloc_wait_from(
+        self: &Arc<Self>,
+        acct: Option<&Arc<Account>>,
+        len: usize,
+    ) -> Result<Buffer, BufferError> {
+        // Without waiters and with enough spare, as cheap as `alloc` (which
+        // also respects the FIFO order of waiters).
+        if let Ok(b) = self.alloc_from(acct, len) {
+            return Ok(b);
+        }
+        let (pp, ip) = self.pools(acct);
+        let pages = pages_for(len);
+        let iobs = iobs_for(pages);
+        // Pages before IOBs: the fixed order every work item follows.
+        let mut work = WorkItem::new();
+        let mut pr = pp
+            .reserve(&mut work, pages)
+            .await
+            .map_err(|e| wait_error(e, "pages"))?;
+        let mut ir = ip
+            .reserve(&mut work, iobs)
+            .await
+            .map_err(|e| wait_error(e, "IOBs"))?;
+        pr.detach(pages);
+        ir.detach(iobs);
+        Ok(self.build(acct, pages, len))
+    }
+
+    fn alloc_in_from(
+        self: &Arc<Self>,
+        acct: Option<&Arc<Account>>,
+        pr: &mut Reservation<'_, u32>,
+        ir: &mut Reservation<'_, u32>,
+        len: usize,
+    ) -> Result<Buffer, BufferError> {
+        let (pp, ip) = self.pools(acct);
+        assert!(
+            pr.pool().same_pool(pp) && ir.pool().same_pool(ip),
+            "alloc_in: reservations are not from this buffer pool's page and IOB pools"
+        );
+        let pages = pages_for(len);
+        let iobs = iobs_for(pages);
+        if pr.unallocated() < pages {
+            return Err(BufferError::PagesExhausted {
+                needed: pages,
+                available: pr.unallocated(),
+            });
+        }
+        if ir.unallocated() < iobs {
+            return Err(BufferError::IobsExhausted {
+                needed: iobs - ir.unallocated(),
+            });
+        }
+        pr.detach(pages);
+        ir.detach(iobs);
+        Ok(self.build(acct, pages, len))
+    }
+
+    /// Builds a buffer over `pages` new pages; the caller holds `pages` page
+    /// units and `iobs_for(pages)` IOB units of `acct`, which pass to it.
+    #[inline]
+    fn build(self: &Arc<Self>, acct: Option<&Arc<Account>>, pages: usize, len: usize) -> Buffer {
+        let (pp, ip) = self.pools(acct);
+        let mut chain = ChainBuilder::new(self, ip);
+        for _ in 0..pages {
+            let p = pp.allocate_detached();
             let old = self.refs[p as usize].swap(1, Ordering::AcqRel);
             debug_assert_eq!(old, 0, "free page {p} had references");
-            if let Err(e) = chain.push(p) {
-                self.release_page(p);
-                self.give_available(pages - i - 1);
-                drop(chain.finish(0, 0));
-                return Err(e);
-            }
+            chain.push(p);
         }
-        Ok(chain.finish(0, len))
+        chain.finish(acct.cloned(), 0, len)
     }
 
-    fn take_available(&self, n: usize) -> Result<(), BufferError> {
-        let mut cur = self.available.load(Ordering::Acquire);
-        loop {
-            if cur < n {
-                return Err(BufferError::PagesExhausted {
-                    needed: n,
-                    available: cur,
-                });
-            }
-            match self.available.compare_exchange_weak(
-                cur,
-                cur - n,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(now) => cur = now,
-            }
-        }
-    }
-
-    fn give_available(&self, n: usize) {
-        let before = self.available.fetch_add(n, Ordering::AcqRel);
-        debug_assert!(before + n <= self.page_count);
-    }
-
-    /// Drops one reference to `page`; returns the page (or its reservation).
-    fn release_page(&self, page: u32) {
+    /// Drops one reference to `page`; true if it was the last one (the page
+    /// must then be freed to its pool).
+    #[inline]
+    fn drop_ref(&self, page: u32) -> bool {
         let before = self.refs[page as usize].fetch_sub(1, Ordering::AcqRel);
         assert!(
             before >= 1,
             "page {page} released more often than referenced"
         );
-        if before == 1 {
-            self.free_pages
-                .push(page)
-                .expect("free list has room for every page");
-        }
-        // Either the page itself or the copy-on-write reservation held by the
-        // extra reference becomes available again.
-        self.give_available(1);
+        before == 1
     }
 
     fn page_ptr(&self, page: u32) -> *mut u8 {
@@ -251,26 +470,98 @@ impl BufferPool {
     }
 
     /// # Safety
-    /// The caller must own slot `i` (it belongs to a live `Buffer` it holds).
+    /// The caller must own slot `i` (it belongs to a live `Buffer` it holds,
+    /// or was just allocated from the IOB pool).
     #[allow(clippy::mut_from_ref)]
     unsafe fn slot(&self, i: u32) -> &mut IobSlot {
-        &mut *self.iobs[i as usize].get()
+        &mut *self.iob_table[i as usize].get()
     }
 
-    fn free_chain(&self, mut head: u32) {
+    /// Frees a chain: page references and IOBs go back, objects first, then
+    /// their units (a unit must never be spare while its object is not free).
+    fn free_chain(&self, mut head: u32, pp: &Pool<u32>, ip: &Pool<u32>) {
+        let mut page_refs = 0;
+        let mut iobs = 0;
         while head != NONE {
             // SAFETY: the chain belongs to the buffer being dropped.
             let slot = unsafe { self.slot(head) };
             for &p in &slot.pages[..slot.count as usize] {
-                self.release_page(p);
+                if self.drop_ref(p) {
+                    pp.free_detached(p);
+                }
             }
+            page_refs += slot.count as usize;
             let next = slot.next;
             *slot = EMPTY_SLOT;
-            self.free_iobs
-                .push(head)
-                .expect("free list has room for every iob");
+            ip.free_detached(head);
+            iobs += 1;
             head = next;
         }
+        // Each reference held a page unit: either for the page itself or for
+        // its copy-on-write.
+        pp.unreserve_detached(page_refs);
+        ip.unreserve_detached(iobs);
+    }
+}
+
+impl BufferChild {
+    /// The buffer pool this child draws from.
+    pub fn pool(&self) -> &Arc<BufferPool> {
+        &self.pool
+    }
+
+    /// The child pool of pages (reserve from it in a work item, then
+    /// [`BufferChild::alloc_in`]).
+    pub fn pages(&self) -> &Pool<u32> {
+        &self.acct.pages
+    }
+
+    /// The child pool of IOB descriptors.
+    pub fn iobs(&self) -> &Pool<u32> {
+        &self.acct.iobs
+    }
+
+    pub fn page_stats(&self) -> PoolStats {
+        self.acct.pages.stats()
+    }
+
+    pub fn iob_stats(&self) -> PoolStats {
+        self.acct.iobs.stats()
+    }
+
+    /// A buffer of `len` bytes charged to this child's pools, without waiting.
+    #[inline]
+    pub fn alloc(&self, len: usize) -> Result<Buffer, BufferError> {
+        self.pool.alloc_from(Some(&self.acct), len)
+    }
+
+    /// A buffer of `len` bytes charged to this child's pools, waiting in FIFO
+    /// order while there are not enough (backpressure). A buffer larger than
+    /// the antideadlock thresholds is refused ([`BufferError::TooLarge`]).
+    pub async fn alloc_wait(&self, len: usize) -> Result<Buffer, BufferError> {
+        self.pool.alloc_wait_from(Some(&self.acct), len).await
+    }
+
+    /// A buffer of `len` bytes built from reservations of this child's pools
+    /// that the caller's work item made, in rank order with its other
+    /// objects (e.g. a control block first). Takes
+    /// [`pages_for`]`(len)` page units and [`iobs_for`] IOB units from them.
+    pub fn alloc_in(
+        &self,
+        pages: &mut Reservation<'_, u32>,
+        iobs: &mut Reservation<'_, u32>,
+        len: usize,
+    ) -> Result<Buffer, BufferError> {
+        self.pool.alloc_in_from(Some(&self.acct), pages, iobs, len)
+    }
+}
+
+impl std::fmt::Debug for BufferChild {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BufferChild")
+            .field("pages", &self.acct.pages)
+            .field("iobs", &self.acct.iobs)
+            .finish()
     }
 }
 
@@ -281,37 +572,34 @@ impl Drop for BufferPool {
     }
 }
 
-/// Builds an IOB chain, taking IOB slots from the free list as pages arrive.
-/// No heap allocation: slots are linked through their `next` field.
+/// Builds an IOB chain, taking IOB slots as pages arrive. The caller holds
+/// an IOB unit for every slot the chain will need. No heap allocation: slots
+/// are linked through their `next` field.
 struct ChainBuilder<'a> {
     pool: &'a Arc<BufferPool>,
+    iobs: &'a Pool<u32>,
     head: u32,
     tail: u32,
-    pushed: usize,
 }
 
 impl<'a> ChainBuilder<'a> {
-    fn new(pool: &'a Arc<BufferPool>) -> Self {
+    fn new(pool: &'a Arc<BufferPool>, iobs: &'a Pool<u32>) -> Self {
         ChainBuilder {
             pool,
+            iobs,
             head: NONE,
             tail: NONE,
-            pushed: 0,
         }
     }
 
-    /// Appends a page the caller already holds a reference for. On failure
-    /// the caller still owns that reference.
-    fn push(&mut self, page: u32) -> Result<(), BufferError> {
-        // SAFETY: `tail` (when set) was popped by this builder; nobody else owns it.
+    /// Appends a page the caller already holds a reference for.
+    #[inline]
+    fn push(&mut self, page: u32) {
+        // SAFETY: `tail` (when set) was allocated by this builder; nobody else owns it.
         let full = self.tail == NONE
             || unsafe { self.pool.slot(self.tail).count } as usize == IOB_PAGES_MAX;
         if full {
-            let s = self
-                .pool
-                .free_iobs
-                .pop()
-                .ok_or(BufferError::IobsExhausted { needed: 1 })?;
+            let s = self.iobs.allocate_detached();
             if self.tail == NONE {
                 self.head = s;
             } else {
@@ -320,17 +608,16 @@ impl<'a> ChainBuilder<'a> {
             }
             self.tail = s;
         }
-        // SAFETY: as above.
+        // SAFETY: as above; free slots are kept EMPTY_SLOT.
         let slot = unsafe { self.pool.slot(self.tail) };
         slot.pages[slot.count as usize] = page;
         slot.count += 1;
-        self.pushed += 1;
-        Ok(())
     }
 
-    fn finish(self, offset: usize, len: usize) -> Buffer {
+    fn finish(self, acct: Option<Arc<Account>>, offset: usize, len: usize) -> Buffer {
         Buffer {
             pool: Arc::clone(self.pool),
+            acct,
             head: self.head,
             offset,
             len,
@@ -347,6 +634,8 @@ impl<'a> ChainBuilder<'a> {
 /// holds the handle).
 pub struct Buffer {
     pool: Arc<BufferPool>,
+    /// The child pools its units are reserved from; `None`: the base pools.
+    acct: Option<Arc<Account>>,
     head: u32,
     offset: usize,
     len: usize,
@@ -373,6 +662,23 @@ impl Buffer {
     /// The pool this buffer's pages come from.
     pub fn pool(&self) -> &Arc<BufferPool> {
         &self.pool
+    }
+
+    /// The page and IOB pools this buffer's units are reserved from.
+    #[inline]
+    fn pools(&self) -> (&Pool<u32>, &Pool<u32>) {
+        self.pool.pools(self.acct.as_ref())
+    }
+
+    /// An empty buffer charged to the same pools.
+    fn empty(&self) -> Buffer {
+        Buffer {
+            pool: Arc::clone(&self.pool),
+            acct: self.acct.clone(),
+            head: NONE,
+            offset: 0,
+            len: 0,
+        }
     }
 
     /// Page ids in chain order (for tests and diagnostics).
@@ -408,7 +714,8 @@ impl Buffer {
     }
 
     /// A shared view of `len` bytes starting at `start` (page-granular sharing;
-    /// reserves a copy-on-write page per shared page).
+    /// reserves a copy-on-write page per shared page, and the IOBs of the new
+    /// chain, from the pools of this buffer).
     pub fn slice(&self, start: usize, len: usize) -> Result<Buffer, BufferError> {
         if start.checked_add(len).is_none_or(|end| end > self.len) {
             return Err(BufferError::OutOfRange {
@@ -418,40 +725,31 @@ impl Buffer {
             });
         }
         if len == 0 {
-            return Ok(Buffer {
-                pool: Arc::clone(&self.pool),
-                head: NONE,
-                offset: 0,
-                len: 0,
-            });
+            return Ok(self.empty());
         }
         let abs = self.offset + start;
         let first = abs / PAGE_SIZE;
         let last = (abs + len - 1) / PAGE_SIZE;
         let pages = last - first + 1;
-        self.pool.take_available(pages)?;
-        let mut chain = ChainBuilder::new(&self.pool);
+        let iobs = iobs_for(pages);
+        let (pp, ip) = self.pools();
+        pp.try_reserve_detached(pages)
+            .map_err(|e| pages_error(e, pages, pp))?;
+        if let Err(e) = ip.try_reserve_detached(iobs) {
+            pp.unreserve_detached(pages);
+            return Err(iobs_error(e, iobs, ip));
+        }
+        let mut chain = ChainBuilder::new(&self.pool, ip);
         let mut idx = 0usize;
-        let mut failed = None;
         self.for_each_page(|p| {
-            if idx >= first && idx <= last && failed.is_none() {
+            if idx >= first && idx <= last {
                 let before = self.pool.refs[p as usize].fetch_add(1, Ordering::AcqRel);
                 debug_assert!(before >= 1);
-                if let Err(e) = chain.push(p) {
-                    self.pool.release_page(p);
-                    failed = Some(e);
-                }
+                chain.push(p);
             }
             idx += 1;
         });
-        if let Some(e) = failed {
-            // Pushed pages give their reservation back when the partial chain
-            // drops; the failed page gave its own back in `release_page`.
-            self.pool.give_available(pages - chain.pushed - 1);
-            drop(chain.finish(0, 0));
-            return Err(e);
-        }
-        Ok(chain.finish(abs % PAGE_SIZE, len))
+        Ok(chain.finish(self.acct.clone(), abs % PAGE_SIZE, len))
     }
 
     /// Splits the buffer at byte `at`: `self` keeps `[0, at)`, the result
@@ -465,23 +763,15 @@ impl Buffer {
         let keep_pages = (self.offset + at) / PAGE_SIZE;
         let tail_len = self.len - at;
         if tail_len == 0 {
-            return Ok(Buffer {
-                pool: Arc::clone(&self.pool),
-                head: NONE,
-                offset: 0,
-                len: 0,
-            });
+            return Ok(self.empty());
         }
         if keep_pages == 0 {
-            let head = std::mem::replace(&mut self.head, NONE);
-            let off = std::mem::replace(&mut self.offset, 0);
+            let mut tail = self.empty();
+            tail.head = std::mem::replace(&mut self.head, NONE);
+            tail.offset = std::mem::replace(&mut self.offset, 0);
+            tail.len = tail_len;
             self.len = 0;
-            return Ok(Buffer {
-                pool: Arc::clone(&self.pool),
-                head,
-                offset: off,
-                len: tail_len,
-            });
+            return Ok(tail);
         }
         // Walk to the IOB holding page index `keep_pages`.
         let mut seen = 0usize;
@@ -494,24 +784,22 @@ impl Buffer {
                 // Split between IOBs: just cut the link.
                 let next = std::mem::replace(&mut slot.next, NONE);
                 self.len = at;
-                return Ok(Buffer {
-                    pool: Arc::clone(&self.pool),
-                    head: next,
-                    offset: 0,
-                    len: tail_len,
-                });
+                let mut tail = self.empty();
+                tail.head = next;
+                tail.len = tail_len;
+                return Ok(tail);
             }
             if seen + n > keep_pages {
-                // Split inside this IOB: move its later pages to a new IOB.
-                let new = self
-                    .pool
-                    .free_iobs
-                    .pop()
-                    .ok_or(BufferError::IobsExhausted { needed: 1 })?;
+                // Split inside this IOB: move its later pages to a new IOB,
+                // reserved from this buffer's IOB pool.
+                let (_, ip) = self.pools();
+                ip.try_reserve_detached(1)
+                    .map_err(|e| iobs_error(e, 1, ip))?;
+                let new = ip.allocate_detached();
                 let k = keep_pages - seen;
-                // SAFETY: `new` was just popped, so we own it; it differs from `i`.
+                // SAFETY: `new` was just allocated, so we own it; it differs from `i`.
                 let ns = unsafe { self.pool.slot(new) };
-                *ns = EMPTY_SLOT;
+                debug_assert_eq!(ns.count, 0, "free IOB slots are kept empty");
                 for (j, p) in slot.pages[k..n].iter_mut().enumerate() {
                     ns.pages[j] = std::mem::replace(p, NONE);
                 }
@@ -519,12 +807,10 @@ impl Buffer {
                 ns.next = std::mem::replace(&mut slot.next, NONE);
                 slot.count = k as u8;
                 self.len = at;
-                return Ok(Buffer {
-                    pool: Arc::clone(&self.pool),
-                    head: new,
-                    offset: 0,
-                    len: tail_len,
-                });
+                let mut tail = self.empty();
+                tail.head = new;
+                tail.len = tail_len;
+                return Ok(tail);
             }
             seen += n;
             i = slot.next;
@@ -532,11 +818,22 @@ impl Buffer {
     }
 
     /// Appends `other` after `self` (the inverse of [`Buffer::split_off`]).
-    /// `self` must end on a page boundary and `other` start at one.
+    /// `self` must end on a page boundary and `other` start at one. Both must
+    /// be charged to the same pools (allocated from the same [`BufferChild`],
+    /// or both from the base pools): a chain returns its units to one place.
     pub fn append(&mut self, mut other: Buffer) -> Result<(), BufferError> {
         assert!(
             Arc::ptr_eq(&self.pool, &other.pool),
             "buffers from different pools"
+        );
+        let same_acct = match (&self.acct, &other.acct) {
+            (None, None) => true,
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        assert!(
+            same_acct || other.head == NONE,
+            "append of buffers charged to different child pools"
         );
         if other.len == 0 {
             return Ok(());
@@ -587,12 +884,9 @@ impl Buffer {
             for k in 0..slot.count as usize {
                 let p = slot.pages[k];
                 if self.pool.refs[p as usize].load(Ordering::Acquire) > 1 {
-                    // The reservation made at share time guarantees a free page.
-                    let np = self
-                        .pool
-                        .free_pages
-                        .pop()
-                        .expect("copy-on-write page was reserved at share time");
+                    // The unit this reference holds, reserved at share time,
+                    // guarantees a free page.
+                    let np = self.pool.pools(self.acct.as_ref()).0.allocate_detached();
                     // SAFETY: p and np are distinct in-arena pages; np is
                     // private to us; p is shared and thus read-only to all.
                     unsafe {
@@ -693,7 +987,8 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        self.pool.free_chain(self.head);
+        let (pp, ip) = self.pools();
+        self.pool.free_chain(self.head, pp, ip);
     }
 }
 

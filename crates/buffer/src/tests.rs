@@ -1,5 +1,23 @@
 use super::*;
 use proptest::prelude::*;
+use sanvirt_objpool::WorkItem;
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+impl Buffer {
+    /// IOBs in the chain (tests).
+    fn iob_count(&self) -> usize {
+        let mut n = 0;
+        let mut i = self.head;
+        while i != NONE {
+            n += 1;
+            // SAFETY: the chain belongs to this buffer; we only read it.
+            i = unsafe { self.pool.slot(i) }.next;
+        }
+        n
+    }
+}
 
 fn fill(buf: &mut Buffer, seed: u8) {
     let mut k = seed;
@@ -162,9 +180,243 @@ fn split_off_and_append_move_pages_without_copies() {
     assert_eq!(pool.iobs_free(), 16);
 }
 
+fn fe_child(pool: &Arc<BufferPool>) -> BufferChild {
+    pool.child("fe", 1, ChildLimits::new(8, 16), ChildLimits::new(2, 4))
+        .unwrap()
+}
+
+#[test]
+fn child_pools_charge_their_buffers() {
+    let pool = BufferPool::new(64, 16);
+    let child = fe_child(&pool);
+    // The antideadlock thresholds are reserved at creation.
+    assert_eq!(pool.pages_available(), 64 - 8);
+    assert_eq!(pool.iobs_available(), 16 - 2);
+    let a = child.alloc(3 * PAGE_SIZE).unwrap();
+    assert_eq!(child.page_stats().granted, 3);
+    assert_eq!(child.iob_stats().granted, 1);
+    let b = child.alloc(8 * PAGE_SIZE).unwrap();
+    // 11 > 8: the child over-reserved from the base up to its antibottleneck.
+    assert_eq!(child.page_stats().reserved, 16);
+    assert_eq!(pool.pages_available(), 64 - 16);
+    // A share and a split stay charged to the child.
+    let s = b.share().unwrap();
+    assert_eq!(child.page_stats().granted, 3 + 8 + 8);
+    let mut c = s.slice(0, 8 * PAGE_SIZE).unwrap();
+    let d = c.split_off(5 * PAGE_SIZE).unwrap();
+    drop((a, b, s));
+    assert_eq!(child.page_stats().granted, 8);
+    assert_eq!(child.iob_stats().granted, 2);
+    drop((c, d));
+    assert_eq!(child.page_stats().granted, 0);
+    assert_eq!(child.iob_stats().granted, 0);
+    assert_eq!(pool.iobs_free(), 16);
+    assert_eq!(pool.stats(), BufferStats::default());
+    drop(child);
+    assert_eq!(pool.pages_available(), 64);
+    assert_eq!(pool.iobs_available(), 16);
+}
+
+#[test]
+fn copy_on_write_in_a_child_uses_the_page_reserved_at_share_time() {
+    let pool = BufferPool::new(32, 16);
+    let child = fe_child(&pool);
+    let mut a = child.alloc(2 * PAGE_SIZE).unwrap();
+    fill(&mut a, 5);
+    let before = bytes(&a);
+    let b = a.share().unwrap();
+    let granted = child.page_stats().granted;
+    a.copy_from_slice(0, &[1, 2, 3]);
+    assert_eq!(bytes(&b), before);
+    assert_eq!(pool.stats().cow_copies, 2);
+    // The copies took the reserved units: nothing more was reserved.
+    assert_eq!(child.page_stats().granted, granted);
+    drop((a, b));
+    assert_eq!(child.page_stats().granted, 0);
+    assert_eq!(pool.page_pool().free_objects(), 32);
+}
+
+#[test]
+fn creating_a_child_fails_without_room_for_its_antideadlock_threshold() {
+    let pool = BufferPool::new(16, 16);
+    let _held = pool.alloc(10 * PAGE_SIZE).unwrap();
+    let e = pool
+        .child("big", 1, ChildLimits::new(8, 8), ChildLimits::new(1, 1))
+        .unwrap_err();
+    assert!(
+        matches!(e, PoolError::AntideadlockUnavailable { .. }),
+        "{e}"
+    );
+    assert_eq!(pool.pages_available(), 6);
+}
+
+#[test]
+fn alloc_in_builds_from_a_work_items_reservations() {
+    let pool = BufferPool::new(64, 16);
+    let child = fe_child(&pool);
+    // The paper's example work item: 1 control block + 8 pages + 1 IOB,
+    // reserved in rank order.
+    let cbs =
+        sanvirt_objpool::Pool::base("cb", sanvirt_objpool::ranks::CONTROL_BLOCK, vec![0u32; 4]);
+    let mut work = WorkItem::new();
+    let mut cb = cbs.try_reserve(&mut work, 1).unwrap();
+    let mut pages = child.pages().try_reserve(&mut work, 8).unwrap();
+    let mut iobs = child.iobs().try_reserve(&mut work, 1).unwrap();
+    let block = cb.allocate().unwrap();
+    let buf = child
+        .alloc_in(&mut pages, &mut iobs, 8 * PAGE_SIZE)
+        .unwrap();
+    assert_eq!((pages.reserved(), iobs.reserved()), (0, 0));
+    assert_eq!(
+        child.alloc_in(&mut pages, &mut iobs, 1).unwrap_err(),
+        BufferError::PagesExhausted {
+            needed: 1,
+            available: 0
+        }
+    );
+    assert_eq!(child.page_stats().granted, 8);
+    drop(buf);
+    cb.free(block);
+    drop((cb, pages, iobs));
+    assert_eq!(child.page_stats().granted, 0);
+}
+
+#[test]
+#[should_panic(expected = "not from this buffer pool")]
+fn alloc_in_refuses_reservations_of_other_pools() {
+    let pool = BufferPool::new(64, 16);
+    let child = fe_child(&pool);
+    let mut work = WorkItem::new();
+    let mut pages = pool.page_pool().try_reserve(&mut work, 1).unwrap();
+    let mut iobs = pool.iob_pool().try_reserve(&mut work, 1).unwrap();
+    let _ = child.alloc_in(&mut pages, &mut iobs, 1);
+}
+
+#[test]
+#[should_panic(expected = "different child pools")]
+fn append_across_child_pools_is_refused() {
+    let pool = BufferPool::new(64, 16);
+    let child = fe_child(&pool);
+    let mut a = pool.alloc(PAGE_SIZE).unwrap();
+    let b = child.alloc(PAGE_SIZE).unwrap();
+    let _ = a.append(b);
+}
+
+fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+    f.poll(&mut Context::from_waker(Waker::noop()))
+}
+
+#[test]
+fn alloc_wait_waits_for_buffers_in_fifo_order() {
+    let pool = BufferPool::new(16, 16);
+    let child = fe_child(&pool);
+    // Everything is taken: the base by a direct buffer, the child by its own.
+    let direct = pool.alloc(8 * PAGE_SIZE).unwrap();
+    let mine = child.alloc(8 * PAGE_SIZE).unwrap();
+    let mut first = pin!(child.alloc_wait(6 * PAGE_SIZE));
+    let mut second = pin!(child.alloc_wait(PAGE_SIZE));
+    assert!(poll_once(first.as_mut()).is_pending());
+    assert!(poll_once(second.as_mut()).is_pending());
+    assert!(
+        child.alloc(PAGE_SIZE).is_err(),
+        "newcomers queue behind waiters"
+    );
+    drop(direct);
+    // The base has room now: the child grows and serves its head first.
+    let a = match poll_once(first.as_mut()) {
+        Poll::Ready(b) => b.unwrap(),
+        Poll::Pending => panic!("head served once the base has room"),
+    };
+    let b = match poll_once(second.as_mut()) {
+        Poll::Ready(b) => b.unwrap(),
+        Poll::Pending => panic!("second served"),
+    };
+    assert_eq!((a.len(), b.len()), (6 * PAGE_SIZE, PAGE_SIZE));
+    drop((a, b, mine));
+    assert_eq!(child.page_stats().granted, 0);
+}
+
+#[test]
+fn waiting_for_more_than_the_antideadlock_threshold_is_refused() {
+    let pool = BufferPool::new(64, 16);
+    let child = fe_child(&pool);
+    let r = pollster(child.alloc_wait(9 * PAGE_SIZE));
+    assert_eq!(
+        r.unwrap_err(),
+        BufferError::TooLarge {
+            what: "pages",
+            needed: 9,
+            limit: 8
+        }
+    );
+    // Without waiting it is refused too, as exhausted: a facility splits
+    // transfers larger than its threshold.
+    assert!(matches!(
+        child.alloc(9 * PAGE_SIZE),
+        Err(BufferError::PagesExhausted { needed: 9, .. })
+    ));
+    assert!(child.alloc(8 * PAGE_SIZE).is_ok());
+}
+
+fn pollster<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match poll_once(f.as_mut()) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("expected an immediate result"),
+    }
+}
+
+#[test]
+fn alloc_wait_is_backpressure_across_tasks() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let pool = BufferPool::new(32, 8);
+    let child = fe_child(&pool);
+    let done = rt.block_on(async {
+        let mut tasks = Vec::new();
+        for i in 0..16u8 {
+            let child = child.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0;
+                for k in 0..200usize {
+                    let len = (1 + (k + i as usize) % 8) * PAGE_SIZE;
+                    let mut b = child.alloc_wait(len).await.unwrap();
+                    b.zero();
+                    tokio::task::yield_now().await;
+                    n += 1;
+                }
+                n
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        total
+    });
+    assert_eq!(done, 16 * 200);
+    assert_eq!(child.page_stats().granted, 0);
+    assert!(child.page_stats().waits > 0, "the tasks had to wait");
+    drop(child);
+    assert_eq!(pool.pages_available(), 32);
+    assert_eq!(pool.iobs_free(), 8);
+}
+
+#[test]
+fn futures_are_send() {
+    fn is_send<T: Send>(_: &T) {}
+    let pool = BufferPool::new(8, 8);
+    let child = fe_child(&pool);
+    is_send(&pool.alloc_wait(1));
+    is_send(&child.alloc_wait(1));
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Alloc(usize),
+    AllocChild(usize),
     Share(usize),
     Slice(usize, usize, usize),
     Write(usize, u8),
@@ -174,6 +426,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (1usize..40_000).prop_map(Op::Alloc),
+        (1usize..40_000).prop_map(Op::AllocChild),
         any::<usize>().prop_map(Op::Share),
         (any::<usize>(), any::<usize>(), any::<usize>()).prop_map(|(a, b, c)| Op::Slice(a, b, c)),
         (any::<usize>(), any::<u8>()).prop_map(|(a, b)| Op::Write(a, b)),
@@ -188,11 +441,21 @@ proptest! {
     #[test]
     fn model_check(ops in proptest::collection::vec(op(), 1..80)) {
         let pool = BufferPool::new(64, 24);
+        // A facility's child pools: buffers from it are charged to them.
+        let child = pool
+            .child("fe", 1, ChildLimits::new(10, 16), ChildLimits::new(2, 4))
+            .unwrap();
         let mut live: Vec<(Buffer, Vec<u8>)> = Vec::new();
         for op in ops {
             match op {
                 Op::Alloc(len) => {
                     if let Ok(mut b) = pool.alloc(len) {
+                        b.zero();
+                        live.push((b, vec![0; len]));
+                    }
+                }
+                Op::AllocChild(len) => {
+                    if let Ok(mut b) = child.alloc(len) {
                         b.zero();
                         live.push((b, vec![0; len]));
                     }
@@ -234,13 +497,42 @@ proptest! {
                 for p in b.page_ids() { *refs.entry(p).or_insert(0usize) += 1; }
             }
             let extra: usize = refs.values().map(|c| c - 1).sum();
-            prop_assert_eq!(pool.pages_available() + extra + refs.len(), 64);
+            // free − Σ(refs − 1) − units the child holds unused == available
+            let cp = child.page_stats();
+            prop_assert_eq!(pool.pages_available() + extra + refs.len() + cp.spare, 64);
             for (p, c) in &refs {
                 prop_assert_eq!(pool.refs[*p as usize].load(Ordering::Acquire) as usize, *c);
             }
+            // Each page reference and each IOB holds one unit of its pool.
+            let charged = |child_side: bool| {
+                let mut page_refs = 0;
+                let mut iobs = 0;
+                for (b, _) in live.iter().filter(|(b, _)| b.acct.is_some() == child_side) {
+                    page_refs += b.page_ids().len();
+                    iobs += b.iob_count();
+                }
+                (page_refs, iobs)
+            };
+            let (child_refs, child_iobs) = charged(true);
+            let (base_refs, base_iobs) = charged(false);
+            prop_assert_eq!(cp.granted, child_refs);
+            prop_assert_eq!(child.iob_stats().granted, child_iobs);
+            prop_assert_eq!(
+                pool.page_pool().stats().granted,
+                base_refs + cp.reserved
+            );
+            prop_assert_eq!(
+                pool.iob_pool().stats().granted,
+                base_iobs + child.iob_stats().reserved
+            );
+            prop_assert_eq!(pool.iobs_free() + base_iobs + child_iobs, 24);
+            prop_assert!(cp.reserved >= 10 && child.iob_stats().reserved >= 2);
         }
         live.clear();
+        prop_assert_eq!(child.page_stats().granted, 0);
+        drop(child);
         prop_assert_eq!(pool.pages_available(), 64);
         prop_assert_eq!(pool.iobs_free(), 24);
+        prop_assert_eq!(pool.iobs_available(), 24);
     }
 }

@@ -60,7 +60,8 @@
 //! waiters is one compare-and-swap on that word; unreserving is one
 //! `fetch_add` plus, for a child pool, one load per ancestor; allocating or
 //! freeing an object is one lock-free queue operation on the base pool's free
-//! list (plus one relaxed counter update in a child pool). No lock is taken
+//! list (plus, through a [`Reservation`] of a child pool, one relaxed counter
+//! update for the `allocated` statistic). No lock is taken
 //! on this path and nothing is allocated. The per-pool mutex is taken only
 //! when the pool must wait, grow from its parent, bleed down, be reclaimed or
 //! be ticked. A waiting reservation allocates one small shared slot.
@@ -231,8 +232,9 @@ pub struct PoolStats {
     pub spare: usize,
     /// Objects allocated by clients and no longer reserved.
     pub cached: usize,
-    /// Objects allocated through this pool and not yet freed (a base pool:
-    /// all objects out of its free list).
+    /// Objects allocated through this pool's reservations (guards) and not
+    /// yet freed; detached allocations are the caller's to count. A base
+    /// pool: all objects out of its free list.
     pub allocated: usize,
     /// Antideadlock threshold plus the child pools' thresholds; never given back.
     pub floor: usize,

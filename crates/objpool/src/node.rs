@@ -375,6 +375,7 @@ impl Node {
 
     // ---- the word -------------------------------------------------------
 
+    #[inline]
     pub(crate) fn spare(&self) -> usize {
         spare_of(self.word.0.load(Ordering::Acquire))
     }
@@ -436,6 +437,7 @@ impl Node {
     }
 
     /// Adds units without serving anyone; the caller settles if needed.
+    #[inline]
     fn put_quiet(&self, n: usize) -> u64 {
         // SeqCst pairs with the pressure check in `put` (see there).
         self.word.0.fetch_add(in_word(n), Ordering::SeqCst)
@@ -457,6 +459,7 @@ impl Node {
         }
     }
 
+    #[inline]
     fn ancestors_pressured(&self) -> bool {
         self.parents
             .iter()
@@ -516,6 +519,7 @@ impl Node {
         Ok(())
     }
 
+    #[cold]
     pub(crate) fn exhausted(&self, requested: usize) -> PoolError {
         PoolError::Exhausted {
             pool: Arc::clone(&self.name),
@@ -530,6 +534,7 @@ impl Node {
     /// Reserves between `min` and `max` units without waiting, growing from
     /// the parent or reclaiming from children if needed. `fifo`: refuse if
     /// clients are queued (a new request must not overtake them).
+    #[inline]
     pub(crate) fn try_acquire(
         self: &Arc<Self>,
         min: usize,
@@ -543,6 +548,11 @@ impl Node {
         if let Some(t) = self.take_fast(min, max) {
             return Some(t);
         }
+        self.try_acquire_slow(min, max, fifo)
+    }
+
+    #[inline(never)]
+    fn try_acquire_slow(self: &Arc<Self>, min: usize, max: usize, fifo: bool) -> Option<usize> {
         for _ in 0..TRY_ATTEMPTS_MAX {
             let (short, goal) = {
                 let s = self.slow.lock();
@@ -752,6 +762,7 @@ impl Node {
     /// Serves queued requests, starts growth for the first one that cannot
     /// be served, or (when nobody waits) bleeds down. Call after anything that
     /// may have changed what is possible; cheap when nothing is.
+    #[inline(never)]
     pub(crate) fn settle(self: &Arc<Self>) {
         loop {
             let mut delivery = None;
@@ -1087,12 +1098,14 @@ impl Node {
 
     // ---- objects and stats ---------------------------------------------------
 
+    #[inline]
     pub(crate) fn note_allocated(&self) {
         if self.kind != Kind::Base {
             self.allocated.fetch_add(1, Ordering::Relaxed);
         }
     }
 
+    #[inline]
     pub(crate) fn note_freed(&self) {
         if self.kind != Kind::Base {
             let before = self.allocated.fetch_sub(1, Ordering::Relaxed);
