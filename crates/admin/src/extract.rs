@@ -10,9 +10,34 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
-/// A JSON body of at most [`crate::BODY_BYTES_MAX`] bytes (the router's
-/// `DefaultBodyLimit`), parsed strictly. The content type is not checked:
-/// the body must be JSON whatever the client calls it.
+/// The raw body, at most [`crate::BODY_BYTES_MAX`] bytes (the router's
+/// `DefaultBodyLimit`; 413 above).
+pub struct ApiBody(pub Bytes);
+
+#[async_trait]
+impl<S> FromRequest<S> for ApiBody
+where
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(ApiBody)
+            .map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large()
+                } else {
+                    ApiError::invalid_json(format!("cannot read request body: {}", r.body_text()))
+                }
+            })
+    }
+}
+
+/// A JSON body of at most [`crate::BODY_BYTES_MAX`] bytes, parsed strictly.
+/// The content type is not checked: the body must be JSON whatever the
+/// client calls it.
 pub struct ApiJson<T>(pub T);
 
 #[async_trait]
@@ -24,13 +49,7 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large()
-            } else {
-                ApiError::invalid_json(format!("cannot read request body: {}", r.body_text()))
-            }
-        })?;
+        let ApiBody(bytes) = ApiBody::from_request(req, state).await?;
         parse_json(&bytes).map(ApiJson)
     }
 }

@@ -18,7 +18,7 @@ use crate::capacity::{
     mdisk_view, mdisk_views, pool_view, pool_views, status_view, volume_view, volume_views,
 };
 use crate::error::ApiError;
-use crate::extract::{parse_json, ApiJson, ApiPath};
+use crate::extract::{parse_json, ApiBody, ApiJson, ApiPath};
 use crate::service::AdminService;
 use crate::views::*;
 
@@ -111,7 +111,7 @@ pub async fn get_status(AxumState(ctx): AxumState<Ctx>) -> Result<Json<StatusVie
     ))]
 pub async fn post_command(
     AxumState(ctx): AxumState<Ctx>,
-    body: axum::body::Bytes,
+    ApiBody(body): ApiBody,
 ) -> Result<Json<Outcome>, ApiError> {
     let cmd = parse_command(&body)?;
     if let Command::AddMdisk {

@@ -727,6 +727,16 @@ async fn bodies_over_the_limit_are_413() {
         .await;
     assert_error(&r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     assert!(api.svc.state().pools.is_empty());
+    let body = format!(r#"{{"op": "create_pool", "extent_size_mib": 16, "name": "{name}"}}"#);
+    let r = api
+        .raw(
+            Method::POST,
+            "/v1/commands",
+            body.into_bytes(),
+            Some(&format!("Bearer {TOKEN}")),
+        )
+        .await;
+    assert_error(&r, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
     // Just under the limit is read (and refused by the state machine).
     let name = "a".repeat(crate::BODY_BYTES_MAX - 20);
     let body = format!(r#"{{"name": "{name}"}}"#).into_bytes();
@@ -823,6 +833,17 @@ async fn unknown_routes_and_methods_are_json() {
         "no_route",
     );
     assert_error(&api.get("/").await, StatusCode::NOT_FOUND, "no_route");
+    // Names are percent-decoded; bytes that are not UTF-8 are a JSON 400.
+    assert_error(
+        &api.get("/v1/pools/%FF").await,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+    );
+    assert_error(
+        &api.get("/v1/pools/a%20b").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
     assert_error(
         &api.call(Method::PUT, "/v1/pools", Some(json!({}))).await,
         StatusCode::METHOD_NOT_ALLOWED,
