@@ -176,6 +176,11 @@ pub enum ConfigError {
         name: String,
         reason: String,
     },
+    /// The configuration store could not record the change (disk full, I/O
+    /// error). The change may or may not be durable; the node accepts no
+    /// configuration changes until it is restarted, which recovers.
+    #[error("configuration store failed: {reason}")]
+    StoreFailed { reason: String },
 }
 
 /// The whole configuration of a node (later: of the cluster).

@@ -144,10 +144,16 @@ impl DaemonConfig {
             );
         }
         if !matches!(self.backend.io_mode.as_str(), "direct" | "buffered") {
-            bail!("backend.io_mode must be \"direct\" or \"buffered\", not {:?}", self.backend.io_mode);
+            bail!(
+                "backend.io_mode must be \"direct\" or \"buffered\", not {:?}",
+                self.backend.io_mode
+            );
         }
         if !matches!(self.backend.engine.as_str(), "auto" | "threads" | "uring") {
-            bail!("backend.engine must be \"auto\", \"threads\" or \"uring\", not {:?}", self.backend.engine);
+            bail!(
+                "backend.engine must be \"auto\", \"threads\" or \"uring\", not {:?}",
+                self.backend.engine
+            );
         }
         if !(1..=256).contains(&self.backend.threads) {
             bail!("backend.threads must be between 1 and 256");

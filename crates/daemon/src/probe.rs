@@ -33,7 +33,9 @@ pub fn probe_mdisk(path: &str, create_size_bytes: Option<u64>) -> Result<u64, St
     } else if ft.is_block_device() {
         block_device_size(p).map_err(|e| format!("cannot size block device {path}: {e}"))?
     } else {
-        return Err(format!("{path} is neither a regular file nor a block device"));
+        return Err(format!(
+            "{path} is neither a regular file nor a block device"
+        ));
     };
     // The back end must be able to open it for writing.
     OpenOptions::new()
@@ -42,7 +44,9 @@ pub fn probe_mdisk(path: &str, create_size_bytes: Option<u64>) -> Result<u64, St
         .open(p)
         .map_err(|e| format!("cannot open {path} for reading and writing: {e}"))?;
     if capacity < 512 {
-        return Err(format!("{path} holds {capacity} bytes; an mdisk needs at least 512"));
+        return Err(format!(
+            "{path} holds {capacity} bytes; an mdisk needs at least 512"
+        ));
     }
     Ok(capacity)
 }
@@ -84,10 +88,18 @@ mod tests {
         assert_eq!(probe_mdisk(ps, None).unwrap(), 1 << 30);
         let e = probe_mdisk(ps, Some(1 << 20)).unwrap_err();
         assert!(e.contains("File exists"), "{e}");
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 1 << 30, "nothing truncated");
-        assert!(probe_mdisk(d.path().to_str().unwrap(), None).unwrap_err().contains("neither"));
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            1 << 30,
+            "nothing truncated"
+        );
+        assert!(probe_mdisk(d.path().to_str().unwrap(), None)
+            .unwrap_err()
+            .contains("neither"));
         assert!(probe_mdisk("/nonexistent/x", None).is_err());
-        assert!(probe_mdisk(ps, Some(1000)).unwrap_err().contains("multiple of 512"));
+        assert!(probe_mdisk(ps, Some(1000))
+            .unwrap_err()
+            .contains("multiple of 512"));
         assert!(probe_mdisk("", None).is_err());
     }
 }

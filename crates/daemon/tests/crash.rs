@@ -38,7 +38,12 @@ fn check_consistent(d: &Daemon) {
             .map(|v| {
                 let n = v["extent_count"].as_u64().expect("extent_count");
                 let size = v["size_bytes"].as_u64().unwrap();
-                assert_eq!(n, size.div_ceil(ext), "volume {} has the extents its size needs", v["name"]);
+                assert_eq!(
+                    n,
+                    size.div_ceil(ext),
+                    "volume {} has the extents its size needs",
+                    v["name"]
+                );
                 n
             })
             .sum();
@@ -72,19 +77,33 @@ fn kill9_during_configuration_changes_loses_nothing_acknowledged() {
                 let mut k = 0;
                 let mut existing = existing;
                 while !stop.load(Ordering::Relaxed) {
-                    let (args, name, create): (Vec<String>, String, bool) = if k % 3 == 2 && !existing.is_empty() {
-                        let n = existing.remove(0);
-                        (vec!["volume".into(), "delete".into(), n.clone()], n, false)
-                    } else {
-                        let n = format!("v{it}_{k}");
-                        let layout = if k % 2 == 0 { "--striped" } else { "--sequential" };
-                        (
-                            vec!["volume".into(), "create".into(), "--name".into(), n.clone(), "--pool".into(), "p0".into(),
-                                 "--size".into(), format!("{}MiB", 1 + k % 5), layout.into()],
-                            n,
-                            true,
-                        )
-                    };
+                    let (args, name, create): (Vec<String>, String, bool) =
+                        if k % 3 == 2 && !existing.is_empty() {
+                            let n = existing.remove(0);
+                            (vec!["volume".into(), "delete".into(), n.clone()], n, false)
+                        } else {
+                            let n = format!("v{it}_{k}");
+                            let layout = if k % 2 == 0 {
+                                "--striped"
+                            } else {
+                                "--sequential"
+                            };
+                            (
+                                vec![
+                                    "volume".into(),
+                                    "create".into(),
+                                    "--name".into(),
+                                    n.clone(),
+                                    "--pool".into(),
+                                    "p0".into(),
+                                    "--size".into(),
+                                    format!("{}MiB", 1 + k % 5),
+                                    layout.into(),
+                                ],
+                                n,
+                                true,
+                            )
+                        };
                     *inflight.lock().unwrap() = Some((name.clone(), create));
                     let o = std::process::Command::new(bin("sanvirt"))
                         .env("SANVIRT_API", format!("http://127.0.0.1:{api}"))
@@ -128,13 +147,22 @@ fn kill9_during_configuration_changes_loses_nothing_acknowledged() {
             }
         }
         for n in &acked {
-            assert!(now.contains(n), "iteration {it}: acknowledged volume {n} lost after kill -9");
+            assert!(
+                now.contains(n),
+                "iteration {it}: acknowledged volume {n} lost after kill -9"
+            );
         }
         for n in &deleted {
-            assert!(!now.contains(n), "iteration {it}: acknowledged deletion of {n} undone");
+            assert!(
+                !now.contains(n),
+                "iteration {it}: acknowledged deletion of {n} undone"
+            );
         }
         let extra: Vec<_> = now.difference(&acked).collect();
-        assert!(extra.is_empty(), "iteration {it}: volumes nobody created: {extra:?}");
+        assert!(
+            extra.is_empty(),
+            "iteration {it}: volumes nobody created: {extra:?}"
+        );
         check_consistent(&d);
         // What the configuration says is served.
         if let Some(v) = acked.iter().next() {
@@ -142,5 +170,8 @@ fn kill9_during_configuration_changes_loses_nothing_acknowledged() {
             assert!(info.trim().parse::<u64>().unwrap() > 0);
         }
     }
-    assert!(acked.len() + deleted.len() > iterations as usize, "the loop really changed the configuration");
+    assert!(
+        acked.len() + deleted.len() > iterations as usize,
+        "the loop really changed the configuration"
+    );
 }

@@ -43,7 +43,10 @@ pub fn have(tool: &str) -> bool {
 /// Fails the test (not skips) when a client it needs is missing: the test
 /// command installs them.
 pub fn require(tool: &str) {
-    assert!(have(tool), "{tool} is not installed: run ./scripts/test, which installs it");
+    assert!(
+        have(tool),
+        "{tool} is not installed: run ./scripts/test, which installs it"
+    );
 }
 
 pub struct Daemon {
@@ -82,7 +85,12 @@ impl Daemon {
     }
 
     pub fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).to_str().expect("utf8 path").to_string()
+        self.dir
+            .path()
+            .join(name)
+            .to_str()
+            .expect("utf8 path")
+            .to_string()
     }
 
     pub fn spawn(&mut self) {
@@ -128,7 +136,11 @@ impl Daemon {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "sanvirtd not ready; log:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "sanvirtd not ready; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -156,7 +168,10 @@ impl Daemon {
 
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("sanvirt"))
-            .env("SANVIRT_API", format!("http://127.0.0.1:{}", self.admin_port))
+            .env(
+                "SANVIRT_API",
+                format!("http://127.0.0.1:{}", self.admin_port),
+            )
             .env("SANVIRT_TOKEN_FILE", self.data_dir().join("api-token"))
             .env_remove("SANVIRT_TOKEN")
             .args(args)
@@ -187,12 +202,27 @@ impl Daemon {
     pub fn pool_of_four(&self, mib: u64, extent: &str) {
         for i in 0..4 {
             self.ok(&[
-                "mdisk", "add", "--name", &format!("md{i}"), "--path",
-                &self.path(&format!("md{i}.img")), "--create-size", &format!("{mib}MiB"),
+                "mdisk",
+                "add",
+                "--name",
+                &format!("md{i}"),
+                "--path",
+                &self.path(&format!("md{i}.img")),
+                "--create-size",
+                &format!("{mib}MiB"),
             ]);
         }
         self.ok(&["pool", "create", "--name", "p0", "--extent-size", extent]);
-        self.ok(&["pool", "add-mdisk", "--pool", "p0", "md0", "md1", "md2", "md3"]);
+        self.ok(&[
+            "pool",
+            "add-mdisk",
+            "--pool",
+            "p0",
+            "md0",
+            "md1",
+            "md2",
+            "md3",
+        ]);
     }
 }
 
@@ -204,7 +234,10 @@ impl Drop for Daemon {
 
 /// Runs an external client; panics with its output when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let o = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         o.status.success(),
         "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",

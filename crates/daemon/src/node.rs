@@ -1,0 +1,257 @@
+//! One node: the I/O facility stack bound at compile time, the configuration
+//! store, and the admin service that connects them.
+//!
+//! The only way the configuration changes is [`Node::submit`]: the store
+//! validates the command, journals it (fdatasync) and applies it; then the
+//! I/O modules are handed the new state (the back end opens or closes mdisks,
+//! the virtualization facility rebuilds its volume table and tells the front
+//! ends). The I/O modules never share the state machine's data structures.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use parking_lot::Mutex;
+use sanvirt_admin::{AdminService, DiskState, MdiskStatus, NodeStatus};
+use sanvirt_backend::{BackEnd, BackEndConfig, CacheMode, EngineKind};
+use sanvirt_buffer::BufferPool;
+use sanvirt_config::journal::{Store, SubmitError};
+use sanvirt_config::{Command, ConfigError, Outcome, State};
+use sanvirt_facility::{IoRequest, IoServer};
+use sanvirt_nbd::{NbdConfig, NbdFrontEnd};
+use sanvirt_virt::Virtualization;
+
+use crate::config::DaemonConfig;
+
+/// The stack of this build: NBD front end → virtualization → back end.
+pub type Stack = NbdFrontEnd<Virtualization<BackEnd>>;
+
+pub struct Node {
+    cfg: DaemonConfig,
+    store: Mutex<Store>,
+    virt: Virtualization<BackEnd>,
+    pool: Arc<BufferPool>,
+    started: Instant,
+    nbd_portal: SocketAddr,
+}
+
+impl Node {
+    /// Hands the I/O modules the configuration `state`: the back end opens
+    /// exactly the configured mdisks, then the virtualization facility serves
+    /// exactly the configured volumes.
+    fn reconfigure_io(&self, state: &State) {
+        let want: Vec<_> = state
+            .mdisks
+            .values()
+            .map(|m| (m.id, PathBuf::from(&m.path)))
+            .collect();
+        for entry in self.virt.server().reconcile(&want) {
+            if let Some(err) = entry.error {
+                tracing::warn!(mdisk = entry.id, %err, "mdisk could not be opened; it is offline");
+            }
+        }
+        self.virt.reconfigure(state);
+    }
+
+    pub fn pool(&self) -> &Arc<BufferPool> {
+        &self.pool
+    }
+}
+
+impl AdminService for Node {
+    fn submit(&self, cmd: Command) -> Result<Outcome, ConfigError> {
+        let mut store = self.store.lock();
+        match store.submit(&cmd) {
+            Ok(outcome) => {
+                tracing::info!(seq = store.state().applied, ?cmd, "configuration changed");
+                self.reconfigure_io(store.state());
+                Ok(outcome)
+            }
+            Err(SubmitError::Rejected(e)) => Err(e),
+            Err(e @ SubmitError::TooLarge { .. }) => Err(ConfigError::InvalidArgument {
+                field: "command".into(),
+                reason: e.to_string(),
+            }),
+            Err(e @ SubmitError::Failed { .. }) => {
+                tracing::error!(%e, "configuration store failed");
+                Err(ConfigError::StoreFailed {
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
+    fn state(&self) -> State {
+        self.store.lock().state().clone()
+    }
+
+    fn probe_mdisk(&self, path: &str, create_size_bytes: Option<u64>) -> Result<u64, ConfigError> {
+        crate::probe::probe_mdisk(path, create_size_bytes).map_err(|reason| {
+            ConfigError::InvalidArgument {
+                field: "path".into(),
+                reason,
+            }
+        })
+    }
+
+    fn status(&self) -> NodeStatus {
+        let state = self.state();
+        let backend = self.virt.server();
+        let mdisks = state
+            .mdisks
+            .values()
+            .map(|m| match backend.mdisk(m.id) {
+                None => MdiskStatus {
+                    name: m.name.clone(),
+                    state: DiskState::Unknown,
+                    reason: None,
+                },
+                Some(s) => MdiskStatus {
+                    name: m.name.clone(),
+                    state: if s.offline.is_some() {
+                        DiskState::Offline
+                    } else {
+                        DiskState::Online
+                    },
+                    reason: s.offline.map(|r| r.to_string()),
+                },
+            })
+            .collect();
+        NodeStatus {
+            node_id: self.cfg.node_id,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_s: self.started.elapsed().as_secs(),
+            nbd_portal: Some(self.nbd_portal.to_string()),
+            mdisks,
+        }
+    }
+}
+
+/// Starts the node and serves until SIGINT or SIGTERM.
+pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
+    let token = crate::token::load_or_create(&cfg.token_path())?;
+    let store = Store::open(cfg.data_dir.join("config")).with_context(|| {
+        format!(
+            "cannot open the configuration store in {}",
+            cfg.data_dir.display()
+        )
+    })?;
+
+    let backend = BackEnd::new(BackEndConfig {
+        engine: match cfg.backend.engine.as_str() {
+            "threads" => EngineKind::ThreadPool,
+            "uring" => EngineKind::IoUring,
+            _ => EngineKind::Auto,
+        },
+        cache: if cfg.backend.io_mode == "buffered" {
+            CacheMode::Buffered
+        } else {
+            CacheMode::Direct
+        },
+        pool_threads: cfg.backend.threads,
+        node: cfg.node_id,
+        ..BackEndConfig::default()
+    })
+    .context("cannot start the back end")?;
+    tracing::info!(engine = ?backend.engine(), note = backend.engine_note(), "back end ready");
+    let virt = Virtualization::new_on_node(backend, cfg.node_id);
+    let pool = BufferPool::new(cfg.buffers.pages, cfg.buffers.iobs);
+    let nbd: Arc<Stack> = NbdFrontEnd::try_new(
+        virt.clone(),
+        Arc::clone(&pool),
+        NbdConfig {
+            node: cfg.node_id,
+            ..NbdConfig::default()
+        },
+    )
+    .context("invalid NBD configuration")?;
+
+    let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd.listen)
+        .await
+        .with_context(|| format!("cannot listen for NBD on {}", cfg.nbd.listen))?;
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+        .await
+        .with_context(|| format!("cannot listen for the admin API on {}", cfg.admin.listen))?;
+    let nbd_portal = nbd_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let node = Arc::new(Node {
+        cfg: cfg.clone(),
+        store: Mutex::new(store),
+        virt,
+        pool,
+        started: Instant::now(),
+        nbd_portal,
+    });
+    {
+        let store = node.store.lock();
+        tracing::info!(
+            applied = store.state().applied,
+            volumes = store.state().volumes.len(),
+            "configuration recovered"
+        );
+        node.reconfigure_io(store.state());
+    }
+    if demo {
+        let n = Arc::clone(&node);
+        let data_dir = cfg.data_dir.clone();
+        tokio::task::spawn_blocking(move || crate::demo::provision(n.as_ref(), &data_dir))
+            .await
+            .context("demo provisioning panicked")??;
+    }
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin = {
+        let router = sanvirt_admin::router(node.clone() as Arc<dyn AdminService>, token);
+        let mut rx = stop_rx.clone();
+        tokio::spawn(sanvirt_admin::serve(admin_listener, router, async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }))
+    };
+    let nbd_task = {
+        let nbd = Arc::clone(&nbd);
+        tokio::spawn(async move { nbd.serve(nbd_listener).await })
+    };
+    print_banner(&cfg, nbd_portal, admin_addr, &node.state());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+        r = nbd_task => { r.context("NBD front end panicked")?.context("NBD front end failed")?; }
+    }
+    let _ = stop_tx.send(true);
+    nbd.shutdown();
+    // An orderly stop leaves every acknowledged write on stable storage.
+    let state = node.state();
+    for m in state.mdisks.values() {
+        if let Err(e) = node.virt.server().submit(IoRequest::flush(m.id)).await {
+            tracing::warn!(mdisk = %m.name, %e, "flush at shutdown failed");
+        }
+    }
+    let _ = admin.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn print_banner(cfg: &DaemonConfig, nbd: SocketAddr, admin: SocketAddr, state: &State) {
+    println!("sanvirtd: node {} ready", cfg.node_id);
+    println!(
+        "  admin API  http://{admin}  (token in {})",
+        cfg.token_path().display()
+    );
+    println!("  NBD portal nbd://{nbd}/<volume>");
+    for v in state.volumes.values() {
+        println!(
+            "  volume {:<12} {:>10} MiB   qemu-img info nbd://{nbd}/{}",
+            v.name,
+            v.size_bytes >> 20,
+            v.name
+        );
+    }
+    if state.volumes.is_empty() {
+        println!("  no volumes yet: sanvirt volume create --name v0 --pool p0 --size 1GiB");
+    }
+}
