@@ -221,6 +221,10 @@ where
     /// disconnect, protocol error, shutdown) and nothing is in flight.
     pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         self.slab.ready().register(cx.waker());
+        // Once per wakeup (it registers this task's waker), not per round.
+        if !matches!(self.recv, Recv::Stopped) && self.shutdown.as_mut().poll(cx).is_ready() {
+            self.stop("server shutting down");
+        }
         for _ in 0..POLL_ROUNDS_MAX {
             let mut progress = self.poll_completions();
             progress |= self.poll_send(cx);
@@ -229,12 +233,7 @@ where
                 progress = true;
             }
             if !matches!(self.recv, Recv::Stopped) {
-                if self.shutdown.as_mut().poll(cx).is_ready() {
-                    self.stop("server shutting down");
-                    progress = true;
-                } else {
-                    progress |= self.poll_recv(cx);
-                }
+                progress |= self.poll_recv(cx);
             }
             if matches!(self.recv, Recv::Stopped) && self.busy == 0 {
                 return Poll::Ready(());

@@ -6,8 +6,8 @@
 use libfuzzer_sys::fuzz_target;
 use sanvirt_facility::{DiskInfo, FrontEndDiskEvent};
 use sanvirt_nbd::exports::Exports;
-use sanvirt_nbd::proto::*;
 use sanvirt_nbd::negotiate::{Negotiation, Step};
+use sanvirt_nbd::proto::*;
 use sanvirt_nbd::NbdConfig;
 
 fuzz_target!(|input: &[u8]| {
@@ -39,7 +39,9 @@ fuzz_target!(|input: &[u8]| {
         if h.option != OPT_EXPORT_NAME {
             let mut r = &out[..];
             while !r.is_empty() {
-                let (_, n) = parse_option_reply(r).expect("well-formed").expect("complete");
+                let (_, n) = parse_option_reply(r)
+                    .expect("well-formed")
+                    .expect("complete");
                 r = &r[n..];
             }
         }
@@ -48,4 +50,3 @@ fuzz_target!(|input: &[u8]| {
         }
     }
 });
-
