@@ -27,9 +27,9 @@ fn check_consistent(d: &Daemon) {
     let pools = d.json(&["pool", "list"]);
     let vols = d.json(&["volume", "list"]);
     for p in pools.as_array().unwrap() {
-        let total = p["capacity_extents"].as_u64().expect("capacity_extents");
-        let free = p["free_extents"].as_u64().expect("free_extents");
-        let ext = p["extent_size_bytes"].as_u64().expect("extent_size_bytes");
+        let total = p["extents_total"].as_u64().expect("extents_total");
+        let free = p["extents_free"].as_u64().expect("extents_free");
+        let ext = p["extent_size_mib"].as_u64().expect("extent_size_mib") << 20;
         let used: u64 = vols
             .as_array()
             .unwrap()
