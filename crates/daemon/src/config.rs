@@ -137,10 +137,12 @@ impl DaemonConfig {
                 self.buffers.pages
             );
         }
-        if self.buffers.iobs < self.buffers.pages / sanvirt_buffer::IOB_PAGES_MAX {
+        // Every share and every split inside an IOB takes its own IOB, so a
+        // quarter of the pages (not an eighth) is the floor (docs/object-pools.md).
+        if self.buffers.iobs < self.buffers.pages / 4 {
             bail!(
-                "buffers.iobs must be at least buffers.pages / 8 = {}",
-                self.buffers.pages / sanvirt_buffer::IOB_PAGES_MAX
+                "buffers.iobs must be at least buffers.pages / 4 = {}",
+                self.buffers.pages / 4
             );
         }
         if !matches!(self.backend.io_mode.as_str(), "direct" | "buffered") {
