@@ -76,24 +76,13 @@ run_jobs() { # server-name pid uri
   local name=$1 pid=$2 uri=$3
   for job in "randread 4k 32" "randwrite 4k 32" "read 64k 32" "write 64k 32" "randread 4k 1" "randwrite 4k 1"; do
     set -- $job
-    local before after out
+    local before after
     before=$(cpu_ticks "$pid")
-    out=$(fio --name=j --ioengine=nbd --uri="$uri" --rw=$1 --bs=$2 --iodepth=$3 \
-          --runtime="$runtime" --time_based --ramp_time=1 --size=$((total < 1073741824 ? total : 1073741824)) \
-          --output-format=json 2>/dev/null)
+    fio --name=j --ioengine=nbd --uri="$uri" --rw=$1 --bs=$2 --iodepth=$3 \
+        --runtime="$runtime" --time_based --size=$((total < 1073741824 ? total : 1073741824)) \
+        --output-format=json --output="$work/fio.json" >/dev/null 2>&1
     after=$(cpu_ticks "$pid")
-    python3 - "$name" "$1" "$2" "$3" "$before" "$after" "$(getconf CLK_TCK)" <<PY >> "$results"
-import json, sys
-name, rw, bs, qd, b, a, hz = sys.argv[1:]
-j = json.loads('''$out''')["jobs"][0]
-side = j["read"] if "read" in rw else j["write"]
-ios = side["total_ios"]
-pct = side["clat_ns"].get("percentile", {})
-print(json.dumps({"server": name, "rw": rw, "bs": bs, "qd": int(qd), "iops": side["iops"],
-  "bw_mib": side["bw_bytes"] / 1048576, "p50_us": pct.get("50.000000", 0) / 1000,
-  "p99_us": pct.get("99.000000", 0) / 1000,
-  "cpu_us_per_io": (int(a) - int(b)) / int(hz) * 1e6 / max(ios, 1)}))
-PY
+    python3 bench/fio_row.py "$work/fio.json" "$name" "$1" "$2" "$3" "$before" "$after" "$(getconf CLK_TCK)" >> "$results"
   done
 }
 
@@ -104,7 +93,7 @@ kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 start_sanvirt direct 20810 20481; run_jobs sanvirt-direct "$SERVER_PID" "$URI"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 
-nbdkit -f -p 20811 --exportname=bench split "${files[@]}" >/dev/null 2>&1 &
+nbdkit -f -p 20811 split "${files[@]}" >/dev/null 2>&1 &
 pids+=($!); NBDKIT=$!; wait_port 20811
 run_jobs nbdkit "$NBDKIT" nbd://127.0.0.1:20811/bench
 kill "$NBDKIT"; wait "$NBDKIT" 2>/dev/null || true
