@@ -2,12 +2,12 @@
 //! benchmarks and manual tests:
 //!
 //! ```text
-//! cargo run --release -p sanvirt-nbd --example nbd_memserver -- [PORT] [SIZE_MIB] [WORKERS]
+//! cargo run --release -p sanvirt-nbd --example nbd_memserver -- [PORT] [SIZE_MIB] [WORKERS] [forever]
 //! fio --ioengine=nbd --uri=nbd://127.0.0.1:PORT/mem1 --rw=randread --bs=4k --iodepth=32 ...
 //! ```
 //!
 //! WORKERS = 0 (default) runs the server on a current-thread runtime. The
-//! server stops when standard input closes.
+//! server stops when standard input closes, or, with `forever`, when killed.
 
 use std::io::Read;
 
@@ -28,6 +28,11 @@ fn main() -> std::io::Result<()> {
     let addr = format!("127.0.0.1:{port}").parse().expect("address");
     let server = testing::spawn_on(fe, addr, workers)?;
     println!("serving {} ({} MiB)", server.uri("mem1"), size_mib);
+    if args.get(4).is_some_and(|a| a == "forever") {
+        loop {
+            std::thread::park();
+        }
+    }
     let mut sink = Vec::new();
     std::io::stdin().read_to_end(&mut sink)?;
     server.stop()
