@@ -60,6 +60,31 @@ fn nbdinfo_info_list_and_map() {
 }
 
 #[test]
+fn qemu_nbd_list_and_qemu_img_map() {
+    if !have("qemu-nbd") || !have("qemu-img") {
+        return;
+    }
+    let srv = mem_server(&[(1, 4 * MIB)]);
+    let port = srv.addr.port().to_string();
+    let out = stdout(&run(
+        Command::new("qemu-nbd").args(["--list", "-b", "127.0.0.1", "-p", &port]),
+        LIMIT,
+    ));
+    assert!(out.contains("export: 'mem1'"), "{out}");
+    assert!(out.contains("size:  4194304"), "{out}");
+    assert!(out.contains("base:allocation"), "{out}");
+    assert!(out.contains("max block: 33554432"), "{out}");
+    let map = stdout(&run(
+        Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &srv.uri("mem1")]),
+        LIMIT,
+    ));
+    assert!(
+        map.contains("\"length\": 4194304") && map.contains("\"data\": true"),
+        "{map}"
+    );
+}
+
+#[test]
 fn qemu_io_patterns() {
     if !have("qemu-io") {
         return;
