@@ -542,3 +542,22 @@ fn framing_survives_random_chunking_and_large_payloads() {
         }
     }
 }
+
+#[test]
+fn maximum_payload_round_trip() {
+    let srv = mem_server(&[(1, 40 * MIB)]);
+    let mut c = Raw::connect(srv.addr);
+    let max = 32u32 << 20;
+    c.go("mem1", true, false);
+    let data = pattern(max as usize, 0x42);
+    c.write(1, 4096, &data);
+    assert_eq!(c.reply(|_| 0).error(), 0);
+    c.request(CMD_READ, 0, 2, 4096, max);
+    match c.reply(|_| 0) {
+        Reply::Chunk { ty, payload, .. } => {
+            assert_eq!(ty, REPLY_TYPE_OFFSET_DATA);
+            assert!(payload[8..] == data[..], "32 MiB read back");
+        }
+        other => panic!("{other:?}"),
+    }
+}
