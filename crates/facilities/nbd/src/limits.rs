@@ -57,8 +57,8 @@ pub const RECV_IOV_MAX: usize = 256;
 /// Scratch memory per connection, for throwing away payloads.
 pub const DISCARD_CHUNK_BYTES: usize = 16 << 10;
 
-/// While the buffer pool is exhausted, a connection retries its allocation
-/// this often (and whenever one of its own requests completes).
+/// A connection short of buffers waits in the pool's FIFO queue; if the pool
+/// refuses even to queue it (too many waiters), it retries this often.
 pub const BUFFER_RETRY_INTERVAL_MS: u64 = 1;
 
 /// Poll-loop rounds before a connection yields to the runtime.

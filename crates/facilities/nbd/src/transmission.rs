@@ -11,8 +11,8 @@
 //!   end of the last accepted header, so a WRITE payload is never pulled into
 //!   scratch memory: it is read with `readv` straight into the pages of a
 //!   [`Buffer`] from the pool. A request whose buffer cannot be had leaves its
-//!   header unread in the socket and the connection retries (backpressure, no
-//!   error).
+//!   header unread in the socket while the connection waits in the pool's
+//!   FIFO queue (`BufferPool::alloc_wait`): backpressure, no error.
 //! * **Executing.** Requests run concurrently; each slot future is polled only
 //!   when its own waker fired. Replies go out in completion order.
 //! * **Sending.** Completed replies are queued (slot indices) and written with
@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use sanvirt_buffer::PAGE_SIZE;
+use sanvirt_buffer::{BufferError, PAGE_SIZE};
 use sanvirt_facility::{
     AllocExtent, Buffer, BufferPool, DiskId, IoError, IoFlags, IoRequest, IoResult, IoServer,
 };
@@ -153,6 +153,8 @@ impl std::fmt::Write for Bounded<'_> {
     }
 }
 
+type BufWait<'a> = Pin<Box<dyn Future<Output = Result<Buffer, BufferError>> + Send + 'a>>;
+
 pub struct Transmission<'a, S, F, G> {
     server: &'a S,
     exec: G,
@@ -172,6 +174,12 @@ pub struct Transmission<'a, S, F, G> {
     scratch: Box<[u8]>,
     /// Peeked bytes accepted but not yet consumed from the socket.
     consume_pending: usize,
+    /// Waiting (FIFO, in the pool) for the buffer of the header at the
+    /// front of the socket; boxed only on this exhaustion path.
+    buf_wait: Option<BufWait<'a>>,
+    /// The outcome of that wait, for the same header.
+    waited: Option<Result<Buffer, BufferError>>,
+    /// Retry timer for a pool too busy even to queue us (`TooManyWaiters`).
     retry: Pin<Box<Sleep>>,
     retry_armed: bool,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
@@ -210,6 +218,8 @@ where
             hdr_have: 0,
             scratch: vec![0u8; DISCARD_CHUNK_BYTES].into_boxed_slice(),
             consume_pending: 0,
+            buf_wait: None,
+            waited: None,
             retry: Box::pin(tokio::time::sleep(Duration::ZERO)),
             retry_armed: false,
             shutdown,
@@ -232,6 +242,12 @@ where
                 self.retry_armed = false;
                 progress = true;
             }
+            if let Some(w) = self.buf_wait.as_mut() {
+                if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                    self.wait_done(r, cx);
+                    progress = true;
+                }
+            }
             if !matches!(self.recv, Recv::Stopped) {
                 progress |= self.poll_recv(cx);
             }
@@ -248,6 +264,8 @@ where
     }
 
     fn stop(&mut self, reason: &'static str) {
+        self.buf_wait = None;
+        self.waited = None;
         match std::mem::replace(&mut self.recv, Recv::Stopped) {
             Recv::Payload { slot, .. } | Recv::Discard { slot, .. } => self.free_slot(slot),
             Recv::Headers | Recv::Stopped => {}
@@ -595,6 +613,29 @@ where
         true
     }
 
+    /// The front request has no buffer yet: make sure something wakes us.
+    fn no_buffer(&mut self, cx: &mut Context<'_>) {
+        match self.buf_wait.as_mut().map(|w| w.as_mut().poll(cx)) {
+            // Registered in the pool's FIFO: its release wakes us.
+            Some(Poll::Pending) => {}
+            Some(Poll::Ready(r)) => {
+                self.wait_done(r, cx);
+                cx.waker().wake_by_ref();
+            }
+            // Not even queued (too many waiters): poll again shortly.
+            None => self.arm_retry(cx),
+        }
+    }
+
+    fn wait_done(&mut self, r: Result<Buffer, BufferError>, cx: &mut Context<'_>) {
+        self.buf_wait = None;
+        match r {
+            // The pool's queue is full: back off, then try again.
+            Err(BufferError::TooManyWaiters { .. }) => self.arm_retry(cx),
+            r => self.waited = Some(r),
+        }
+    }
+
     fn arm_retry(&mut self, cx: &mut Context<'_>) {
         if !self.retry_armed {
             let at = Instant::now() + Duration::from_millis(BUFFER_RETRY_INTERVAL_MS);
@@ -609,7 +650,7 @@ where
 
     fn recv_headers(&mut self, cx: &mut Context<'_>) -> bool {
         let free = self.free.len();
-        if free == 0 {
+        if free == 0 || self.buf_wait.is_some() {
             return false;
         }
         if self.hdr_have == REQUEST_HEADER_BYTES {
@@ -624,7 +665,7 @@ where
             };
             return match self.admit(&h) {
                 Admit::NoBuffer => {
-                    self.arm_retry(cx);
+                    self.no_buffer(cx);
                     false
                 }
                 Admit::Next | Admit::Last => {
@@ -677,7 +718,7 @@ where
             };
             match self.admit(&h) {
                 Admit::NoBuffer => {
-                    self.arm_retry(cx);
+                    self.no_buffer(cx);
                     break;
                 }
                 Admit::Next => {}
@@ -694,8 +735,25 @@ where
         pos > 0 || matches!(self.recv, Recv::Stopped)
     }
 
-    fn alloc(&self, len: u32) -> Option<Buffer> {
-        self.pool.alloc(len as usize).ok()
+    /// The buffer for the request at the front of the socket: from a
+    /// finished wait, at once, or after a FIFO wait in the pool
+    /// (`Ok(None)`: not yet; the header stays unread meanwhile).
+    fn buffer(&mut self, len: u32) -> Result<Option<Buffer>, BufferError> {
+        match self.waited.take() {
+            Some(Ok(b)) if b.len() == len as usize => return Ok(Some(b)),
+            Some(Ok(_)) | None => {}
+            Some(Err(e)) => return Err(e),
+        }
+        match self.pool.alloc(len as usize) {
+            Ok(b) => Ok(Some(b)),
+            // Refused a place in the queue recently: the timer will retry.
+            Err(_) if self.retry_armed => Ok(None),
+            Err(_) => {
+                let pool: &'a Arc<BufferPool> = self.pool;
+                self.buf_wait = Some(Box::pin(pool.alloc_wait(len as usize)));
+                Ok(None)
+            }
+        }
     }
 
     /// Acts on one request header (already framed).
@@ -762,9 +820,25 @@ where
                 self.reply_reject(i, NBD_ENOMEM);
                 return Admit::Next;
             }
-            match self.alloc(len) {
-                Some(b) => Some(b),
-                None => return Admit::NoBuffer,
+            match self.buffer(len) {
+                Ok(Some(b)) => Some(b),
+                Ok(None) => return Admit::NoBuffer,
+                Err(e) => {
+                    // The pool can never grant it: refuse, as if oversized.
+                    tracing::warn!(error = %e, len, "request refused: no buffer possible");
+                    let i = self.take_slot(h);
+                    if cmd == Command::Write {
+                        self.slots[i].errno = NBD_ENOMEM;
+                        self.slots[i].state = SlotState::Receiving;
+                        self.recv = Recv::Discard {
+                            slot: i,
+                            remaining: len as u64,
+                        };
+                        return Admit::Last;
+                    }
+                    self.reply_reject(i, NBD_ENOMEM);
+                    return Admit::Next;
+                }
             }
         } else {
             None
