@@ -223,7 +223,7 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }))
     };
-    let nbd_task = {
+    let mut nbd_task = {
         let nbd = Arc::clone(&nbd);
         tokio::spawn(async move { nbd.serve(nbd_listener).await })
     };
@@ -233,10 +233,15 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),
-        r = nbd_task => { r.context("NBD front end panicked")?.context("NBD front end failed")?; }
+        r = &mut nbd_task => { r.context("NBD front end panicked")?.context("NBD front end failed")?; }
     }
     let _ = stop_tx.send(true);
     nbd.shutdown();
+    // Requests in flight finish (bounded by the front end's shutdown grace)
+    // before the final flush, so the flush covers every acknowledged write.
+    if !nbd_task.is_finished() {
+        let _ = nbd_task.await;
+    }
     // An orderly stop leaves every acknowledged write on stable storage.
     let state = node.state();
     for m in state.mdisks.values() {
