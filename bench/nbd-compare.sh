@@ -72,35 +72,35 @@ TOML
 cpu_ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
 
 results=$work/results.jsonl; : > "$results"
-run_jobs() { # server-name pid uri
-  local name=$1 pid=$2 uri=$3
+run_jobs() { # server-name pid uri region-bytes
+  local name=$1 pid=$2 uri=$3 region=$4
   for job in "randread 4k 32" "randwrite 4k 32" "read 64k 32" "write 64k 32" "randread 4k 1" "randwrite 4k 1"; do
     set -- $job
     local before after
     before=$(cpu_ticks "$pid")
     fio --name=j --ioengine=nbd --uri="$uri" --rw=$1 --bs=$2 --iodepth=$3 \
-        --runtime="$runtime" --time_based --size=$((total < 1073741824 ? total : 1073741824)) \
-        --output-format=json --output="$work/fio.json" >/dev/null 2>&1
+        --runtime="$runtime" --time_based --size="$region" \
+        --output-format=json --output="$work/fio.json" >/dev/null 2>&1 || echo "fio failed: $name $job" >&2
     after=$(cpu_ticks "$pid")
     python3 bench/fio_row.py "$work/fio.json" "$name" "$1" "$2" "$3" "$before" "$after" "$(getconf CLK_TCK)" >> "$results"
   done
 }
 
 # sanvirt, page cache (same caching as the peers)
-start_sanvirt buffered 20809 20480; run_jobs sanvirt "$SERVER_PID" "$URI"
+start_sanvirt buffered 20809 20480; run_jobs sanvirt "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 # sanvirt, O_DIRECT
-start_sanvirt direct 20810 20481; run_jobs sanvirt-direct "$SERVER_PID" "$URI"
+start_sanvirt direct 20810 20481; run_jobs sanvirt-direct "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 
 nbdkit -f -p 20811 split "${files[@]}" >/dev/null 2>&1 &
 pids+=($!); NBDKIT=$!; wait_port 20811
-run_jobs nbdkit "$NBDKIT" nbd://127.0.0.1:20811/bench
+run_jobs nbdkit "$NBDKIT" nbd://127.0.0.1:20811/bench "$total"
 kill "$NBDKIT"; wait "$NBDKIT" 2>/dev/null || true
 
-qemu-nbd -f raw -p 20812 -x bench --cache=writeback --aio=threads "${files[0]}" >/dev/null 2>&1 &
+qemu-nbd -t -e 4 -f raw -p 20812 -x bench --cache=writeback --aio=threads "${files[0]}" >/dev/null 2>&1 &
 pids+=($!); QNBD=$!; wait_port 20812
-run_jobs qemu-nbd "$QNBD" nbd://127.0.0.1:20812/bench
+run_jobs qemu-nbd "$QNBD" nbd://127.0.0.1:20812/bench $((size_mib * 1048576))
 kill "$QNBD"; wait "$QNBD" 2>/dev/null || true
 
 python3 bench/report.py "$results"

@@ -269,6 +269,7 @@ fn main() {
                         engine,
                         cache,
                         inline_cached_reads: inline,
+                        inline_buffered_writes: inline,
                         ..BackEndConfig::default()
                     })
                     .expect("back end"),

@@ -77,6 +77,9 @@ pub struct BackEndConfig {
     /// (`preadv2(RWF_NOWAIT)`, page-cache hits only), before handing it to
     /// the engine: no thread hop when the data is cached.
     pub inline_cached_reads: bool,
+    /// Try a non-FUA write on the buffered fd inline first
+    /// (`pwritev2(RWF_NOWAIT)`): no thread hop when the page cache takes it.
+    pub inline_buffered_writes: bool,
     /// The node this back end runs on (for disk-path events).
     pub node: NodeId,
 }
@@ -89,6 +92,7 @@ impl Default for BackEndConfig {
             queue_depth_max: QUEUE_DEPTH_DEFAULT,
             pool_threads: POOL_THREADS_DEFAULT,
             inline_cached_reads: true,
+            inline_buffered_writes: true,
             node: 1,
         }
     }
@@ -139,6 +143,10 @@ pub struct BackendStats {
     pub inline_hits: u64,
     /// Inline attempts that missed and went to the engine.
     pub inline_misses: u64,
+    /// Buffered writes completed inline (`RWF_NOWAIT` accepted them whole).
+    pub inline_write_hits: u64,
+    /// Inline write attempts that went to the engine.
+    pub inline_write_misses: u64,
     /// Operations run by the engine.
     pub engine_ops: u64,
 }
@@ -147,12 +155,17 @@ pub struct BackendStats {
 struct Counters {
     inline_hits: std::sync::atomic::AtomicU64,
     inline_misses: std::sync::atomic::AtomicU64,
+    inline_write_hits: std::sync::atomic::AtomicU64,
+    inline_write_misses: std::sync::atomic::AtomicU64,
     engine_ops: std::sync::atomic::AtomicU64,
 }
 
 /// The back-end facility.
 pub struct BackEnd {
     counters: Counters,
+    /// Set when the filesystem answered a non-blocking buffered write with
+    /// EOPNOTSUPP (ext4 does): later writes go straight to the engine.
+    nowait_writes_unsupported: std::sync::atomic::AtomicBool,
     config: BackEndConfig,
     mdisks: RwLock<HashMap<DiskId, Arc<Mdisk>>>,
     /// Serialises open/close/reconcile (control path).
@@ -177,6 +190,7 @@ impl BackEnd {
                 .map_err(BackendError::Engine)?;
         Ok(BackEnd {
             counters: Counters::default(),
+            nowait_writes_unsupported: std::sync::atomic::AtomicBool::new(false),
             config,
             mdisks: RwLock::new(HashMap::new()),
             control: Mutex::new(()),
@@ -202,6 +216,8 @@ impl BackEnd {
         BackendStats {
             inline_hits: self.counters.inline_hits.load(Relaxed),
             inline_misses: self.counters.inline_misses.load(Relaxed),
+            inline_write_hits: self.counters.inline_write_hits.load(Relaxed),
+            inline_write_misses: self.counters.inline_write_misses.load(Relaxed),
             engine_ops: self.counters.engine_ops.load(Relaxed),
         }
     }
@@ -384,7 +400,36 @@ impl BackEnd {
                 }
                 OpKind::Read
             }
-            _ => OpKind::Write { dsync: flags.fua },
+            _ => {
+                // A buffered write the page cache takes without blocking
+                // completes here, with no thread hop (FUA writes need the
+                // engine's RWF_DSYNC, so they never take this path). A short
+                // write is redone whole by the engine: the request has not
+                // completed, so rewriting its own bytes is invisible.
+                if self.config.inline_buffered_writes
+                    && !flags.fua
+                    && !m.is_direct(fd)
+                    && !self
+                        .nowait_writes_unsupported
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    match write_cached(fd, offset, len, &buf) {
+                        Ok(n) if n == len => {
+                            bump(&self.counters.inline_write_hits);
+                            return Ok(Some(buf));
+                        }
+                        Err(libc::EOPNOTSUPP) => {
+                            // The filesystem (ext4, for one) has no
+                            // non-blocking buffered writes: stop asking.
+                            self.nowait_writes_unsupported
+                                .store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                    bump(&self.counters.inline_write_misses);
+                }
+                OpKind::Write { dsync: flags.fua }
+            }
         };
         let (st, buf) = self.run(m, kind, fd, offset, len, Some(buf)).await;
         match st {
@@ -628,7 +673,39 @@ fn read_cached(fd: i32, offset: u64, len: u64, buf: &mut Buffer) -> Option<u64> 
     }
 }
 
-/// Iovecs `read_cached` builds on the stack (larger requests skip it).
+/// Tries to write `buf` at `offset` into the page cache without blocking
+/// (`pwritev2(RWF_NOWAIT)`): the bytes written, or the errno.
+fn write_cached(fd: i32, offset: u64, len: u64, buf: &Buffer) -> Result<u64, i32> {
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; INLINE_IOVECS_MAX];
+    let mut cnt = 0usize;
+    for seg in buf.segments() {
+        if cnt > 0 {
+            let last = &mut iov[cnt - 1];
+            if (last.iov_base as usize) + last.iov_len == seg.as_ptr() as usize {
+                last.iov_len += seg.len();
+                continue;
+            }
+        }
+        if cnt == INLINE_IOVECS_MAX {
+            return Err(libc::E2BIG);
+        }
+        // The kernel only reads through this pointer (pwritev2).
+        iov[cnt] = libc::iovec {
+            iov_base: seg.as_ptr() as *mut libc::c_void,
+            iov_len: seg.len(),
+        };
+        cnt += 1;
+    }
+    let n = sys::pwritev2(fd, &iov[..cnt], offset, libc::RWF_NOWAIT)?;
+    debug_assert!(n as u64 <= len);
+    Ok(n as u64)
+}
+
+/// Iovecs `read_cached` and `write_cached` build on the stack (larger
+/// requests skip them).
 const INLINE_IOVECS_MAX: usize = 32;
 
 #[inline]

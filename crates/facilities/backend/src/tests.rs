@@ -29,6 +29,7 @@ fn backend(engine: EngineKind, cache: CacheMode) -> BackEnd {
         queue_depth_max: 8,
         pool_threads: 2,
         inline_cached_reads: false,
+        inline_buffered_writes: false,
         ..BackEndConfig::default()
     })
     .expect("back end")
@@ -563,6 +564,7 @@ fn cancelled_requests_free_their_slots_and_backpressure_waits() {
                 queue_depth_max: 2,
                 pool_threads: 1,
                 inline_cached_reads: false,
+                inline_buffered_writes: false,
                 ..BackEndConfig::default()
             })
             .expect("back end"),

@@ -22,6 +22,7 @@ async fn run(engine: EngineKind, cache: CacheMode, inline: bool, dir: Option<&st
         engine,
         cache,
         inline_cached_reads: inline,
+        inline_buffered_writes: inline,
         queue_depth_max: 16,
         pool_threads: 2,
         ..BackEndConfig::default()

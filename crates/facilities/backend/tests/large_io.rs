@@ -75,3 +75,50 @@ async fn large_scattered_transfers_every_engine_and_mode() {
         }
     }
 }
+
+/// Buffered writes are taken inline when the page cache accepts them without
+/// blocking; on a filesystem without non-blocking buffered writes (ext4) the
+/// back end asks once and then stops. Either way the data land in the file.
+#[tokio::test]
+async fn buffered_writes_complete_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("md.img");
+    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+    let be = BackEnd::new(BackEndConfig {
+        cache: CacheMode::Buffered,
+        ..BackEndConfig::default()
+    })
+    .unwrap();
+    be.open_mdisk(1, &path).unwrap();
+    let pool = BufferPool::new(256, 256);
+    for i in 0..64u64 {
+        let mut b = pool.alloc(4096).unwrap();
+        b.zero();
+        for s in b.segments_mut() {
+            s.fill(i as u8 + 1);
+        }
+        be.submit(IoRequest::write(1, i * 4096, b, false))
+            .await
+            .unwrap();
+    }
+    let st = be.stats();
+    let attempts = st.inline_write_hits + st.inline_write_misses;
+    if st.inline_write_hits == 0 {
+        assert_eq!(attempts, 1, "unsupported after the first refusal: {st:?}");
+    } else {
+        assert_eq!(attempts, 64, "{st:?}");
+    }
+    // FUA writes never go inline.
+    let b = pool.alloc(4096).unwrap();
+    be.submit(IoRequest::write(1, 0, b, true)).await.unwrap();
+    assert_eq!(
+        be.stats().inline_write_hits + be.stats().inline_write_misses,
+        attempts
+    );
+    let data = std::fs::read(&path).unwrap();
+    for i in 1..64usize {
+        assert!(data[i * 4096..(i + 1) * 4096]
+            .iter()
+            .all(|&x| x == i as u8 + 1));
+    }
+}
