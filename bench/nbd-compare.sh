@@ -6,7 +6,8 @@
 #
 # sanvirt serves a volume striped across four backing files (four mdisks, one
 # pool, 1 MiB extents); nbdkit serves the same four files concatenated (split
-# plugin); qemu-nbd serves the first file (it cannot combine files). Every
+# plugin) and, as "nbdkit-file", the first file with its file plugin (the
+# usual nbdkit setup); qemu-nbd serves the first file (it cannot combine files). Every
 # server uses the page cache (nbdkit and qemu-nbd default to it, sanvirt runs
 # with io_mode = "buffered"); a second sanvirt row uses O_DIRECT. Server CPU per
 # I/O comes from /proc/PID/stat (utime + stime) around each fio job.
@@ -56,6 +57,7 @@ listen = "127.0.0.1:$aport"
 listen = "127.0.0.1:$port"
 [backend]
 io_mode = "$mode"
+inline_writes = ${INLINE:-false}
 TOML
   "$SANVIRTD" --config "$d/sanvirtd.toml" > "$d/log" 2>&1 &
   pids+=($!); SERVER_PID=$!
@@ -89,6 +91,11 @@ run_jobs() { # server-name pid uri region-bytes
 # sanvirt, page cache (same caching as the peers)
 start_sanvirt buffered 20809 20480; run_jobs sanvirt "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+# sanvirt, page cache, writes copied on the network thread
+if [ -n "${WITH_INLINE:-}" ]; then
+  INLINE=true start_sanvirt buffered 20814 20482; run_jobs sanvirt-inline "$SERVER_PID" "$URI" "$total"
+  kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+fi
 # sanvirt, O_DIRECT
 start_sanvirt direct 20810 20481; run_jobs sanvirt-direct "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
@@ -97,6 +104,11 @@ nbdkit -f -p 20811 split "${files[@]}" >/dev/null 2>&1 &
 pids+=($!); NBDKIT=$!; wait_port 20811
 run_jobs nbdkit "$NBDKIT" nbd://127.0.0.1:20811/bench "$total"
 kill "$NBDKIT"; wait "$NBDKIT" 2>/dev/null || true
+
+nbdkit -f -p 20813 file "${files[0]}" >/dev/null 2>&1 &
+pids+=($!); NBDKITF=$!; wait_port 20813
+run_jobs nbdkit-file "$NBDKITF" nbd://127.0.0.1:20813/ $((size_mib * 1048576))
+kill "$NBDKITF"; wait "$NBDKITF" 2>/dev/null || true
 
 qemu-nbd -t -e 4 -f raw -p 20812 -x bench --cache=writeback --aio=threads "${files[0]}" >/dev/null 2>&1 &
 pids+=($!); QNBD=$!; wait_port 20812

@@ -59,6 +59,10 @@ pub struct BackendConfig {
     pub engine: String,
     /// Worker threads of the thread-pool engine.
     pub threads: usize,
+    /// Buffered mode: copy non-FUA writes into the page cache on the
+    /// network thread (no hop to a back-end thread). Faster, but a thread
+    /// the kernel throttles for dirty pages stalls its connections.
+    pub inline_writes: bool,
 }
 
 impl Default for DaemonConfig {
@@ -107,6 +111,7 @@ impl Default for BackendConfig {
             io_mode: "direct".into(),
             engine: "auto".into(),
             threads: 8,
+            inline_writes: false,
         }
     }
 }

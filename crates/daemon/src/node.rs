@@ -147,6 +147,7 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
             CacheMode::Direct
         },
         pool_threads: cfg.backend.threads,
+        inline_blocking_writes: cfg.backend.inline_writes,
         node: cfg.node_id,
         ..BackEndConfig::default()
     })

@@ -80,6 +80,11 @@ pub struct BackEndConfig {
     /// Try a non-FUA write on the buffered fd inline first
     /// (`pwritev2(RWF_NOWAIT)`): no thread hop when the page cache takes it.
     pub inline_buffered_writes: bool,
+    /// Write non-FUA buffered writes into the page cache on the calling
+    /// thread even where the filesystem has no non-blocking buffered writes
+    /// (ext4). Saves the thread hop, at the risk of stalling the caller while
+    /// the kernel throttles dirty pages. Off by default.
+    pub inline_blocking_writes: bool,
     /// The node this back end runs on (for disk-path events).
     pub node: NodeId,
 }
@@ -93,6 +98,7 @@ impl Default for BackEndConfig {
             pool_threads: POOL_THREADS_DEFAULT,
             inline_cached_reads: true,
             inline_buffered_writes: true,
+            inline_blocking_writes: false,
             node: 1,
         }
     }
@@ -406,14 +412,20 @@ impl BackEnd {
                 // engine's RWF_DSYNC, so they never take this path). A short
                 // write is redone whole by the engine: the request has not
                 // completed, so rewriting its own bytes is invisible.
-                if self.config.inline_buffered_writes
+                if self.config.inline_blocking_writes && !flags.fua && !m.is_direct(fd) {
+                    if write_cached(fd, offset, len, &buf, 0) == Ok(len) {
+                        bump(&self.counters.inline_write_hits);
+                        return Ok(Some(buf));
+                    }
+                    bump(&self.counters.inline_write_misses);
+                } else if self.config.inline_buffered_writes
                     && !flags.fua
                     && !m.is_direct(fd)
                     && !self
                         .nowait_writes_unsupported
                         .load(std::sync::atomic::Ordering::Relaxed)
                 {
-                    match write_cached(fd, offset, len, &buf) {
+                    match write_cached(fd, offset, len, &buf, libc::RWF_NOWAIT) {
                         Ok(n) if n == len => {
                             bump(&self.counters.inline_write_hits);
                             return Ok(Some(buf));
@@ -675,7 +687,7 @@ fn read_cached(fd: i32, offset: u64, len: u64, buf: &mut Buffer) -> Option<u64> 
 
 /// Tries to write `buf` at `offset` into the page cache without blocking
 /// (`pwritev2(RWF_NOWAIT)`): the bytes written, or the errno.
-fn write_cached(fd: i32, offset: u64, len: u64, buf: &Buffer) -> Result<u64, i32> {
+fn write_cached(fd: i32, offset: u64, len: u64, buf: &Buffer, flags: i32) -> Result<u64, i32> {
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
@@ -699,7 +711,7 @@ fn write_cached(fd: i32, offset: u64, len: u64, buf: &Buffer) -> Result<u64, i32
         };
         cnt += 1;
     }
-    let n = sys::pwritev2(fd, &iov[..cnt], offset, libc::RWF_NOWAIT)?;
+    let n = sys::pwritev2(fd, &iov[..cnt], offset, flags)?;
     debug_assert!(n as u64 <= len);
     Ok(n as u64)
 }
