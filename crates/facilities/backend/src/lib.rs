@@ -653,20 +653,18 @@ impl BackEnd {
     }
 }
 
-/// Tries to read `len` bytes into `buf` from the page cache without
-/// blocking (`RWF_NOWAIT`). `None` if nothing could be read that way.
-/// Only whole-request hits count; a partial read is redone by the engine.
-fn read_cached(fd: i32, offset: u64, len: u64, buf: &mut Buffer) -> Option<u64> {
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; INLINE_IOVECS_MAX];
+/// Gathers `(address, length)` segments into `iov`, merging neighbours that
+/// are contiguous in memory. `None` if they need more than the array holds.
+fn gather_iov(
+    segs: impl Iterator<Item = (*mut u8, usize)>,
+    iov: &mut [libc::iovec; INLINE_IOVECS_MAX],
+) -> Option<usize> {
     let mut cnt = 0usize;
-    for seg in buf.segments_mut() {
+    for (ptr, len) in segs {
         if cnt > 0 {
             let last = &mut iov[cnt - 1];
-            if (last.iov_base as usize) + last.iov_len == seg.as_ptr() as usize {
-                last.iov_len += seg.len();
+            if (last.iov_base as usize) + last.iov_len == ptr as usize {
+                last.iov_len += len;
                 continue;
             }
         }
@@ -674,43 +672,45 @@ fn read_cached(fd: i32, offset: u64, len: u64, buf: &mut Buffer) -> Option<u64> 
             return None;
         }
         iov[cnt] = libc::iovec {
-            iov_base: seg.as_mut_ptr().cast(),
-            iov_len: seg.len(),
+            iov_base: ptr.cast(),
+            iov_len: len,
         };
         cnt += 1;
     }
+    Some(cnt)
+}
+
+const EMPTY_IOV: libc::iovec = libc::iovec {
+    iov_base: std::ptr::null_mut(),
+    iov_len: 0,
+};
+
+/// Tries to read `len` bytes into `buf` from the page cache without
+/// blocking (`RWF_NOWAIT`). `None` if nothing could be read that way.
+/// Only whole-request hits count; a partial read is redone by the engine.
+fn read_cached(fd: i32, offset: u64, len: u64, buf: &mut Buffer) -> Option<u64> {
+    let mut iov = [EMPTY_IOV; INLINE_IOVECS_MAX];
+    let cnt = gather_iov(
+        buf.segments_mut().map(|s| (s.as_mut_ptr(), s.len())),
+        &mut iov,
+    )?;
     match sys::preadv2(fd, &iov[..cnt], offset, libc::RWF_NOWAIT) {
         Ok(n) => Some(n as u64).filter(|&n| n <= len),
         Err(_) => None,
     }
 }
 
-/// Tries to write `buf` at `offset` into the page cache without blocking
-/// (`pwritev2(RWF_NOWAIT)`): the bytes written, or the errno.
+/// Writes `buf` at `offset` on the calling thread with `pwritev2(flags)`
+/// (`RWF_NOWAIT`: only if the page cache takes it without blocking). The
+/// bytes written, or the errno.
 fn write_cached(fd: i32, offset: u64, len: u64, buf: &Buffer, flags: i32) -> Result<u64, i32> {
-    let mut iov = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; INLINE_IOVECS_MAX];
-    let mut cnt = 0usize;
-    for seg in buf.segments() {
-        if cnt > 0 {
-            let last = &mut iov[cnt - 1];
-            if (last.iov_base as usize) + last.iov_len == seg.as_ptr() as usize {
-                last.iov_len += seg.len();
-                continue;
-            }
-        }
-        if cnt == INLINE_IOVECS_MAX {
-            return Err(libc::E2BIG);
-        }
-        // The kernel only reads through this pointer (pwritev2).
-        iov[cnt] = libc::iovec {
-            iov_base: seg.as_ptr() as *mut libc::c_void,
-            iov_len: seg.len(),
-        };
-        cnt += 1;
-    }
+    let mut iov = [EMPTY_IOV; INLINE_IOVECS_MAX];
+    // The kernel only reads through these pointers (pwritev2).
+    let cnt = gather_iov(
+        buf.segments().map(|s| (s.as_ptr() as *mut u8, s.len())),
+        &mut iov,
+    )
+    .ok_or(libc::E2BIG)?;
     let n = sys::pwritev2(fd, &iov[..cnt], offset, flags)?;
     debug_assert!(n as u64 <= len);
     Ok(n as u64)
