@@ -58,6 +58,7 @@ const _: () =
 const _: () = assert!(EXTENT_SIZE_MIB_DEFAULT <= EXTENT_SIZE_MIB_MAX);
 
 /// How a new volume's extents are placed on the pool's mdisks.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VolumeLayout {
@@ -69,6 +70,7 @@ pub enum VolumeLayout {
 
 /// Every configuration change. Serialized with an externally tagged `op`
 /// field so the journal, the REST API and the CLI's `--json` share one form.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
@@ -142,11 +144,16 @@ pub enum Command {
 }
 
 /// What an applied command produced (for the caller's reply).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Done,
-    Created { id: ObjectId, name: String },
+    Created {
+        #[cfg_attr(feature = "openapi", schema(value_type = u64))]
+        id: ObjectId,
+        name: String,
+    },
 }
 
 /// Why a command was refused. Every variant says what to do about it; the
