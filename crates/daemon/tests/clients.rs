@@ -237,6 +237,7 @@ fn fio_verify_crc32c_on_every_layout() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 "--output-format=json",
             ],
         );
