@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod journal;
+pub mod reservations;
 mod state;
 
 pub use state::*;

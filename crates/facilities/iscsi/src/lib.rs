@@ -1,0 +1,1 @@
+//! The iSCSI front-end facility (RFC 7143 target). Under construction.

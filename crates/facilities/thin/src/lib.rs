@@ -1,0 +1,1 @@
+//! The thin-provisioning facility. Under construction.

@@ -1,0 +1,179 @@
+//! SCSI logical units over the I/O facility API (SPC-4 / SBC-3).
+//!
+//! The paper's front-end facility "serves as a SCSI target to hosts acting as
+//! SCSI initiators". The transport (iSCSI now, others later) owns sessions,
+//! PDUs and data movement; this crate owns everything SCSI: CDB decoding, the
+//! command set, sense data, unit attentions, reservations, LUN mapping per
+//! initiator and the identity each volume reports. A transport hands a
+//! [`ScsiTask`] (CDB plus any Data-Out already gathered into a [`Buffer`]) to
+//! [`ScsiTarget::execute`] and sends back the [`ScsiOutcome`].
+//!
+//! # Interface (fixed; the iSCSI facility is written against it)
+//!
+//! ```text
+//! ScsiTarget::<S: IoServer>::new(server: S, pool: Arc<BufferPool>, identity: TargetIdentity, pr_store: Arc<dyn PrStore>) -> Arc<ScsiTarget<S>>
+//! ScsiTarget::execute(&self, task: ScsiTask) -> impl Future<Output = ScsiOutcome> + Send
+//! ScsiTarget::data_out_len(&self, nexus: &Nexus, lun: u64, cdb: &[u8]) -> Result<u32, ScsiOutcome>
+//! ScsiTarget::set_access(&self, access: AccessMap)            // hosts and LUN maps from the configuration
+//! ScsiTarget::set_reservations(&self, disk: DiskId, state: PrState) // PR state from the configuration
+//! ScsiTarget::disk_event(&self, event: &FrontEndDiskEvent)    // created / deleted / resized volumes
+//! ScsiTarget::disk_path_event(&self, event: &DiskPathEvent)
+//! ScsiTarget::task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse // LUN/target reset side effects
+//! ScsiTarget::nexus_lost(&self, nexus: &Nexus)                 // session ended: SPC-2 reservations etc.
+//! ScsiTarget::visible_luns(&self, initiator_name: &str) -> Vec<u64>
+//! ```
+
+use std::sync::Arc;
+
+pub use sanvirt_buffer::{Buffer, BufferPool};
+pub use sanvirt_config::reservations::{PrNexus, PrRegistration, PrReservation, PrState};
+pub use sanvirt_facility::{DiskId, DiskPathEvent, FrontEndDiskEvent, IoServer};
+
+/// An I_T nexus: one initiator port talking to one target port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Nexus {
+    /// The initiator's name (iSCSI: `iqn.…`); LUN mapping goes by this.
+    pub initiator_name: Arc<str>,
+    /// The initiator port (iSCSI: name + `,i,0x` + ISID in 12 hex digits);
+    /// reservations go by this and the target port.
+    pub initiator_port: Arc<str>,
+    /// Relative target port identifier (VPD 0x83, PR, ALUA), 1-based.
+    pub relative_target_port: u16,
+    /// Target port group the port belongs to (ALUA).
+    pub target_port_group: u16,
+}
+
+impl Nexus {
+    pub fn pr_nexus(&self) -> PrNexus {
+        PrNexus {
+            initiator_port: self.initiator_port.to_string(),
+            relative_target_port: self.relative_target_port,
+        }
+    }
+}
+
+/// SAM task attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskAttr {
+    #[default]
+    Simple,
+    Ordered,
+    HeadOfQueue,
+    Aca,
+}
+
+/// One SCSI command as the transport received it.
+#[derive(Debug)]
+pub struct ScsiTask {
+    pub nexus: Arc<Nexus>,
+    /// LUN as addressed (SAM flat/peripheral addressing decoded to a number).
+    pub lun: u64,
+    /// The CDB, `cdb_len` bytes valid (6 to 16).
+    pub cdb: [u8; 16],
+    pub cdb_len: u8,
+    pub attr: TaskAttr,
+    /// Transport tag (iSCSI ITT), for logs and task management.
+    pub tag: u64,
+    /// Data-Out the initiator sent (all of it, gathered by the transport).
+    pub data_out: Option<Buffer>,
+    /// Expected Data-In transfer length the initiator announced; the target
+    /// never returns more than this (the transport reports the residual).
+    pub data_in_len: u32,
+}
+
+/// SCSI status codes (SAM-5).
+pub mod status {
+    pub const GOOD: u8 = 0x00;
+    pub const CHECK_CONDITION: u8 = 0x02;
+    pub const CONDITION_MET: u8 = 0x04;
+    pub const BUSY: u8 = 0x08;
+    pub const RESERVATION_CONFLICT: u8 = 0x18;
+    pub const TASK_SET_FULL: u8 = 0x28;
+    pub const ACA_ACTIVE: u8 = 0x30;
+    pub const TASK_ABORTED: u8 = 0x40;
+}
+
+/// Fixed-format sense data essentials (SPC-4 4.5.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sense {
+    pub key: u8,
+    pub asc: u8,
+    pub ascq: u8,
+    /// Sense-key-specific field pointer (ILLEGAL REQUEST: bit pointer into
+    /// the CDB or parameter data), if any.
+    pub field_pointer: Option<FieldPointer>,
+    /// INFORMATION field (for example the LBA of a miscompare offset).
+    pub information: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldPointer {
+    /// true: the error is in the CDB; false: in the parameter data.
+    pub in_cdb: bool,
+    pub byte: u16,
+    pub bit: Option<u8>,
+}
+
+/// What the transport sends back.
+#[derive(Debug)]
+pub struct ScsiOutcome {
+    pub status: u8,
+    /// Present with CHECK CONDITION.
+    pub sense: Option<Sense>,
+    /// Data-In, at most `data_in_len` bytes.
+    pub data_in: Option<Buffer>,
+}
+
+/// Task management functions the transport forwards (after it has dealt with
+/// its own queued tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tmf {
+    AbortTask { lun: u64, tag: u64 },
+    AbortTaskSet { lun: u64 },
+    ClearTaskSet { lun: u64 },
+    LunReset { lun: u64 },
+    TargetWarmReset,
+    TargetColdReset,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TmfResponse {
+    Complete,
+    NoSuchLun,
+    NotSupported,
+    Rejected,
+}
+
+/// Who the target is: the identity every node of the cluster reports the same
+/// way. A volume's NAA identifier (VPD 0x83) is derived from
+/// `naa_company_id`, `cluster_uid` and the volume's DiskId, so it is unique
+/// per volume and identical on every node.
+#[derive(Debug, Clone)]
+pub struct TargetIdentity {
+    pub vendor: String,
+    pub product: String,
+    pub revision: String,
+    /// 24-bit IEEE company id for NAA type 6 identifiers.
+    pub naa_company_id: u32,
+    /// Identifies the cluster (36 bits go into the NAA vendor-specific field).
+    pub cluster_uid: u64,
+}
+
+/// Hosts and mappings from the configuration: which initiator sees which
+/// volume at which LUN. An initiator not in the map sees no LUNs at all.
+#[derive(Debug, Clone, Default)]
+pub struct AccessMap {
+    /// initiator name → (LUN → volume disk id)
+    pub initiators: std::collections::HashMap<Arc<str>, std::collections::BTreeMap<u64, DiskId>>,
+}
+
+/// Persists persistent-reservation changes through the configuration (the
+/// daemon submits `Command::SetReservations`). A PERSISTENT RESERVE OUT
+/// completes only after `persist` returns Ok.
+pub trait PrStore: Send + Sync + 'static {
+    fn persist(
+        &self,
+        disk: DiskId,
+        state: PrState,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+}
