@@ -209,6 +209,7 @@ mod tests {
                 size_bytes: 60 << 24,
                 layout: VolumeLayout::Sequential,
                 mdisks: vec![],
+                thin: None,
             },
         );
         apply(

@@ -543,6 +543,7 @@ pub async fn create_volume(
             size_bytes: req.size_bytes,
             layout,
             mdisks: req.mdisks.unwrap_or_default(),
+            thin: None,
         },
     )
     .await?;

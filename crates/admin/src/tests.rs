@@ -988,6 +988,7 @@ fn command_schema_mirror_serializes_like_the_command() {
             size_bytes: 512,
             layout: VolumeLayout::Sequential,
             mdisks: vec![s("m")],
+            thin: None,
         },
         Command::CreateImageVolume {
             name: s("v"),

@@ -69,6 +69,59 @@ pub enum VolumeLayout {
     Sequential,
 }
 
+/// Smallest thin-provisioning grain (KiB).
+pub const THIN_GRAIN_KIB_MIN: u32 = 32;
+/// Largest thin-provisioning grain (KiB).
+pub const THIN_GRAIN_KIB_MAX: u32 = 256;
+/// Grain the CLI uses when none is given (KiB).
+pub const THIN_GRAIN_KIB_DEFAULT: u32 = 64;
+/// Upper bound of a thin volume's metadata, used only to bound its real size
+/// (the thin facility defines the layout): a fixed part plus this many bytes
+/// per grain of the virtual size.
+pub const THIN_METADATA_FIXED_BYTES: u64 = 1 << 20;
+/// See [`THIN_METADATA_FIXED_BYTES`].
+pub const THIN_METADATA_BYTES_PER_GRAIN: u64 = 8;
+
+const _: () = assert!(THIN_GRAIN_KIB_MIN.is_power_of_two() && THIN_GRAIN_KIB_MAX.is_power_of_two());
+const _: () = assert!(THIN_GRAIN_KIB_MIN <= THIN_GRAIN_KIB_DEFAULT);
+const _: () = assert!(THIN_GRAIN_KIB_DEFAULT <= THIN_GRAIN_KIB_MAX);
+// A grain never spans extents: the smallest extent holds whole grains.
+const _: () = assert!((THIN_GRAIN_KIB_MAX as u64) << 10 <= (EXTENT_SIZE_MIB_MIN as u64) << 20);
+
+/// Thin provisioning asked for by [`Command::CreateVolume`].
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThinParams {
+    /// Capacity to allocate from the pool now (data grains and metadata).
+    /// Rounded up to whole extents; at most the virtual size plus the
+    /// metadata bound ([`thin_real_size_max`]).
+    pub real_size_bytes: u64,
+    /// Allocation unit of the thin facility: a power of two from
+    /// [`THIN_GRAIN_KIB_MIN`] to [`THIN_GRAIN_KIB_MAX`] KiB.
+    pub grain_kib: u32,
+}
+
+/// A thin volume as stored: `Volume::size_bytes` is the virtual size the
+/// host sees, `Volume::extents` cover exactly `real_size_bytes` (pool
+/// accounting charges the real capacity). The thin facility reads these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThinSpec {
+    /// Bytes allocated from the pool: `extents.len()` × the pool's extent
+    /// size.
+    pub real_size_bytes: u64,
+    pub grain_kib: u32,
+}
+
+/// Largest real size of a thin volume of `virtual_bytes` with `grain_kib`
+/// grains in a pool of `extent_bytes` extents: the virtual size plus the
+/// metadata bound, rounded up to whole extents. More could never be used.
+pub fn thin_real_size_max(virtual_bytes: u64, grain_kib: u32, extent_bytes: u64) -> u64 {
+    let grain_bytes = u64::from(grain_kib.max(1)) << 10;
+    let metadata = THIN_METADATA_FIXED_BYTES
+        + virtual_bytes.div_ceil(grain_bytes) * THIN_METADATA_BYTES_PER_GRAIN;
+    (virtual_bytes + metadata).div_ceil(extent_bytes) * extent_bytes
+}
+
 /// Every configuration change. Serialized with an externally tagged `op`
 /// field so the journal, the REST API and the CLI's `--json` share one form.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -114,7 +167,9 @@ pub enum Command {
     },
     /// A volume of `size_bytes` (a multiple of 512) carved from the pool.
     /// `mdisks`, if not empty, restricts placement to those mdisks of the pool
-    /// (in that order, for sequential volumes).
+    /// (in that order, for sequential volumes). With `thin`, `size_bytes` is
+    /// the virtual size and only `thin.real_size_bytes` (rounded up to
+    /// extents) is allocated.
     CreateVolume {
         name: String,
         pool: String,
@@ -122,6 +177,8 @@ pub enum Command {
         layout: VolumeLayout,
         #[serde(default)]
         mdisks: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        thin: Option<ThinParams>,
     },
     /// Image mode: a volume that is exactly one unmanaged mdisk, data kept as
     /// is. The mdisk joins the pool in image mode.
@@ -130,7 +187,8 @@ pub enum Command {
         pool: String,
         mdisk: String,
     },
-    /// Grows a volume to `new_size_bytes`, adding extents with the volume's layout.
+    /// Grows a volume to `new_size_bytes`, adding extents with the volume's
+    /// layout. A thin volume grows its virtual size only (no extents).
     ExpandVolume {
         name: String,
         new_size_bytes: u64,
@@ -252,6 +310,11 @@ pub struct Volume {
     /// Placement restriction given at creation (empty: whole pool).
     pub mdisks: Vec<String>,
     /// Extent map: volume extent i lives at `extents[i]`. For image mode one
-    /// entry per extent-sized piece of the mdisk, in order, index i.
+    /// entry per extent-sized piece of the mdisk, in order, index i. For a
+    /// thin volume the extents hold `thin.real_size_bytes` (grains and
+    /// metadata), not `size_bytes`.
     pub extents: Vec<PhysExtent>,
+    /// `Some` for a thin volume (`size_bytes` is then its virtual size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thin: Option<ThinSpec>,
 }

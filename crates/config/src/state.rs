@@ -226,6 +226,47 @@ fn check_volume_extents(
     Ok(())
 }
 
+fn grain_ok(kib: u32) -> bool {
+    (THIN_GRAIN_KIB_MIN..=THIN_GRAIN_KIB_MAX).contains(&kib) && kib.is_power_of_two()
+}
+
+/// Checks thin parameters for a volume of `virtual_bytes` in pool `p`; the
+/// spec it returns has the real size rounded up to whole extents.
+fn check_thin(t: &ThinParams, virtual_bytes: u64, p: &Pool) -> Result<ThinSpec, ConfigError> {
+    if !grain_ok(t.grain_kib) {
+        return Err(invalid(
+            "thin.grain_kib",
+            format!(
+                "{} KiB: the grain must be a power of two from {THIN_GRAIN_KIB_MIN} to \
+                 {THIN_GRAIN_KIB_MAX} KiB",
+                t.grain_kib
+            ),
+        ));
+    }
+    if t.real_size_bytes == 0 {
+        return Err(invalid(
+            "thin.real_size_bytes",
+            "a thin volume needs some real capacity (at least one extent)",
+        ));
+    }
+    let eb = p.extent_bytes();
+    let max = thin_real_size_max(virtual_bytes, t.grain_kib, eb);
+    if t.real_size_bytes > max {
+        return Err(invalid(
+            "thin.real_size_bytes",
+            format!(
+                "{} bytes is more than a thin volume of {virtual_bytes} bytes can use ({max} \
+                 bytes: the virtual size plus metadata, in whole extents of {} MiB)",
+                t.real_size_bytes, p.extent_size_mib
+            ),
+        ));
+    }
+    Ok(ThinSpec {
+        real_size_bytes: t.real_size_bytes.div_ceil(eb) * eb,
+        grain_kib: t.grain_kib,
+    })
+}
+
 impl Pool {
     /// Bytes per extent.
     pub fn extent_bytes(&self) -> u64 {
@@ -425,7 +466,22 @@ impl State {
             if v.size_bytes == 0 || v.size_bytes % SECTOR_BYTES != 0 {
                 return Err(format!("volume '{key}': bad size"));
             }
-            if v.extents.len() as u64 != v.size_bytes.div_ceil(p.extent_bytes()) {
+            let covered = match &v.thin {
+                None => v.size_bytes,
+                Some(t) => {
+                    let max = thin_real_size_max(v.size_bytes, t.grain_kib, p.extent_bytes());
+                    if v.layout.is_none()
+                        || !grain_ok(t.grain_kib)
+                        || t.real_size_bytes == 0
+                        || t.real_size_bytes % p.extent_bytes() != 0
+                        || t.real_size_bytes > max
+                    {
+                        return Err(format!("volume '{key}': bad thin specification"));
+                    }
+                    t.real_size_bytes
+                }
+            };
+            if v.extents.len() as u64 != covered.div_ceil(p.extent_bytes()) {
                 return Err(format!(
                     "volume '{key}': extent map does not match its size"
                 ));
@@ -729,11 +785,15 @@ impl State {
                 size_bytes,
                 layout,
                 mdisks,
+                thin,
             } => {
                 self.check_new_name("volume", name, |n| self.volumes.contains_key(n))?;
                 let p = self.pool_of(pool)?;
                 check_volume_size("size_bytes", *size_bytes)?;
-                let count = size_bytes.div_ceil(p.extent_bytes());
+                let count = match thin {
+                    None => size_bytes.div_ceil(p.extent_bytes()),
+                    Some(t) => check_thin(t, *size_bytes, p)?.real_size_bytes / p.extent_bytes(),
+                };
                 check_volume_extents("size_bytes", count, p.extent_size_mib)?;
                 let candidates = self.candidates(p, mdisks)?;
                 let alloc = self.allocate(p, &candidates, count, *layout, None)?;
@@ -816,6 +876,15 @@ impl State {
                 }
                 if *new_size_bytes == v.size_bytes {
                     return Ok(Prepared::Nothing);
+                }
+                if v.thin.is_some() {
+                    // The virtual size grows; the real capacity stays.
+                    return Ok(Prepared::ExpandVolume {
+                        alloc: Allocation {
+                            extents: Vec::new(),
+                            taken: BTreeMap::new(),
+                        },
+                    });
                 }
                 let p = self.pool_of(&v.pool)?;
                 let count = new_size_bytes.div_ceil(p.extent_bytes());
@@ -1079,12 +1148,18 @@ impl State {
                     size_bytes,
                     layout,
                     mdisks,
+                    thin,
                 },
                 Prepared::CreateVolume { id, alloc },
             ) => {
                 let taken = self.take_id();
                 debug_assert_eq!(taken, id);
                 let extents = self.take_extents(alloc);
+                let eb = self.pools[pool].extent_bytes();
+                let thin = thin.map(|t| ThinSpec {
+                    real_size_bytes: extents.len() as u64 * eb,
+                    grain_kib: t.grain_kib,
+                });
                 self.volumes.insert(
                     name.clone(),
                     Volume {
@@ -1095,6 +1170,7 @@ impl State {
                         layout: Some(*layout),
                         mdisks: mdisks.clone(),
                         extents,
+                        thin,
                     },
                 );
                 Outcome::Created {
@@ -1132,6 +1208,7 @@ impl State {
                         layout: None,
                         mdisks: vec![mdisk.clone()],
                         extents,
+                        thin: None,
                     },
                 );
                 Outcome::Created {

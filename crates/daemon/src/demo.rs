@@ -54,6 +54,7 @@ pub fn provision(node: &Node, data_dir: &Path) -> anyhow::Result<()> {
             size_bytes: DEMO_VOLUME_BYTES,
             layout: VolumeLayout::Striped,
             mdisks: vec![],
+            thin: None,
         })?;
     }
     Ok(())

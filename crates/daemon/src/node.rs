@@ -321,6 +321,7 @@ mod tests {
             size_bytes: 8 << 20,
             layout: VolumeLayout::Striped,
             mdisks: vec![],
+            thin: None,
         });
         for c in &cmds {
             store.submit(c).unwrap();

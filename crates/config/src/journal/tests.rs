@@ -37,6 +37,7 @@ fn session() -> Vec<Command> {
                 VolumeLayout::Sequential
             },
             mdisks: vec![],
+            thin: None,
         });
     }
     v.push(Command::ExpandVolume {

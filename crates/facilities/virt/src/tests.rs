@@ -128,6 +128,7 @@ impl Rig {
             size_bytes: size,
             layout,
             mdisks: vec![],
+            thin: None,
         })
     }
 
@@ -529,6 +530,7 @@ async fn mdisk_offline_takes_its_volumes_offline() {
         size_bytes: 4 * MIB,
         layout: VolumeLayout::Striped,
         mdisks: vec![],
+        thin: None,
     });
     let b = r.apply(Command::CreateVolume {
         name: "b".into(),
@@ -536,6 +538,7 @@ async fn mdisk_offline_takes_its_volumes_offline() {
         size_bytes: MIB,
         layout: VolumeLayout::Sequential,
         mdisks: vec!["m0".into()],
+        thin: None,
     });
     let c = r.apply(Command::CreateVolume {
         name: "c".into(),
@@ -543,6 +546,7 @@ async fn mdisk_offline_takes_its_volumes_offline() {
         size_bytes: MIB,
         layout: VolumeLayout::Sequential,
         mdisks: vec!["m3".into()],
+        thin: None,
     });
     front(&r.log);
     let m3 = r.mdisk("m3");
@@ -659,6 +663,7 @@ async fn volume_on_an_mdisk_the_back_end_lacks_is_offline() {
         size_bytes: MIB,
         layout: VolumeLayout::Striped,
         mdisks: vec!["here".into()],
+        thin: None,
     });
     r.write(only_here, 0, &[3u8; 512]).await;
     // The back end announcing the mdisk brings the volume online.
@@ -783,6 +788,7 @@ mod model {
                 size_bytes: size,
                 layout,
                 mdisks: vec![],
+                thin: None,
             };
             let v = match r.state.apply(&cmd) {
                 Ok(sanvirt_config::Outcome::Created { id, .. }) => id,
