@@ -25,6 +25,18 @@
 
 use std::sync::Arc;
 
+pub mod cdb;
+pub mod pages;
+pub mod params;
+pub mod pr;
+pub mod rangelock;
+pub mod sense;
+mod target;
+#[cfg(test)]
+mod tests;
+
+pub use target::{io_error_sense, ScsiTarget};
+
 pub use sanvirt_buffer::{Buffer, BufferPool};
 pub use sanvirt_config::reservations::{PrNexus, PrRegistration, PrReservation, PrState};
 pub use sanvirt_facility::{DiskId, DiskPathEvent, FrontEndDiskEvent, IoServer};

@@ -1,0 +1,1558 @@
+//! The SCSI target: logical units over an [`IoServer`], LUN mapping per
+//! initiator, unit attentions, reservations and command dispatch.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use sanvirt_facility::{DiskInfo, IoError, IoFlags, IoRequest, PathState};
+
+use crate::cdb::{self, op, Cdb, Rw, BLOCK_SHIFT, BLOCK_SIZE};
+use crate::pages::{self, LuDesc, ModeState};
+use crate::params;
+use crate::pr::{self, Access, PrError};
+use crate::rangelock::RangeLock;
+use crate::sense::key;
+use crate::{
+    status, AccessMap, Buffer, BufferPool, DiskId, DiskPathEvent, FrontEndDiskEvent, IoServer,
+    Nexus, PrNexus, PrState, PrStore, ScsiOutcome, ScsiTask, Sense, TargetIdentity, Tmf,
+    TmfResponse,
+};
+
+/// Unit attentions queued per I_T nexus and logical unit; older ones are
+/// dropped beyond this (SPC-4 allows reporting only the latest).
+pub const UNIT_ATTENTIONS_MAX: usize = 8;
+/// EXTENDED COPY results kept per logical unit.
+pub const COPY_RESULTS_MAX: usize = 64;
+/// Chunk in which WRITE SAME and EXTENDED COPY move data.
+pub const CHUNK_BYTES: usize = 1 << 20;
+const _: () = assert!(CHUNK_BYTES as u64 <= sanvirt_facility::REQUEST_BYTES_MAX);
+
+type NexusKey = PrNexus;
+
+#[derive(Debug, Clone, Copy)]
+struct CopyResult {
+    ok: bool,
+    segments: u16,
+    kib: u32,
+}
+
+struct LuState {
+    info: DiskInfo,
+    online: bool,
+    stopped: bool,
+    ua: HashMap<NexusKey, VecDeque<Sense>>,
+    seen: HashSet<NexusKey>,
+    /// SPC-2 RESERVE holder.
+    spc2: Option<NexusKey>,
+    pr: PrState,
+    prevent: HashSet<NexusKey>,
+    mode: ModeState,
+    copies: VecDeque<(NexusKey, u8, CopyResult)>,
+}
+
+impl LuState {
+    fn queue_ua(&mut self, n: &NexusKey, s: Sense) {
+        let q = self.ua.entry(n.clone()).or_default();
+        if q.contains(&s) {
+            return;
+        }
+        if q.len() == UNIT_ATTENTIONS_MAX {
+            q.pop_front();
+        }
+        q.push_back(s);
+    }
+
+    fn ua_all_but(&mut self, except: Option<&NexusKey>, s: Sense) {
+        let all: Vec<NexusKey> = self
+            .seen
+            .iter()
+            .filter(|n| Some(*n) != except)
+            .cloned()
+            .collect();
+        for n in all {
+            self.queue_ua(&n, s);
+        }
+    }
+}
+
+pub(crate) struct Lu {
+    disk: DiskId,
+    state: Mutex<LuState>,
+    /// Serialises PERSISTENT RESERVE OUT (the state is persisted between
+    /// computing and installing it).
+    pr_out: tokio::sync::Mutex<()>,
+    ranges: RangeLock,
+}
+
+impl Lu {
+    fn new(disk: DiskId, info: DiskInfo, pr: PrState) -> Lu {
+        Lu {
+            disk,
+            state: Mutex::new(LuState {
+                info,
+                online: true,
+                stopped: false,
+                ua: HashMap::new(),
+                seen: HashSet::new(),
+                spc2: None,
+                pr,
+                prevent: HashSet::new(),
+                mode: ModeState::default(),
+                copies: VecDeque::new(),
+            }),
+            pr_out: tokio::sync::Mutex::new(()),
+            ranges: RangeLock::default(),
+        }
+    }
+
+    fn desc(&self) -> LuDesc {
+        LuDesc {
+            disk: self.disk,
+            info: self.state.lock().info,
+        }
+    }
+}
+
+/// A SCSI target over one IoServer. See the crate documentation.
+pub struct ScsiTarget<S: IoServer> {
+    server: S,
+    pool: Arc<BufferPool>,
+    identity: TargetIdentity,
+    pr_store: Arc<dyn PrStore>,
+    access: RwLock<AccessMap>,
+    lus: RwLock<HashMap<DiskId, Arc<Lu>>>,
+    /// PR state per disk, kept for disks without a logical unit yet.
+    pr_config: Mutex<HashMap<DiskId, PrState>>,
+    /// Target-wide unit attentions (REPORTED LUNS DATA HAS CHANGED) and the
+    /// initiator name of each nexus seen.
+    nexuses: Mutex<HashMap<NexusKey, (Arc<str>, VecDeque<Sense>)>>,
+}
+
+fn key_of(n: &Nexus) -> NexusKey {
+    n.pr_nexus()
+}
+
+/// Maps a back-end error to sense data (`write`: the failed op wrote).
+pub fn io_error_sense(e: &IoError, write: bool) -> Sense {
+    match e {
+        IoError::NoSuchDisk { .. } => Sense::lun_not_supported(),
+        IoError::OutOfRange { .. } => Sense::lba_out_of_range(),
+        IoError::Invalid { .. } => Sense::new(key::HARDWARE_ERROR, 0x44, 0x00),
+        IoError::NotSupported { .. } => Sense::invalid_opcode(),
+        // LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
+        IoError::Unavailable { .. } => Sense::new(key::NOT_READY, 0x04, 0x03),
+        IoError::Medium { offset, .. } => {
+            let s = if write {
+                Sense::new(key::MEDIUM_ERROR, 0x0C, 0x00)
+            } else {
+                Sense::new(key::MEDIUM_ERROR, 0x11, 0x00)
+            };
+            s.with_information(offset >> BLOCK_SHIFT)
+        }
+        // SPACE ALLOCATION FAILED WRITE PROTECT.
+        IoError::NoSpace { .. } => Sense::new(key::DATA_PROTECT, 0x27, 0x07),
+        IoError::Exhausted { .. } => Sense::new(key::ABORTED_COMMAND, 0x55, 0x03),
+    }
+}
+
+fn io_fail(e: &IoError, write: bool) -> ScsiOutcome {
+    match e {
+        IoError::Exhausted { .. } => ScsiOutcome::status_only(status::BUSY),
+        _ => ScsiOutcome::check(io_error_sense(e, write)),
+    }
+}
+
+/// Which reservation class a command belongs to.
+fn access_of(c: &Cdb) -> Access {
+    match c {
+        Cdb::Inquiry { .. }
+        | Cdb::ReportLuns { .. }
+        | Cdb::RequestSense { .. }
+        | Cdb::TestUnitReady
+        | Cdb::ReadCapacity10
+        | Cdb::ReadCapacity16 { .. }
+        | Cdb::ReportOpcodes { .. }
+        | Cdb::ReportTmf { .. }
+        | Cdb::ReportTpg { .. }
+        | Cdb::PrIn { .. }
+        | Cdb::PrOut { .. }
+        | Cdb::Release { .. }
+        | Cdb::ReceiveCopyResults { .. } => Access::Any,
+        Cdb::PreventAllow { prevent } if *prevent == 0 => Access::Any,
+        Cdb::Read(_)
+        | Cdb::Verify { .. }
+        | Cdb::PreFetch { .. }
+        | Cdb::GetLbaStatus { .. }
+        | Cdb::ModeSense { .. } => Access::Read,
+        _ => Access::Write,
+    }
+}
+
+/// Commands allowed while another nexus holds an SPC-2 reservation.
+fn spc2_allowed(c: &Cdb) -> bool {
+    matches!(
+        c,
+        Cdb::Inquiry { .. }
+            | Cdb::ReportLuns { .. }
+            | Cdb::RequestSense { .. }
+            | Cdb::Release { .. }
+            | Cdb::ReportOpcodes { .. }
+            | Cdb::ReportTmf { .. }
+            | Cdb::ReportTpg { .. }
+            | Cdb::PrIn { .. }
+            | Cdb::PrOut { .. }
+    ) || matches!(c, Cdb::PreventAllow { prevent: 0 })
+}
+
+/// Opcodes that never report a unit attention (SPC-4 5.14? / SAM-5 5.14).
+fn skips_ua(opcode: u8) -> bool {
+    matches!(opcode, op::INQUIRY | op::REPORT_LUNS | op::REQUEST_SENSE)
+}
+
+/// Gives back at most `n` bytes of `buf`.
+fn trim(mut buf: Buffer, n: u32) -> Option<Buffer> {
+    let n = n as usize;
+    if buf.len() <= n {
+        return Some(buf);
+    }
+    if n == 0 {
+        return None;
+    }
+    if buf.split_off(n).is_ok() {
+        return Some(buf);
+    }
+    buf.slice(0, n).ok()
+}
+
+/// Byte `i` of a segmented buffer, through a segment index.
+struct Bytes<'a> {
+    segs: Vec<&'a [u8]>,
+    starts: Vec<usize>,
+}
+
+impl<'a> Bytes<'a> {
+    fn new(b: &'a Buffer) -> Bytes<'a> {
+        let segs: Vec<&[u8]> = b.segments().collect();
+        let mut starts = Vec::with_capacity(segs.len());
+        let mut at = 0;
+        for s in &segs {
+            starts.push(at);
+            at += s.len();
+        }
+        Bytes { segs, starts }
+    }
+
+    /// Calls `f` with the pieces of `[at, at+len)`.
+    fn range(&self, at: usize, len: usize, mut f: impl FnMut(usize, &[u8])) {
+        let mut i = match self.starts.binary_search(&at) {
+            Ok(i) => i,
+            Err(i) => i - 1,
+        };
+        let mut pos = at;
+        let end = at + len;
+        while pos < end {
+            let s = self.segs[i];
+            let off = pos - self.starts[i];
+            let n = (s.len() - off).min(end - pos);
+            f(pos - at, &s[off..off + n]);
+            pos += n;
+            i += 1;
+        }
+    }
+}
+
+/// First byte offset at which `a` differs from `b` (repeated with period
+/// `b.len()` when `b` is shorter). No host data is copied.
+fn first_mismatch(a: &Buffer, b: &Buffer) -> Option<usize> {
+    let bb = Bytes::new(b);
+    let period = b.len();
+    let mut pos = 0usize;
+    for seg in a.segments() {
+        let mut done = 0;
+        while done < seg.len() {
+            let boff = (pos + done) % period;
+            let n = (seg.len() - done).min(period - boff);
+            let mut found = None;
+            bb.range(boff, n, |rel, piece| {
+                if found.is_none() {
+                    let x = &seg[done + rel..done + rel + piece.len()];
+                    if x != piece {
+                        let k = x.iter().zip(piece).position(|(p, q)| p != q).unwrap_or(0);
+                        found = Some(pos + done + rel + k);
+                    }
+                }
+            });
+            if found.is_some() {
+                return found;
+            }
+            done += n;
+        }
+        pos += seg.len();
+    }
+    None
+}
+
+/// `a |= b`, byte for byte (ORWRITE).
+fn or_into(a: &mut Buffer, b: &Buffer) {
+    let bb = Bytes::new(b);
+    let mut pos = 0usize;
+    for seg in a.segments_mut() {
+        let len = seg.len();
+        bb.range(pos, len, |rel, piece| {
+            for (x, y) in seg[rel..rel + piece.len()].iter_mut().zip(piece) {
+                *x |= *y;
+            }
+        });
+        pos += len;
+    }
+}
+
+fn is_zero(b: &Buffer) -> bool {
+    b.segments().all(|s| s.iter().all(|&x| x == 0))
+}
+
+impl<S: IoServer> ScsiTarget<S> {
+    pub fn new(
+        server: S,
+        pool: Arc<BufferPool>,
+        identity: TargetIdentity,
+        pr_store: Arc<dyn PrStore>,
+    ) -> Arc<ScsiTarget<S>> {
+        Arc::new(ScsiTarget {
+            server,
+            pool,
+            identity,
+            pr_store,
+            access: RwLock::new(AccessMap::default()),
+            lus: RwLock::new(HashMap::new()),
+            pr_config: Mutex::new(HashMap::new()),
+            nexuses: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The IoServer this target submits to.
+    pub fn server(&self) -> &S {
+        &self.server
+    }
+
+    pub fn identity(&self) -> &TargetIdentity {
+        &self.identity
+    }
+
+    /// Hosts and LUN maps from the configuration. Every nexus of an
+    /// initiator whose map changed gets REPORTED LUNS DATA HAS CHANGED.
+    pub fn set_access(&self, access: AccessMap) {
+        let old = std::mem::replace(&mut *self.access.write(), access.clone());
+        let mut nx = self.nexuses.lock();
+        for (name, q) in nx.values_mut() {
+            if old.initiators.get(name) != access.initiators.get(name)
+                && !q.contains(&Sense::ua_luns_changed())
+            {
+                q.push_back(Sense::ua_luns_changed());
+            }
+        }
+    }
+
+    /// PR state of a volume from the configuration (start-up, or a change
+    /// made through another node).
+    pub fn set_reservations(&self, disk: DiskId, state: PrState) {
+        self.pr_config.lock().insert(disk, state.clone());
+        if let Some(lu) = self.lus.read().get(&disk) {
+            lu.state.lock().pr = state;
+        }
+    }
+
+    /// The current PR state of a volume (tests, diagnostics).
+    pub fn reservations(&self, disk: DiskId) -> Option<PrState> {
+        if let Some(lu) = self.lus.read().get(&disk) {
+            return Some(lu.state.lock().pr.clone());
+        }
+        self.pr_config.lock().get(&disk).cloned()
+    }
+
+    pub fn disk_event(&self, event: &FrontEndDiskEvent) {
+        match event {
+            FrontEndDiskEvent::Created { disk, info, .. } => {
+                let pr = self.pr_config.lock().get(disk).cloned().unwrap_or_default();
+                self.lus
+                    .write()
+                    .insert(*disk, Arc::new(Lu::new(*disk, *info, pr)));
+            }
+            FrontEndDiskEvent::Deleted { disk } => {
+                self.lus.write().remove(disk);
+                self.pr_config.lock().remove(disk);
+            }
+            FrontEndDiskEvent::Resized { disk, info } => {
+                if let Some(lu) = self.lus.read().get(disk) {
+                    let mut st = lu.state.lock();
+                    if st.info.size_bytes != info.size_bytes {
+                        st.ua_all_but(None, Sense::ua_capacity_changed());
+                    }
+                    st.info = *info;
+                }
+            }
+            FrontEndDiskEvent::Renamed { .. } => {}
+        }
+    }
+
+    pub fn disk_path_event(&self, event: &DiskPathEvent) {
+        if let Some(lu) = self.lus.read().get(&event.disk) {
+            lu.state.lock().online = matches!(event.state, PathState::Online);
+        }
+    }
+
+    /// Task management side effects (the transport has already dealt with
+    /// the tasks it queued): resets clear SPC-2 reservations, PREVENT
+    /// ALLOW state and mode changes, and establish unit attentions.
+    pub fn task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse {
+        match tmf {
+            Tmf::AbortTask { lun, .. } | Tmf::AbortTaskSet { lun } | Tmf::ClearTaskSet { lun } => {
+                if self.mapped(nexus, lun).is_none() {
+                    return TmfResponse::NoSuchLun;
+                }
+                TmfResponse::Complete
+            }
+            Tmf::LunReset { lun } => {
+                let Some(disk) = self.mapped(nexus, lun) else {
+                    return TmfResponse::NoSuchLun;
+                };
+                if let Some(lu) = self.lu(disk) {
+                    self.reset_lu(&lu, Sense::ua_lun_reset());
+                }
+                TmfResponse::Complete
+            }
+            Tmf::TargetWarmReset | Tmf::TargetColdReset => {
+                let lus: Vec<Arc<Lu>> = self.lus.read().values().cloned().collect();
+                for lu in lus {
+                    self.reset_lu(&lu, Sense::ua_power_on_reset());
+                }
+                TmfResponse::Complete
+            }
+        }
+    }
+
+    fn reset_lu(&self, lu: &Lu, ua: Sense) {
+        let mut st = lu.state.lock();
+        st.spc2 = None;
+        st.prevent.clear();
+        st.mode = ModeState {
+            // Mode parameters return to their saved (default) values, but
+            // write protection set by the administrator's initiator stays
+            // until cleared explicitly.
+            swp: st.mode.swp,
+            ..ModeState::default()
+        };
+        st.stopped = false;
+        st.ua_all_but(None, ua);
+    }
+
+    /// The session of `nexus` ended: its SPC-2 reservations and PREVENT
+    /// state go; persistent reservations stay (SPC-4).
+    pub fn nexus_lost(&self, nexus: &Nexus) {
+        let k = key_of(nexus);
+        let lus: Vec<Arc<Lu>> = self.lus.read().values().cloned().collect();
+        for lu in lus {
+            let mut st = lu.state.lock();
+            if st.spc2.as_ref() == Some(&k) {
+                st.spc2 = None;
+            }
+            st.prevent.remove(&k);
+            st.copies.retain(|(n, _, _)| n != &k);
+            if st.seen.remove(&k) {
+                st.ua.remove(&k);
+                // The nexus sees I_T NEXUS LOSS OCCURRED if it comes back.
+                st.seen.insert(k.clone());
+                st.queue_ua(&k, Sense::ua_nexus_loss());
+            }
+        }
+        self.nexuses.lock().remove(&k);
+    }
+
+    /// LUNs `initiator_name` sees, ascending.
+    pub fn visible_luns(&self, initiator_name: &str) -> Vec<u64> {
+        self.access
+            .read()
+            .initiators
+            .get(initiator_name)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Sense data bytes for an outcome of a command to `lun`, in the format
+    /// the logical unit's control mode page selects (D_SENSE).
+    pub fn encode_sense(&self, nexus: &Nexus, lun: u64, sense: &Sense) -> Vec<u8> {
+        let d = self
+            .mapped(nexus, lun)
+            .and_then(|d| self.lus.read().get(&d).cloned())
+            .map(|lu| lu.state.lock().mode.d_sense)
+            .unwrap_or(false);
+        sense.encode(d)
+    }
+
+    /// Bytes of Data-Out the command expects (from the CDB). An error
+    /// outcome means the command will fail without data; the transport may
+    /// send it at once. The transport should hand over all Data-Out the
+    /// initiator sent: a command given less than this fails with INVALID
+    /// FIELD IN COMMAND INFORMATION UNIT, more is ignored beyond this
+    /// (except WRITE SAME and COMPARE AND WRITE, which require the exact size).
+    pub fn data_out_len(&self, nexus: &Nexus, lun: u64, cdb: &[u8]) -> Result<u32, ScsiOutcome> {
+        let c = cdb::parse(cdb).map_err(ScsiOutcome::check)?;
+        if self.mapped(nexus, lun).is_none() && c.data_out_len() > 0 {
+            return Err(ScsiOutcome::check(Sense::lun_not_supported()));
+        }
+        u32::try_from(c.data_out_len()).map_err(|_| ScsiOutcome::check(Sense::invalid_cdb(0, None)))
+    }
+
+    /// Data-In bytes the CDB itself allows (transfer or allocation length),
+    /// for the transport's residual overflow count.
+    pub fn data_in_len(&self, cdb: &[u8]) -> u64 {
+        cdb::parse(cdb).map(|c| c.data_in_len()).unwrap_or(0)
+    }
+
+    fn mapped(&self, nexus: &Nexus, lun: u64) -> Option<DiskId> {
+        self.access
+            .read()
+            .initiators
+            .get(&*nexus.initiator_name)
+            .and_then(|m| m.get(&lun).copied())
+    }
+
+    fn lu(&self, disk: DiskId) -> Option<Arc<Lu>> {
+        if let Some(lu) = self.lus.read().get(&disk) {
+            return Some(Arc::clone(lu));
+        }
+        // A mapped volume whose Created event has not arrived yet.
+        let info = self.server.disk_info(disk)?;
+        let pr = self
+            .pr_config
+            .lock()
+            .get(&disk)
+            .cloned()
+            .unwrap_or_default();
+        Some(Arc::clone(
+            self.lus
+                .write()
+                .entry(disk)
+                .or_insert_with(|| Arc::new(Lu::new(disk, info, pr))),
+        ))
+    }
+
+    fn data_in(&self, data: &[u8], alloc_len: u32) -> ScsiOutcome {
+        let n = data.len().min(alloc_len as usize);
+        if n == 0 {
+            return ScsiOutcome::good();
+        }
+        match self.pool.alloc(n) {
+            Ok(mut b) => {
+                b.copy_from_slice(0, &data[..n]);
+                ScsiOutcome {
+                    status: status::GOOD,
+                    sense: None,
+                    data_in: Some(b),
+                }
+            }
+            Err(_) => ScsiOutcome::status_only(status::BUSY),
+        }
+    }
+
+    fn sync_data(&self, r: Result<Vec<u8>, Sense>, alloc_len: u32, limit: u32) -> ScsiOutcome {
+        match r {
+            Ok(d) => self.data_in(&d, alloc_len.min(limit)),
+            Err(s) => ScsiOutcome::check(s),
+        }
+    }
+
+    /// Executes one command. See the crate documentation.
+    pub async fn execute(&self, task: ScsiTask) -> ScsiOutcome {
+        let len = (task.cdb_len as usize).clamp(1, 16);
+        let cdb_bytes = task.cdb;
+        let cdb_bytes = &cdb_bytes[..len];
+        let opcode = cdb_bytes[0];
+        let nexus = Arc::clone(&task.nexus);
+        let k = key_of(&nexus);
+
+        // Remember the nexus for target-wide unit attentions.
+        {
+            let mut nx = self.nexuses.lock();
+            nx.entry(k.clone())
+                .or_insert_with(|| (Arc::clone(&nexus.initiator_name), VecDeque::new()));
+        }
+
+        let Some(disk) = self.mapped(&nexus, task.lun) else {
+            return self.execute_unmapped(&task, cdb_bytes);
+        };
+        let Some(lu) = self.lu(disk) else {
+            return self.execute_unmapped(&task, cdb_bytes);
+        };
+
+        // Unit attentions come before anything else the command could report.
+        if !skips_ua(opcode) {
+            if let Some(ua) = self.take_ua(&lu, &k) {
+                return ScsiOutcome::check(ua);
+            }
+        } else {
+            let mut st = lu.state.lock();
+            if st.seen.insert(k.clone()) {
+                st.queue_ua(&k, Sense::ua_power_on_reset());
+            }
+        }
+
+        let c = match cdb::parse(cdb_bytes) {
+            Ok(c) => c,
+            Err(s) => return ScsiOutcome::check(s),
+        };
+
+        // Reservations.
+        {
+            let st = lu.state.lock();
+            if let Some(h) = &st.spc2 {
+                if h != &k && !spc2_allowed(&c) {
+                    return ScsiOutcome::reservation_conflict();
+                }
+            }
+            if pr::conflicts(&st.pr, &k, access_of(&c)) {
+                return ScsiOutcome::reservation_conflict();
+            }
+            if matches!(c, Cdb::Reserve { .. }) && st.pr.reservation.is_some() {
+                return ScsiOutcome::reservation_conflict();
+            }
+        }
+
+        let data_out = task.data_out;
+        self.dispatch(&lu, &nexus, &k, c, data_out, task.data_in_len, task.lun)
+            .await
+    }
+
+    fn take_ua(&self, lu: &Lu, k: &NexusKey) -> Option<Sense> {
+        {
+            let mut st = lu.state.lock();
+            if st.seen.insert(k.clone()) {
+                st.queue_ua(k, Sense::ua_power_on_reset());
+            }
+            if let Some(s) = st.ua.get_mut(k).and_then(|q| q.pop_front()) {
+                return Some(s);
+            }
+        }
+        self.nexuses
+            .lock()
+            .get_mut(k)
+            .and_then(|(_, q)| q.pop_front())
+    }
+
+    fn execute_unmapped(&self, task: &ScsiTask, cdb_bytes: &[u8]) -> ScsiOutcome {
+        match cdb::parse(cdb_bytes) {
+            Ok(Cdb::ReportLuns { select, alloc_len }) => {
+                self.report_luns(&task.nexus, select, alloc_len)
+            }
+            Ok(Cdb::Inquiry {
+                evpd: false,
+                alloc_len,
+                ..
+            }) => self.data_in(
+                &pages::unmapped_inquiry(&self.identity),
+                alloc_len.min(task.data_in_len),
+            ),
+            Ok(Cdb::RequestSense { desc, alloc_len }) => self.data_in(
+                &Sense::lun_not_supported().encode(desc),
+                alloc_len.min(task.data_in_len),
+            ),
+            Err(s) if s.asc == 0x20 => ScsiOutcome::check(s),
+            _ => ScsiOutcome::check(Sense::lun_not_supported()),
+        }
+    }
+
+    fn report_luns(&self, nexus: &Nexus, select: u8, alloc_len: u32) -> ScsiOutcome {
+        if alloc_len < 16 && alloc_len != 0 {
+            return ScsiOutcome::check(Sense::invalid_cdb(6, None));
+        }
+        if !matches!(select, 0 | 1 | 2) {
+            return ScsiOutcome::check(Sense::invalid_cdb(2, None));
+        }
+        // REPORT LUNS clears REPORTED LUNS DATA HAS CHANGED for the nexus.
+        if let Some((_, q)) = self.nexuses.lock().get_mut(&key_of(nexus)) {
+            q.retain(|s| *s != Sense::ua_luns_changed());
+        }
+        let luns = if select == 1 {
+            Vec::new()
+        } else {
+            self.visible_luns(&nexus.initiator_name)
+        };
+        self.data_in(&pages::report_luns(&luns), alloc_len)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn dispatch(
+        &self,
+        lu: &Arc<Lu>,
+        nexus: &Nexus,
+        k: &NexusKey,
+        c: Cdb,
+        data_out: Option<Buffer>,
+        data_in_len: u32,
+        lun: u64,
+    ) -> ScsiOutcome {
+        let (desc, online, stopped, mode) = {
+            let st = lu.state.lock();
+            (
+                LuDesc {
+                    disk: lu.disk,
+                    info: st.info,
+                },
+                st.online,
+                st.stopped,
+                st.mode,
+            )
+        };
+        let blocks = desc.blocks();
+
+        // Commands that need the medium.
+        let needs_medium = matches!(
+            c,
+            Cdb::TestUnitReady
+                | Cdb::Read(_)
+                | Cdb::Write(_)
+                | Cdb::Verify { .. }
+                | Cdb::WriteAndVerify { .. }
+                | Cdb::SyncCache { .. }
+                | Cdb::Unmap { .. }
+                | Cdb::WriteSame { .. }
+                | Cdb::CompareAndWrite(_)
+                | Cdb::OrWrite(_)
+                | Cdb::PreFetch { .. }
+                | Cdb::GetLbaStatus { .. }
+                | Cdb::ExtendedCopy { .. }
+        );
+        if needs_medium {
+            if !online {
+                return ScsiOutcome::check(Sense::new(key::NOT_READY, 0x04, 0x03));
+            }
+            if stopped {
+                return ScsiOutcome::check(Sense::not_ready_stopped());
+            }
+        }
+        let writes = matches!(
+            c,
+            Cdb::Write(_)
+                | Cdb::WriteAndVerify { .. }
+                | Cdb::Unmap { .. }
+                | Cdb::WriteSame { .. }
+                | Cdb::CompareAndWrite(_)
+                | Cdb::OrWrite(_)
+                | Cdb::ExtendedCopy { .. }
+        );
+
+        // Range checks and Data-Out size checks common to the block commands.
+        let range = |lba: u64, n: u64| -> Result<(), Sense> {
+            match lba.checked_add(n) {
+                Some(e) if e <= blocks => Ok(()),
+                _ => Err(Sense::lba_out_of_range()),
+            }
+        };
+
+        if writes && mode.swp {
+            // WRITE PROTECTED, SOFTWARE WRITE PROTECTED (27/02); range errors first.
+            let r = match c {
+                Cdb::Write(rw)
+                | Cdb::OrWrite(rw)
+                | Cdb::CompareAndWrite(rw)
+                | Cdb::WriteAndVerify { rw, .. } => range(rw.lba, rw.blocks as u64),
+                _ => Ok(()),
+            };
+            return ScsiOutcome::check(r.err().unwrap_or(Sense::new(
+                key::DATA_PROTECT,
+                0x27,
+                0x02,
+            )));
+        }
+
+        let need_out = c.data_out_len();
+        let data_out = match (need_out, data_out) {
+            (0, _) => None,
+            (n, Some(b)) if b.len() as u64 == n => Some(b),
+            (n, Some(mut b)) if b.len() as u64 > n => {
+                if matches!(c, Cdb::WriteSame { .. } | Cdb::CompareAndWrite(_)) {
+                    return ScsiOutcome::check(Sense::invalid_field_in_iu());
+                }
+                if b.split_off(n as usize).is_ok() {
+                    Some(b)
+                } else {
+                    match b.slice(0, n as usize) {
+                        Ok(s) => Some(s),
+                        Err(_) => return ScsiOutcome::status_only(status::BUSY),
+                    }
+                }
+            }
+            _ => return ScsiOutcome::check(Sense::invalid_field_in_iu()),
+        };
+
+        match c {
+            Cdb::TestUnitReady => ScsiOutcome::good(),
+            Cdb::Inquiry {
+                evpd,
+                page,
+                alloc_len,
+            } => {
+                let r = if evpd {
+                    pages::vpd_page(&self.identity, &desc, nexus, page)
+                } else {
+                    Ok(pages::standard_inquiry(&self.identity))
+                };
+                self.sync_data(r, alloc_len, data_in_len)
+            }
+            Cdb::RequestSense { desc: d, alloc_len } => {
+                let s = {
+                    let mut st = lu.state.lock();
+                    st.ua.get_mut(k).and_then(|q| q.pop_front())
+                }
+                .unwrap_or(Sense::new(key::NO_SENSE, 0, 0));
+                self.data_in(&s.encode(d), alloc_len.min(data_in_len))
+            }
+            Cdb::ReportLuns { select, alloc_len } => {
+                self.report_luns(nexus, select, alloc_len.min(data_in_len))
+            }
+            Cdb::ReadCapacity10 => self.data_in(&pages::read_capacity10(&desc), data_in_len),
+            Cdb::ReadCapacity16 { alloc_len } => {
+                self.data_in(&pages::read_capacity16(&desc), alloc_len.min(data_in_len))
+            }
+            Cdb::ModeSense {
+                ten,
+                dbd,
+                llbaa,
+                pc,
+                page,
+                subpage,
+                alloc_len,
+            } => self.sync_data(
+                pages::mode_sense(&desc, &mode, ten, dbd, llbaa, pc, page, subpage),
+                alloc_len,
+                data_in_len,
+            ),
+            Cdb::ModeSelect { ten, sp, .. } => self.mode_select(lu, k, ten, sp, data_out),
+            Cdb::StartStopUnit {
+                power_condition,
+                loej,
+                start,
+                ..
+            } => {
+                let mut st = lu.state.lock();
+                if power_condition != 0 {
+                    // Power conditions are accepted and have no effect.
+                    return ScsiOutcome::good();
+                }
+                if loej && !start && !st.prevent.is_empty() {
+                    // MEDIUM REMOVAL PREVENTED (53/02).
+                    return ScsiOutcome::check(Sense::new(key::ILLEGAL_REQUEST, 0x53, 0x02));
+                }
+                st.stopped = !start && !loej;
+                if start {
+                    st.stopped = false;
+                }
+                ScsiOutcome::good()
+            }
+            Cdb::PreventAllow { prevent } => {
+                let mut st = lu.state.lock();
+                if prevent & 1 != 0 {
+                    st.prevent.insert(k.clone());
+                } else {
+                    st.prevent.remove(k);
+                }
+                ScsiOutcome::good()
+            }
+            Cdb::Reserve { .. } => {
+                let mut st = lu.state.lock();
+                match &st.spc2 {
+                    Some(h) if h != k => ScsiOutcome::reservation_conflict(),
+                    _ => {
+                        st.spc2 = Some(k.clone());
+                        ScsiOutcome::good()
+                    }
+                }
+            }
+            Cdb::Release { .. } => {
+                let mut st = lu.state.lock();
+                if st.spc2.as_ref() == Some(k) {
+                    st.spc2 = None;
+                }
+                ScsiOutcome::good()
+            }
+            Cdb::Read(rw) => {
+                if let Err(s) = range(rw.lba, rw.blocks as u64) {
+                    return ScsiOutcome::check(s);
+                }
+                if rw.blocks > cdb::TRANSFER_BLOCKS_MAX {
+                    return ScsiOutcome::check(Sense::invalid_cdb(7, None));
+                }
+                if rw.blocks == 0 {
+                    return ScsiOutcome::good();
+                }
+                match self.read(lu.disk, rw.lba, rw.blocks).await {
+                    Ok(b) => ScsiOutcome {
+                        status: status::GOOD,
+                        sense: None,
+                        data_in: trim(b, data_in_len),
+                    },
+                    Err(o) => o,
+                }
+            }
+            Cdb::Write(rw) => {
+                if let Err(s) = range(rw.lba, rw.blocks as u64) {
+                    return ScsiOutcome::check(s);
+                }
+                if rw.blocks > cdb::TRANSFER_BLOCKS_MAX {
+                    return ScsiOutcome::check(Sense::invalid_cdb(7, None));
+                }
+                let Some(b) = data_out else {
+                    return ScsiOutcome::good();
+                };
+                let fua = rw.fua || !mode.wce;
+                match self.write(lu, rw.lba, b, fua).await {
+                    Ok(_) => ScsiOutcome::good(),
+                    Err(o) => o,
+                }
+            }
+            Cdb::WriteAndVerify { rw, bytchk } => {
+                if let Err(s) = range(rw.lba, rw.blocks as u64) {
+                    return ScsiOutcome::check(s);
+                }
+                if rw.blocks > cdb::TRANSFER_BLOCKS_MAX {
+                    return ScsiOutcome::check(Sense::invalid_cdb(7, None));
+                }
+                let Some(b) = data_out else {
+                    return ScsiOutcome::good();
+                };
+                let written = match self.write(lu, rw.lba, b, true).await {
+                    Ok(w) => w,
+                    Err(o) => return o,
+                };
+                if bytchk == 0 {
+                    return ScsiOutcome::good();
+                }
+                let Some(written) = written else {
+                    return ScsiOutcome::good();
+                };
+                match self.read(lu.disk, rw.lba, rw.blocks).await {
+                    Ok(r) => match first_mismatch(&r, &written) {
+                        None => ScsiOutcome::good(),
+                        Some(off) => ScsiOutcome::check(Sense::miscompare(off as u64)),
+                    },
+                    Err(o) => o,
+                }
+            }
+            Cdb::Verify { rw, bytchk } => {
+                if let Err(s) = range(rw.lba, rw.blocks as u64) {
+                    return ScsiOutcome::check(s);
+                }
+                if rw.blocks > cdb::TRANSFER_BLOCKS_MAX {
+                    return ScsiOutcome::check(Sense::invalid_cdb(7, None));
+                }
+                if rw.blocks == 0 {
+                    return ScsiOutcome::good();
+                }
+                let r = match self.read(lu.disk, rw.lba, rw.blocks).await {
+                    Ok(r) => r,
+                    Err(o) => return o,
+                };
+                match (bytchk, data_out) {
+                    (0, _) | (_, None) => ScsiOutcome::good(),
+                    (_, Some(d)) => match first_mismatch(&r, &d) {
+                        None => ScsiOutcome::good(),
+                        Some(off) => ScsiOutcome::check(Sense::miscompare(off as u64)),
+                    },
+                }
+            }
+            Cdb::SyncCache { lba, blocks: n } => {
+                if let Err(s) = range(lba, n as u64) {
+                    return ScsiOutcome::check(s);
+                }
+                match self.server.submit(IoRequest::flush(lu.disk)).await {
+                    Ok(_) => ScsiOutcome::good(),
+                    Err(e) => io_fail(&e, true),
+                }
+            }
+            Cdb::PreFetch { lba, blocks: n, .. } => match range(lba, n as u64) {
+                Ok(()) => ScsiOutcome::good(),
+                Err(s) => ScsiOutcome::check(s),
+            },
+            Cdb::Unmap { .. } => self.unmap(lu, &desc, data_out).await,
+            Cdb::WriteSame {
+                lba,
+                blocks: n,
+                unmap,
+                ndob,
+                ..
+            } => {
+                self.write_same(lu, &desc, lba, n, unmap, ndob, data_out)
+                    .await
+            }
+            Cdb::CompareAndWrite(rw) => {
+                self.compare_and_write(lu, &desc, rw, data_out, mode.wce)
+                    .await
+            }
+            Cdb::OrWrite(rw) => {
+                if let Err(s) = range(rw.lba, rw.blocks as u64) {
+                    return ScsiOutcome::check(s);
+                }
+                if rw.blocks > cdb::TRANSFER_BLOCKS_MAX {
+                    return ScsiOutcome::check(Sense::invalid_cdb(10, None));
+                }
+                let Some(d) = data_out else {
+                    return ScsiOutcome::good();
+                };
+                let start = rw.lba;
+                let end = rw.lba + rw.blocks as u64;
+                let _g = lu.ranges.lock(start, end, true).await;
+                let mut r = match self.read(lu.disk, rw.lba, rw.blocks).await {
+                    Ok(r) => r,
+                    Err(o) => return o,
+                };
+                or_into(&mut r, &d);
+                match self
+                    .server
+                    .submit(IoRequest::write(
+                        lu.disk,
+                        rw.lba << BLOCK_SHIFT,
+                        r,
+                        rw.fua || !mode.wce,
+                    ))
+                    .await
+                {
+                    Ok(_) => ScsiOutcome::good(),
+                    Err(e) => io_fail(&e, true),
+                }
+            }
+            Cdb::GetLbaStatus { lba, alloc_len } => {
+                if lba >= blocks {
+                    return ScsiOutcome::check(Sense::lba_out_of_range());
+                }
+                if alloc_len < 24 && alloc_len != 0 {
+                    // Room for at least one descriptor is needed (SBC-3 allows
+                    // truncation, but no initiator asks for less).
+                }
+                let len = ((blocks - lba) << BLOCK_SHIFT).min(1 << 30);
+                match self
+                    .server
+                    .block_status(lu.disk, lba << BLOCK_SHIFT, len)
+                    .await
+                {
+                    Ok(ext) => {
+                        let mut runs: Vec<(u64, bool)> = Vec::new();
+                        for e in ext {
+                            let b = e.len >> BLOCK_SHIFT;
+                            if b == 0 {
+                                continue;
+                            }
+                            match runs.last_mut() {
+                                Some(last) if last.1 == e.hole => last.0 += b,
+                                _ => runs.push((b, e.hole)),
+                            }
+                        }
+                        if runs.is_empty() {
+                            runs.push((1, false));
+                        }
+                        self.data_in(
+                            &pages::lba_status(lba, &runs, alloc_len),
+                            alloc_len.min(data_in_len),
+                        )
+                    }
+                    Err(e) => io_fail(&e, false),
+                }
+            }
+            Cdb::ReportOpcodes {
+                rctd,
+                options,
+                opcode,
+                sa,
+                alloc_len,
+            } => self.sync_data(
+                pages::report_opcodes(rctd, options, opcode, sa),
+                alloc_len,
+                data_in_len,
+            ),
+            Cdb::ReportTmf { repd, alloc_len } => {
+                if alloc_len < 4 {
+                    return ScsiOutcome::check(Sense::invalid_cdb(6, None));
+                }
+                self.data_in(&pages::report_tmf(repd), alloc_len.min(data_in_len))
+            }
+            Cdb::ReportTpg { alloc_len } => {
+                self.data_in(&pages::report_tpg(nexus), alloc_len.min(data_in_len))
+            }
+            Cdb::PrIn { sa, alloc_len } => {
+                let d = pr::pr_in(&lu.state.lock().pr, sa);
+                self.data_in(&d, alloc_len.min(data_in_len))
+            }
+            Cdb::PrOut {
+                sa,
+                scope,
+                pr_type,
+                param_len,
+            } => {
+                self.pr_out(lu, k, sa, scope, pr_type, param_len, data_out)
+                    .await
+            }
+            Cdb::ExtendedCopy { .. } => self.extended_copy(lu, nexus, k, lun, data_out).await,
+            Cdb::ReceiveCopyResults {
+                sa,
+                list_id,
+                alloc_len,
+            } => {
+                let d = if sa == 3 {
+                    pages::copy_operating_parameters()
+                } else {
+                    let st = lu.state.lock();
+                    match st
+                        .copies
+                        .iter()
+                        .rev()
+                        .find(|(n, id, _)| n == k && *id == list_id)
+                    {
+                        Some((_, _, r)) => pages::copy_status(r.ok, r.segments, r.kib),
+                        None => return ScsiOutcome::check(Sense::invalid_cdb(2, None)),
+                    }
+                };
+                self.data_in(&d, alloc_len.min(data_in_len))
+            }
+        }
+    }
+
+    async fn read(&self, disk: DiskId, lba: u64, blocks: u32) -> Result<Buffer, ScsiOutcome> {
+        let len = (blocks as usize) << BLOCK_SHIFT;
+        let buf = self
+            .pool
+            .alloc_wait(len)
+            .await
+            .map_err(|_| ScsiOutcome::status_only(status::BUSY))?;
+        match self
+            .server
+            .submit(IoRequest::read(disk, lba << BLOCK_SHIFT, buf))
+            .await
+        {
+            Ok(Some(b)) => Ok(b),
+            Ok(None) => Err(ScsiOutcome::check(Sense::new(
+                key::HARDWARE_ERROR,
+                0x44,
+                0x00,
+            ))),
+            Err(e) => Err(io_fail(&e, false)),
+        }
+    }
+
+    /// Writes `b` at `lba` under a shared range lock; returns the buffer the
+    /// server handed back.
+    async fn write(
+        &self,
+        lu: &Lu,
+        lba: u64,
+        b: Buffer,
+        fua: bool,
+    ) -> Result<Option<Buffer>, ScsiOutcome> {
+        let end = lba + (b.len() as u64 >> BLOCK_SHIFT);
+        let _g = lu.ranges.lock(lba, end, false).await;
+        self.server
+            .submit(IoRequest::write(lu.disk, lba << BLOCK_SHIFT, b, fua))
+            .await
+            .map_err(|e| io_fail(&e, true))
+    }
+
+    fn mode_select(
+        &self,
+        lu: &Lu,
+        k: &NexusKey,
+        ten: bool,
+        sp: bool,
+        data: Option<Buffer>,
+    ) -> ScsiOutcome {
+        if sp {
+            // Saved pages are not implemented: SAVING PARAMETERS NOT SUPPORTED.
+            return ScsiOutcome::check(Sense {
+                asc: 0x39,
+                ascq: 0x00,
+                ..Sense::invalid_cdb(1, Some(0))
+            });
+        }
+        let Some(data) = data else {
+            return ScsiOutcome::good();
+        };
+        let bytes = data.to_vec();
+        let list = match params::parse_mode_select(&bytes, ten) {
+            Ok(l) => l,
+            Err(s) => return ScsiOutcome::check(s),
+        };
+        if list.block_lengths.iter().any(|&b| b != BLOCK_SIZE) {
+            return ScsiOutcome::check(Sense::invalid_param(if ten { 8 + 5 } else { 4 + 5 }, None));
+        }
+        let mut st = lu.state.lock();
+        let mut m = st.mode;
+        for p in &list.pages {
+            if let Err(s) = pages::mode_select_page(&mut m, p.page, p.subpage, &p.data, p.offset) {
+                return ScsiOutcome::check(s);
+            }
+        }
+        if m != st.mode {
+            st.mode = m;
+            st.ua_all_but(Some(k), Sense::ua_mode_changed());
+        }
+        ScsiOutcome::good()
+    }
+
+    async fn unmap(&self, lu: &Lu, desc: &LuDesc, data: Option<Buffer>) -> ScsiOutcome {
+        if !desc.info.can_unmap {
+            return ScsiOutcome::check(Sense::invalid_opcode());
+        }
+        let Some(data) = data else {
+            return ScsiOutcome::good();
+        };
+        let ranges = match params::parse_unmap(&data.to_vec()) {
+            Ok(r) => r,
+            Err(s) => return ScsiOutcome::check(s),
+        };
+        let blocks = desc.blocks();
+        for r in &ranges {
+            if r.lba
+                .checked_add(r.blocks as u64)
+                .is_none_or(|e| e > blocks)
+            {
+                return ScsiOutcome::check(Sense::lba_out_of_range());
+            }
+            if r.blocks > cdb::UNMAP_BLOCKS_MAX {
+                return ScsiOutcome::check(Sense::invalid_param(16, None));
+            }
+        }
+        for r in ranges.iter().filter(|r| r.blocks > 0) {
+            let _g = lu.ranges.lock(r.lba, r.lba + r.blocks as u64, false).await;
+            if let Err(e) = self
+                .server
+                .submit(IoRequest::unmap(
+                    lu.disk,
+                    r.lba << BLOCK_SHIFT,
+                    (r.blocks as u64) << BLOCK_SHIFT,
+                ))
+                .await
+            {
+                return io_fail(&e, true);
+            }
+        }
+        ScsiOutcome::good()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_same(
+        &self,
+        lu: &Lu,
+        desc: &LuDesc,
+        lba: u64,
+        n: u32,
+        unmap: bool,
+        ndob: bool,
+        data: Option<Buffer>,
+    ) -> ScsiOutcome {
+        let cap = desc.blocks();
+        if lba > cap {
+            return ScsiOutcome::check(Sense::lba_out_of_range());
+        }
+        let n = if n == 0 { cap - lba } else { n as u64 };
+        if lba.checked_add(n).is_none_or(|e| e > cap) {
+            return ScsiOutcome::check(Sense::lba_out_of_range());
+        }
+        if n > cdb::WRITE_SAME_BLOCKS_MAX {
+            return ScsiOutcome::check(Sense::invalid_cdb(if ndob { 10 } else { 7 }, None));
+        }
+        if unmap && !desc.info.can_unmap {
+            return ScsiOutcome::check(Sense::invalid_cdb(1, Some(3)));
+        }
+        if n == 0 {
+            return ScsiOutcome::good();
+        }
+        let zero = match &data {
+            None => true,
+            Some(d) => is_zero(d),
+        };
+        let (off, len) = (lba << BLOCK_SHIFT, n << BLOCK_SHIFT);
+        let _g = lu.ranges.lock(lba, lba + n, false).await;
+        if zero {
+            let req = if unmap && desc.info.unmap_zeroes {
+                IoRequest::unmap(lu.disk, off, len)
+            } else {
+                IoRequest::write_zeroes(
+                    lu.disk,
+                    off,
+                    len,
+                    IoFlags {
+                        fua: false,
+                        no_unmap: !unmap,
+                    },
+                )
+            };
+            return match self.server.submit(req).await {
+                Ok(_) => ScsiOutcome::good(),
+                Err(e) => io_fail(&e, true),
+            };
+        }
+        let Some(block) = data else {
+            return ScsiOutcome::good();
+        };
+        let mut pattern = [0u8; BLOCK_SIZE as usize];
+        block.copy_to_slice(0, &mut pattern);
+        let chunk = (len as usize).min(CHUNK_BYTES);
+        let mut buf = match self.pool.alloc_wait(chunk).await {
+            Ok(b) => b,
+            Err(_) => return ScsiOutcome::status_only(status::BUSY),
+        };
+        for at in (0..chunk).step_by(BLOCK_SIZE as usize) {
+            buf.copy_from_slice(at, &pattern);
+        }
+        let mut pos = 0u64;
+        while pos < len {
+            let this = (len - pos).min(chunk as u64) as usize;
+            let b = if this == buf.len() {
+                buf
+            } else {
+                match buf.slice(0, this) {
+                    Ok(s) => {
+                        drop(buf);
+                        s
+                    }
+                    Err(_) => return ScsiOutcome::status_only(status::BUSY),
+                }
+            };
+            match self
+                .server
+                .submit(IoRequest::write(lu.disk, off + pos, b, false))
+                .await
+            {
+                Ok(Some(b)) => buf = b,
+                Ok(None) => return ScsiOutcome::check(Sense::new(key::HARDWARE_ERROR, 0x44, 0)),
+                Err(e) => return io_fail(&e, true),
+            }
+            pos += this as u64;
+        }
+        ScsiOutcome::good()
+    }
+
+    async fn compare_and_write(
+        &self,
+        lu: &Lu,
+        desc: &LuDesc,
+        rw: Rw,
+        data: Option<Buffer>,
+        wce: bool,
+    ) -> ScsiOutcome {
+        if rw.blocks > cdb::CAW_BLOCKS_MAX as u32 {
+            return ScsiOutcome::check(Sense::invalid_cdb(13, None));
+        }
+        if rw
+            .lba
+            .checked_add(rw.blocks as u64)
+            .is_none_or(|e| e > desc.blocks())
+        {
+            return ScsiOutcome::check(Sense::lba_out_of_range());
+        }
+        let Some(mut data) = data else {
+            return ScsiOutcome::good();
+        };
+        let half = (rw.blocks as usize) << BLOCK_SHIFT;
+        let new = match data.split_off(half) {
+            Ok(t) => t,
+            Err(_) => match data.slice(half, half) {
+                Ok(s) => s,
+                Err(_) => return ScsiOutcome::status_only(status::BUSY),
+            },
+        };
+        let verify = if data.len() == half {
+            data
+        } else {
+            match data.slice(0, half) {
+                Ok(s) => s,
+                Err(_) => return ScsiOutcome::status_only(status::BUSY),
+            }
+        };
+        let _g = lu
+            .ranges
+            .lock(rw.lba, rw.lba + rw.blocks as u64, true)
+            .await;
+        let cur = match self.read(lu.disk, rw.lba, rw.blocks).await {
+            Ok(b) => b,
+            Err(o) => return o,
+        };
+        if let Some(off) = first_mismatch(&cur, &verify) {
+            return ScsiOutcome::check(Sense::miscompare(off as u64));
+        }
+        match self
+            .server
+            .submit(IoRequest::write(
+                lu.disk,
+                rw.lba << BLOCK_SHIFT,
+                new,
+                rw.fua || !wce,
+            ))
+            .await
+        {
+            Ok(_) => ScsiOutcome::good(),
+            Err(e) => io_fail(&e, true),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pr_out(
+        &self,
+        lu: &Lu,
+        k: &NexusKey,
+        sa: u8,
+        scope: u8,
+        pr_type: u8,
+        param_len: u32,
+        data: Option<Buffer>,
+    ) -> ScsiOutcome {
+        let bytes = data.map(|d| d.to_vec()).unwrap_or_default();
+        if bytes.len() != param_len as usize {
+            return ScsiOutcome::check(Sense::param_list_length());
+        }
+        let p = match params::parse_pr_out(&bytes, sa) {
+            Ok(p) => p,
+            Err(s) => return ScsiOutcome::check(s),
+        };
+        let _serial = lu.pr_out.lock().await;
+        let cur = lu.state.lock().pr.clone();
+        let change = match pr::pr_out(&cur, k, sa, scope, pr_type, &p) {
+            Ok(c) => c,
+            Err(PrError::Conflict) => return ScsiOutcome::reservation_conflict(),
+            Err(PrError::Check(s)) => return ScsiOutcome::check(s),
+        };
+        let Some(next) = change.state else {
+            return ScsiOutcome::good();
+        };
+        if let Err(e) = self.pr_store.persist(lu.disk, next.clone()).await {
+            tracing::warn!(disk = lu.disk, error = %e, "persistent reservation not persisted");
+            // INSUFFICIENT RESOURCES? No: the change is refused as a target failure.
+            return ScsiOutcome::check(Sense::new(key::HARDWARE_ERROR, 0x44, 0x00));
+        }
+        self.pr_config.lock().insert(lu.disk, next.clone());
+        let mut st = lu.state.lock();
+        st.pr = next;
+        for (n, s) in change.unit_attentions {
+            st.queue_ua(&n, s);
+        }
+        ScsiOutcome::good()
+    }
+
+    async fn extended_copy(
+        &self,
+        lu: &Lu,
+        nexus: &Nexus,
+        k: &NexusKey,
+        _lun: u64,
+        data: Option<Buffer>,
+    ) -> ScsiOutcome {
+        let bytes = data.map(|d| d.to_vec()).unwrap_or_default();
+        let list = match params::parse_xcopy(&bytes) {
+            Ok(Some(l)) => l,
+            Ok(None) => return ScsiOutcome::good(),
+            Err(s) => return ScsiOutcome::check(s),
+        };
+        // Resolve every target descriptor to a volume this initiator sees.
+        let visible: Vec<DiskId> = self
+            .access
+            .read()
+            .initiators
+            .get(&*nexus.initiator_name)
+            .map(|m| m.values().copied().collect())
+            .unwrap_or_default();
+        let mut disks = Vec::with_capacity(list.targets.len());
+        for (i, t) in list.targets.iter().enumerate() {
+            if t.block_len != 0 && t.block_len != BLOCK_SIZE {
+                return ScsiOutcome::check(Sense::invalid_param((16 + i * 32 + 29) as u16, None));
+            }
+            let found = visible.iter().copied().find(|&d| {
+                t.designator_type == 3 && t.designator == pages::naa_id(&self.identity, d)
+            });
+            match found {
+                Some(d) => disks.push(d),
+                None => return ScsiOutcome::check(params::copy_target_unreachable()),
+            }
+        }
+        // Validate every segment before moving any data.
+        let mut plan = Vec::with_capacity(list.segments.len());
+        for s in &list.segments {
+            let (Some(&src), Some(&dst)) = (disks.get(s.src as usize), disks.get(s.dst as usize))
+            else {
+                return ScsiOutcome::check(params::copy_target_unreachable());
+            };
+            let (Some(sl), Some(dl)) = (self.lu(src), self.lu(dst)) else {
+                return ScsiOutcome::check(params::copy_target_unreachable());
+            };
+            let n = s.blocks as u64;
+            let sb = sl.desc().blocks();
+            let db = dl.desc().blocks();
+            if s.src_lba.checked_add(n).is_none_or(|e| e > sb)
+                || s.dst_lba.checked_add(n).is_none_or(|e| e > db)
+            {
+                return ScsiOutcome::check(Sense::new(key::COPY_ABORTED, 0x0D, 0x02));
+            }
+            {
+                let st = dl.state.lock();
+                if pr::conflicts(&st.pr, k, Access::Write)
+                    || st.spc2.as_ref().is_some_and(|h| h != k)
+                {
+                    return ScsiOutcome::reservation_conflict();
+                }
+            }
+            plan.push((sl, dl, *s));
+        }
+        let mut done_blocks = 0u64;
+        let mut segments = 0u16;
+        let mut ok = true;
+        let mut failure = None;
+        'segs: for (sl, dl, s) in &plan {
+            let mut pos = 0u64;
+            let n = s.blocks as u64;
+            while pos < n {
+                let this = (n - pos).min((CHUNK_BYTES >> BLOCK_SHIFT) as u64) as u32;
+                let b = match self.read(sl.disk, s.src_lba + pos, this).await {
+                    Ok(b) => b,
+                    Err(o) => {
+                        ok = false;
+                        failure = Some(o);
+                        break 'segs;
+                    }
+                };
+                if let Err(o) = self.write(dl, s.dst_lba + pos, b, false).await {
+                    ok = false;
+                    failure = Some(o);
+                    break 'segs;
+                }
+                pos += this as u64;
+                done_blocks += this as u64;
+            }
+            segments += 1;
+        }
+        if list.list_id_usage != 3 {
+            let mut st = lu.state.lock();
+            st.copies
+                .retain(|(n, id, _)| !(n == k && *id == list.list_id));
+            if st.copies.len() == COPY_RESULTS_MAX {
+                st.copies.pop_front();
+            }
+            st.copies.push_back((
+                k.clone(),
+                list.list_id,
+                CopyResult {
+                    ok,
+                    segments,
+                    kib: ((done_blocks << BLOCK_SHIFT) >> 10).min(u32::MAX as u64) as u32,
+                },
+            ));
+        }
+        match failure {
+            None => ScsiOutcome::good(),
+            Some(o) => {
+                // Report as COPY ABORTED with the underlying condition's codes.
+                let s = o.sense.unwrap_or(Sense::new(key::COPY_ABORTED, 0, 0));
+                ScsiOutcome::check(Sense {
+                    key: key::COPY_ABORTED,
+                    ..s
+                })
+            }
+        }
+    }
+}
