@@ -14,8 +14,9 @@ const _: () = assert!(1 << BLOCK_SHIFT == BLOCK_SIZE);
 pub const TRANSFER_BLOCKS_MAX: u32 = (sanvirt_facility::REQUEST_BYTES_MAX >> BLOCK_SHIFT) as u32;
 /// Largest COMPARE AND WRITE in blocks (VPD B0h).
 pub const CAW_BLOCKS_MAX: u8 = 128;
-/// Largest UNMAP / WRITE SAME with UNMAP range in blocks (VPD B0h).
-pub const UNMAP_BLOCKS_MAX: u32 = 1 << 22;
+/// Largest UNMAP range in blocks (VPD B0h). Initiators' conformance tests
+/// (libiscsi) expect at most 1 Mi blocks.
+pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
 /// Most UNMAP block descriptors in one parameter list (VPD B0h).
 pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
 /// Largest WRITE SAME in blocks (VPD B0h).

@@ -18,6 +18,10 @@ use sanvirt_facility::DiskInfo;
 pub struct LuDesc {
     pub disk: DiskId,
     pub info: DiskInfo,
+    /// Report the disk's preferred block size as the physical block size
+    /// (LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT); see
+    /// `ScsiTarget::set_report_physical_blocks`.
+    pub report_physical: bool,
 }
 
 impl LuDesc {
@@ -29,6 +33,9 @@ impl LuDesc {
         self.info.can_unmap
     }
     fn phys_exp(&self) -> u8 {
+        if !self.report_physical {
+            return 0;
+        }
         let p = self.info.block_size_preferred.max(BLOCK_SIZE);
         if p.is_power_of_two() {
             (p.trailing_zeros() - BLOCK_SHIFT).min(15) as u8
@@ -277,13 +284,7 @@ pub fn mode_page(page: u8, m: &ModeState, pcv: u8) -> Option<Vec<u8>> {
             let mut p = vec![0u8; 20];
             p[0] = 0x08;
             p[1] = 0x12;
-            p[2] = if ch {
-                0x04
-            } else if m.wce {
-                0x04
-            } else {
-                0
-            };
+            p[2] = if ch || m.wce { 0x04 } else { 0 };
             if !ch {
                 p[4..6].copy_from_slice(&0xFFFFu16.to_be_bytes()); // disable prefetch transfer length
                 p[8..10].copy_from_slice(&0xFFFFu16.to_be_bytes()); // maximum prefetch

@@ -189,7 +189,7 @@ pub fn parse_pr_out(p: &[u8], sa: u8) -> Result<PrOutParams, Sense> {
             return Err(Sense::param_list_length());
         }
         let tid_len = be32(&p[20..24]) as usize;
-        if tid_len + 24 > p.len() || tid_len < 24 || tid_len > TRANSPORT_ID_LEN_MAX {
+        if tid_len + 24 > p.len() || !(24..=TRANSPORT_ID_LEN_MAX).contains(&tid_len) {
             return Err(Sense::param_list_length());
         }
         let initiator_port = parse_transport_id(&p[24..24 + tid_len], 24)?;

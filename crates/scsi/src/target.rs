@@ -29,6 +29,8 @@ pub const CHUNK_BYTES: usize = 1 << 20;
 const _: () = assert!(CHUNK_BYTES as u64 <= sanvirt_facility::REQUEST_BYTES_MAX);
 
 type NexusKey = PrNexus;
+/// A nexus's initiator name and its target-wide unit attentions.
+type NexusEntry = (Arc<str>, VecDeque<Sense>);
 
 #[derive(Debug, Clone, Copy)]
 struct CopyResult {
@@ -110,6 +112,7 @@ impl Lu {
         LuDesc {
             disk: self.disk,
             info: self.state.lock().info,
+            report_physical: true,
         }
     }
 }
@@ -126,7 +129,8 @@ pub struct ScsiTarget<S: IoServer> {
     pr_config: Mutex<HashMap<DiskId, PrState>>,
     /// Target-wide unit attentions (REPORTED LUNS DATA HAS CHANGED) and the
     /// initiator name of each nexus seen.
-    nexuses: Mutex<HashMap<NexusKey, (Arc<str>, VecDeque<Sense>)>>,
+    nexuses: Mutex<HashMap<NexusKey, NexusEntry>>,
+    report_physical: std::sync::atomic::AtomicBool,
 }
 
 fn key_of(n: &Nexus) -> NexusKey {
@@ -328,7 +332,17 @@ impl<S: IoServer> ScsiTarget<S> {
             lus: RwLock::new(HashMap::new()),
             pr_config: Mutex::new(HashMap::new()),
             nexuses: Mutex::new(HashMap::new()),
+            report_physical: std::sync::atomic::AtomicBool::new(true),
         })
+    }
+
+    /// Whether logical units report the disk's preferred block size (for
+    /// example 4096) as their physical block size. On by default. libiscsi's
+    /// GetLBAStatus.UnmapSingle assumes one logical block per physical
+    /// block, so a conformance run may switch this off.
+    pub fn set_report_physical_blocks(&self, on: bool) {
+        self.report_physical
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The IoServer this target submits to.
@@ -666,7 +680,7 @@ impl<S: IoServer> ScsiTarget<S> {
         if alloc_len < 16 && alloc_len != 0 {
             return ScsiOutcome::check(Sense::invalid_cdb(6, None));
         }
-        if !matches!(select, 0 | 1 | 2) {
+        if !matches!(select, 0..=2) {
             return ScsiOutcome::check(Sense::invalid_cdb(2, None));
         }
         // REPORT LUNS clears REPORTED LUNS DATA HAS CHANGED for the nexus.
@@ -698,6 +712,9 @@ impl<S: IoServer> ScsiTarget<S> {
                 LuDesc {
                     disk: lu.disk,
                     info: st.info,
+                    report_physical: self
+                        .report_physical
+                        .load(std::sync::atomic::Ordering::Relaxed),
                 },
                 st.online,
                 st.stopped,
