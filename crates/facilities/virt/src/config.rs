@@ -36,28 +36,35 @@ pub struct VolumeMap {
 impl VolumeMap {
     /// `None` if the state does not describe a usable volume (it cannot
     /// happen for a state that passed `check_invariants`).
+    ///
+    /// A thin volume is served at its *real* capacity (what its extents
+    /// hold): the thin-provisioning facility to the left keeps its metadata
+    /// and grains there and shows hosts the virtual size (`size_bytes`).
     pub fn from_config(state: &State, v: &sanvirt_config::Volume) -> Option<VolumeMap> {
         let pool = state.pools.get(&v.pool)?;
         let extent_bytes = u64::from(pool.extent_size_mib) << 20;
-        if !extent_bytes.is_power_of_two() || (v.extents.len() as u64) * extent_bytes < v.size_bytes
-        {
+        let size_bytes = match v.thin {
+            Some(t) => t.real_size_bytes,
+            None => v.size_bytes,
+        };
+        if !extent_bytes.is_power_of_two() || (v.extents.len() as u64) * extent_bytes < size_bytes {
             return None;
         }
         let shift = extent_bytes.trailing_zeros();
         let mut reach: BTreeMap<DiskId, u64> = BTreeMap::new();
         for (i, e) in v.extents.iter().enumerate() {
             let start = (i as u64) << shift;
-            if start >= v.size_bytes {
+            if start >= size_bytes {
                 break;
             }
-            let end = (e.index << shift) + (v.size_bytes - start).min(extent_bytes);
+            let end = (e.index << shift) + (size_bytes - start).min(extent_bytes);
             let r = reach.entry(e.mdisk).or_default();
             *r = (*r).max(end);
         }
         Some(VolumeMap {
             id: v.id,
             name: v.name.as_str().into(),
-            size_bytes: v.size_bytes,
+            size_bytes,
             extent_shift: shift,
             extents: v.extents.clone().into_boxed_slice(),
             mdisks: reach.into_iter().collect(),

@@ -863,3 +863,49 @@ async fn io_continues_while_reconfiguring() {
     io.await.unwrap();
     assert!(r.virt.volume_status(v).unwrap().is_ok());
 }
+
+#[tokio::test]
+async fn thin_volume_is_served_at_its_real_capacity() {
+    let mut r = Rig::new(1, &four_mdisks(), None);
+    let v = r.apply(Command::CreateVolume {
+        name: "t".into(),
+        pool: "p".into(),
+        size_bytes: 64 * MIB,
+        layout: VolumeLayout::Striped,
+        mdisks: vec![],
+        thin: Some(sanvirt_config::ThinParams {
+            real_size_bytes: 3 * MIB - 4096,
+            grain_kib: 64,
+        }),
+    });
+    let spec = r.state.volumes["t"].thin.expect("thin");
+    assert_eq!(spec.real_size_bytes, 3 * MIB, "rounded up to extents");
+    assert_eq!(r.state.volumes["t"].extents.len(), 3);
+    let info = r.virt.disk_info(v).expect("served");
+    assert_eq!(
+        info.size_bytes,
+        3 * MIB,
+        "real capacity, not the virtual size"
+    );
+    assert!(front(&r.log).iter().any(|e| matches!(
+        e,
+        FrontEndDiskEvent::Created { disk, info, .. } if *disk == v && info.size_bytes == 3 * MIB
+    )));
+    // The whole real capacity is usable, and no more.
+    let data = Rig::pattern(8192, 3);
+    r.write(v, 3 * MIB - 8192, &data).await;
+    assert_eq!(r.read(v, 3 * MIB - 8192, 8192).await, data);
+    let b = r.pool.alloc(4096).unwrap();
+    assert!(matches!(
+        r.virt.submit(IoRequest::read(v, 3 * MIB, b)).await,
+        Err(IoError::OutOfRange { .. })
+    ));
+    // Growing the virtual size changes nothing the virtualization serves.
+    front(&r.log);
+    r.apply(Command::ExpandVolume {
+        name: "t".into(),
+        new_size_bytes: 128 * MIB,
+    });
+    assert_eq!(r.virt.disk_info(v).unwrap().size_bytes, 3 * MIB);
+    assert!(front(&r.log).is_empty(), "no event for a virtual resize");
+}

@@ -59,6 +59,7 @@ fn fast_path_does_not_allocate() {
         size_bytes: 8 * MIB,
         layout: VolumeLayout::Striped,
         mdisks: vec![],
+        thin: None,
     });
     for c in &cmds {
         state.apply(c).unwrap();
