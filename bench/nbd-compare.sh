@@ -47,6 +47,7 @@ total=$((4 * size_mib * 1024 * 1024))
 wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 
 start_sanvirt() { # mode nbd_port admin_port
+  warm
   local mode=$1 port=$2 aport=$3 d=$work/sanvirt-$1
   rm -rf "$d"; mkdir -p "$d"
   cat > "$d/sanvirtd.toml" <<TOML
@@ -57,7 +58,7 @@ listen = "127.0.0.1:$aport"
 listen = "127.0.0.1:$port"
 [backend]
 io_mode = "$mode"
-inline_writes = ${INLINE:-false}
+inline_writes = ${INLINE:-true}
 TOML
   "$SANVIRTD" --config "$d/sanvirtd.toml" > "$d/log" 2>&1 &
   pids+=($!); SERVER_PID=$!
@@ -70,6 +71,10 @@ TOML
   wait_port "$port"
   URI=nbd://127.0.0.1:$port/bench
 }
+
+# Same page-cache state for every server: evicted, then read back in small
+# folios (bench/warm_cache.py explains why this matters on ext4).
+warm() { python3 bench/warm_cache.py "${files[@]}"; }
 
 cpu_ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
 
@@ -91,25 +96,28 @@ run_jobs() { # server-name pid uri region-bytes
 # sanvirt, page cache (same caching as the peers)
 start_sanvirt buffered 20809 20480; run_jobs sanvirt "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
-# sanvirt, page cache, writes copied on the network thread
-if [ -n "${WITH_INLINE:-}" ]; then
-  INLINE=true start_sanvirt buffered 20814 20482; run_jobs sanvirt-inline "$SERVER_PID" "$URI" "$total"
+# sanvirt, page cache, writes handed to a back-end thread (inline_writes off)
+if [ -n "${WITH_HOP:-}" ]; then
+  INLINE=false start_sanvirt buffered 20814 20482; run_jobs sanvirt-hop "$SERVER_PID" "$URI" "$total"
   kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 fi
 # sanvirt, O_DIRECT
 start_sanvirt direct 20810 20481; run_jobs sanvirt-direct "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 
+warm
 nbdkit -f -p 20811 split "${files[@]}" >/dev/null 2>&1 &
 pids+=($!); NBDKIT=$!; wait_port 20811
 run_jobs nbdkit "$NBDKIT" nbd://127.0.0.1:20811/bench "$total"
 kill "$NBDKIT"; wait "$NBDKIT" 2>/dev/null || true
 
+warm
 nbdkit -f -p 20813 file "${files[0]}" >/dev/null 2>&1 &
 pids+=($!); NBDKITF=$!; wait_port 20813
 run_jobs nbdkit-file "$NBDKITF" nbd://127.0.0.1:20813/ $((size_mib * 1048576))
 kill "$NBDKITF"; wait "$NBDKITF" 2>/dev/null || true
 
+warm
 qemu-nbd -t -e 4 -f raw -p 20812 -x bench --cache=writeback --aio=threads "${files[0]}" >/dev/null 2>&1 &
 pids+=($!); QNBD=$!; wait_port 20812
 run_jobs qemu-nbd "$QNBD" nbd://127.0.0.1:20812/bench $((size_mib * 1048576))

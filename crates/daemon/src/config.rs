@@ -59,9 +59,11 @@ pub struct BackendConfig {
     pub engine: String,
     /// Worker threads of the thread-pool engine.
     pub threads: usize,
-    /// Buffered mode: copy non-FUA writes into the page cache on the
-    /// network thread (no hop to a back-end thread). Faster, but a thread
-    /// the kernel throttles for dirty pages stalls its connections.
+    /// Write non-FUA writes that go through the page cache (all of them in
+    /// buffered mode, unaligned ones in direct mode) on the network thread,
+    /// with no hop to a back-end thread. On by default: measured at ~2.5x
+    /// less server CPU per 4 KiB write (docs/benchmarks.md). The cost: while
+    /// the kernel throttles a writer for dirty pages, that connection stalls.
     pub inline_writes: bool,
 }
 
@@ -111,7 +113,7 @@ impl Default for BackendConfig {
             io_mode: "direct".into(),
             engine: "auto".into(),
             threads: 8,
-            inline_writes: false,
+            inline_writes: true,
         }
     }
 }

@@ -122,6 +122,10 @@ pub mod ranks {
     pub const PAGE: Rank = Rank(3_000);
     /// IOB descriptors (reserved after the pages they describe).
     pub const IOB: Rank = Rank(4_000);
+    /// Control blocks of a device-side facility (the back end's operation
+    /// slots): taken by a request that already holds its buffer, so they
+    /// come after pages and IOBs.
+    pub const DEVICE_CONTROL_BLOCK: Rank = Rank(4_500);
     /// Hardening rights.
     pub const HARDENING_RIGHT: Rank = Rank(5_000);
     /// Credits on lines of credit to other nodes: reserved last, just before

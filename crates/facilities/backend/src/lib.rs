@@ -353,6 +353,11 @@ impl BackEnd {
                 .into(),
             );
         }
+        if errno == libc::ENOMEM {
+            // No slot (or kernel memory) for it now: a resource shortage,
+            // not a medium error.
+            return IoError::Exhausted { disk: m.id };
+        }
         IoError::medium(m.id, offset, &std::io::Error::from_raw_os_error(errno))
     }
 
@@ -367,7 +372,11 @@ impl BackEnd {
         buf: Option<Buffer>,
     ) -> (OpStatus, Option<Buffer>) {
         bump(&self.counters.engine_ops);
-        let mut g = self.slots.acquire().await;
+        let Ok(mut g) = self.slots.acquire().await else {
+            // More requests waiting for a slot than the pool queues: refuse
+            // this one rather than queue without bound.
+            return (OpStatus::Errno(libc::ENOMEM), buf);
+        };
         let op = g.op();
         op.kind = kind;
         op.fd = fd;

@@ -2,9 +2,13 @@
 //!
 //! Every operation an engine runs lives in one [`Slot`] from a table sized at
 //! start-up (`queue_depth_max`), so the data path allocates nothing: the
-//! iovecs, the buffer, the result and the waker all sit in the slot. A request
-//! that finds every slot busy waits for one (a semaphore: explicit
-//! backpressure, never an unbounded queue).
+//! iovecs, the buffer, the result and the waker all sit in the slot. The slots
+//! are the back end's per-request control blocks, and like every data-path
+//! object they are objects of an object pool: the indices of free slots form
+//! a base pool ([`sanvirt_objpool::Pool`], rank
+//! [`ranks::DEVICE_CONTROL_BLOCK`]). A request reserves and allocates one; a
+//! request that finds every slot busy waits for one in the pool's FIFO queue
+//! (explicit backpressure, never an unbounded queue).
 //!
 //! # Ownership protocol (the `state` word)
 //!
@@ -34,9 +38,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crossbeam_queue::ArrayQueue;
 use futures::task::AtomicWaker;
 use sanvirt_buffer::Buffer;
+use sanvirt_objpool::{ranks, Pool};
 
 use crate::mdisk::Mdisk;
 use crate::sys::{self, Errno};
@@ -305,8 +309,8 @@ pub struct Slot {
 /// The fixed table of operation contexts of one back end.
 pub struct Slots {
     slots: Box<[Slot]>,
-    free: ArrayQueue<u32>,
-    permits: tokio::sync::Semaphore,
+    /// Indices of the free slots.
+    free: Pool<u32>,
 }
 
 // SAFETY: `op` is only accessed by the single owner the state protocol (module
@@ -318,10 +322,11 @@ unsafe impl Send for Slots {}
 impl Slots {
     pub fn new(count: usize) -> Arc<Slots> {
         assert!(count > 0 && count <= QUEUE_DEPTH_MAX);
-        let free = ArrayQueue::new(count);
-        for i in 0..count as u32 {
-            free.push(i).expect("free list sized for every slot");
-        }
+        let free = Pool::base(
+            "backend.slots",
+            ranks::DEVICE_CONTROL_BLOCK,
+            (0..count as u32).collect(),
+        );
         Arc::new(Slots {
             slots: (0..count)
                 .map(|_| Slot {
@@ -331,7 +336,6 @@ impl Slots {
                 })
                 .collect(),
             free,
-            permits: tokio::sync::Semaphore::new(count),
         })
     }
 
@@ -342,26 +346,27 @@ impl Slots {
 
     /// Slots on the free list.
     pub fn idle(&self) -> usize {
-        self.free.len()
+        self.free.free_objects()
     }
 
-    /// Takes a free slot, waiting for one if all are busy.
-    pub async fn acquire(self: &Arc<Self>) -> SlotGuard {
-        match self.permits.try_acquire() {
-            Ok(p) => p.forget(),
-            Err(_) => self
-                .permits
-                .acquire()
-                .await
-                .expect("slot semaphore is never closed")
-                .forget(),
+    /// The pool the free slots are objects of.
+    pub fn pool(&self) -> &Pool<u32> {
+        &self.free
+    }
+
+    /// Takes a free slot, waiting for one if all are busy. Fails only if
+    /// the pool's wait queue is full ([`sanvirt_objpool::WAITERS_MAX`]).
+    pub async fn acquire(self: &Arc<Self>) -> Result<SlotGuard, sanvirt_objpool::PoolError> {
+        if self.free.try_reserve_detached(1).is_err() {
+            // Every slot busy (or waiters ahead of us): wait in FIFO order.
+            self.free.reserve_detached(1).await?;
         }
-        let idx = self.free.pop().expect("a permit implies a free slot");
+        let idx = self.free.allocate_detached();
         debug_assert_eq!(self.slots[idx as usize].state.load(Ordering::Relaxed), IDLE);
-        SlotGuard {
+        Ok(SlotGuard {
             slots: Arc::clone(self),
             idx,
-        }
+        })
     }
 
     /// The operation of slot `idx`.
@@ -395,10 +400,8 @@ impl Slots {
         self.slots[idx as usize]
             .state
             .store(IDLE, Ordering::Release);
-        self.free
-            .push(idx)
-            .expect("free list has room for every slot");
-        self.permits.add_permits(1);
+        self.free.free_detached(idx);
+        self.free.unreserve_detached(1);
     }
 }
 

@@ -15,8 +15,10 @@ use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, NbdConfig};
 use crate::exports::{ExportSummary, Exports};
+use crate::limits::IN_FLIGHT_MAX;
 use crate::negotiate::handshake;
-use crate::transmission::{exec, Transmission};
+use crate::transmission::{exec, Slot, Transmission};
+use sanvirt_objpool::{ranks, Pool, PoolError, PoolStats};
 
 /// The NBD front end over IOServer `S`: one export per front-end disk the
 /// server announces, named after it.
@@ -28,6 +30,11 @@ use crate::transmission::{exec, Transmission};
 pub struct NbdFrontEnd<S: IoServer> {
     server: S,
     pool: Arc<BufferPool>,
+    /// Request control blocks: a base pool that grows by a connection's
+    /// worth ([`IN_FLIGHT_MAX`]) when a connection finds it short, up to
+    /// `connections_max` connections' worth. Each connection reserves
+    /// `IN_FLIGHT_MAX` blocks for its life.
+    blocks: Pool<Box<Slot>>,
     config: NbdConfig,
     exports: Exports,
     shutdown: Arc<watch::Sender<bool>>,
@@ -71,9 +78,16 @@ impl<S: IoServer> NbdFrontEnd<S> {
         let fits = u32::try_from(pool_bytes).unwrap_or(u32::MAX).max(4096);
         config.payload_max_bytes = config.payload_max_bytes.min(fits);
         let (tx, _) = watch::channel(false);
+        let blocks = Pool::base_resizable(
+            "nbd.request_blocks",
+            ranks::CONTROL_BLOCK,
+            config.connections_max * IN_FLIGHT_MAX,
+            Vec::new(),
+        );
         let fe = Arc::new(NbdFrontEnd {
             server,
             pool,
+            blocks,
             config,
             exports: Exports::default(),
             shutdown: Arc::new(tx),
@@ -96,6 +110,23 @@ impl<S: IoServer> NbdFrontEnd<S> {
     /// The configuration in force (payload maximum clamped to the pool).
     pub fn config(&self) -> &NbdConfig {
         &self.config
+    }
+
+    /// The request control-block pool (for statistics and tests).
+    pub fn control_blocks(&self) -> PoolStats {
+        self.blocks.stats()
+    }
+
+    /// Reserves one connection's control blocks, growing the pool by that
+    /// many if it is short. Fails only if the pool is at its capacity, which
+    /// the connection limit prevents.
+    fn reserve_blocks(&self) -> Result<BlockLease<'_>, PoolError> {
+        if self.blocks.try_reserve_detached(IN_FLIGHT_MAX).is_err() {
+            self.blocks
+                .grow((0..IN_FLIGHT_MAX).map(|_| Box::new(Slot::new())).collect())?;
+            self.blocks.try_reserve_detached(IN_FLIGHT_MAX)?;
+        }
+        Ok(BlockLease { pool: &self.blocks })
     }
 
     /// Current exports, by name.
@@ -208,17 +239,38 @@ impl<S: IoServer> NbdFrontEnd<S> {
             }
         };
         let export = session.export.name();
+        // Declared before the transmission so it is dropped after it: the
+        // transmission gives its blocks back first.
+        let _lease = match self.reserve_blocks() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(%peer, %export, error = %e, "no request control blocks for the connection");
+                return;
+            }
+        };
         tracing::info!(%peer, %export, structured = session.structured, "client connected");
         let mut t = Transmission::new(
             &self.server,
             exec::<S>,
             &stream,
             &self.pool,
+            &self.blocks,
             session,
             Box::pin(self.stopped()),
         );
         poll_fn(|cx| t.poll(cx)).await;
         tracing::info!(%peer, %export, "client disconnected");
+    }
+}
+
+/// A connection's reservation of [`IN_FLIGHT_MAX`] control blocks.
+struct BlockLease<'a> {
+    pool: &'a Pool<Box<Slot>>,
+}
+
+impl Drop for BlockLease<'_> {
+    fn drop(&mut self) {
+        self.pool.unreserve_detached(IN_FLIGHT_MAX);
     }
 }
 

@@ -1,12 +1,17 @@
 //! The transmission phase of one connection: a single task, no locks, no
 //! allocation per request.
 //!
-//! * **Slots.** A connection owns [`IN_FLIGHT_MAX`] request slots (metadata,
-//!   reply header bytes, block-status payload space) and a [`FutureSlab`] of
-//!   the same size holding each request's IOServer future. A request occupies
-//!   a slot from the moment its header is accepted until its reply has been
-//!   written completely. When every slot is busy the connection stops reading
-//!   the socket: TCP flow control pushes back on the client.
+//! * **Slots.** A connection has [`IN_FLIGHT_MAX`] request slots and a
+//!   [`FutureSlab`] of the same size holding each request's IOServer future.
+//!   A request occupies a slot from the moment its header is accepted until
+//!   its reply has been written completely; while it does, the slot holds a
+//!   request control block ([`Slot`]: metadata, reply header bytes,
+//!   block-status payload space), an object allocated from the front end's
+//!   control-block pool under the reservation the connection made when it
+//!   started (so a connection can always fill its slots, and the blocks are
+//!   accounted like every other data-path object). When every slot is busy
+//!   the connection stops reading the socket: TCP flow control pushes back
+//!   on the client.
 //! * **Receiving.** Headers are *peeked*, parsed, then consumed only up to the
 //!   end of the last accepted header, so a WRITE payload is never pulled into
 //!   scratch memory: it is read with `readv` straight into the pages of a
@@ -31,6 +36,7 @@ use sanvirt_buffer::{BufferError, PAGE_SIZE};
 use sanvirt_facility::{
     AllocExtent, Buffer, BufferPool, DiskId, IoError, IoFlags, IoRequest, IoResult, IoServer,
 };
+use sanvirt_objpool::Pool;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -73,7 +79,8 @@ enum SlotState {
     Queued,
 }
 
-struct Slot {
+/// A request control block (see the module docs).
+pub struct Slot {
     state: SlotState,
     cookie: u64,
     cmd: Command,
@@ -91,8 +98,14 @@ struct Slot {
     reply_len: usize,
 }
 
+impl Default for Slot {
+    fn default() -> Slot {
+        Slot::new()
+    }
+}
+
 impl Slot {
-    fn new() -> Slot {
+    pub fn new() -> Slot {
         Slot {
             state: SlotState::Free,
             cookie: 0,
@@ -114,6 +127,65 @@ impl Slot {
         std::iter::once(&self.hdr[..self.hdr_len])
             .chain(self.data.iter().flat_map(|b| b.segments()))
             .chain(std::iter::once(&self.extents[..]))
+    }
+}
+
+/// The connection's slots: slot `i` holds a control block from `pool` while
+/// it is busy, nothing while it is free. The connection holds a reservation
+/// of [`IN_FLIGHT_MAX`] blocks in `pool` (made by the front end before the
+/// connection starts), so allocating one for a free slot cannot fail.
+struct SlotTable<'a> {
+    pool: &'a Pool<Box<Slot>>,
+    held: Box<[Option<Box<Slot>>]>,
+}
+
+impl<'a> SlotTable<'a> {
+    fn new(pool: &'a Pool<Box<Slot>>) -> Self {
+        SlotTable {
+            pool,
+            held: (0..IN_FLIGHT_MAX).map(|_| None).collect(),
+        }
+    }
+
+    fn is_held(&self, i: usize) -> bool {
+        self.held[i].is_some()
+    }
+
+    fn take(&mut self, i: usize) -> &mut Slot {
+        debug_assert!(self.held[i].is_none());
+        self.held[i].insert(self.pool.allocate_detached())
+    }
+
+    fn give_back(&mut self, i: usize) {
+        if let Some(mut b) = self.held[i].take() {
+            b.state = SlotState::Free;
+            b.data = None;
+            b.extents.clear();
+            self.pool.free_detached(b);
+        }
+    }
+}
+
+impl Drop for SlotTable<'_> {
+    fn drop(&mut self) {
+        for i in 0..self.held.len() {
+            self.give_back(i);
+        }
+    }
+}
+
+impl std::ops::Index<usize> for SlotTable<'_> {
+    type Output = Slot;
+    fn index(&self, i: usize) -> &Slot {
+        self.held[i].as_deref().expect("slot holds a control block")
+    }
+}
+
+impl std::ops::IndexMut<usize> for SlotTable<'_> {
+    fn index_mut(&mut self, i: usize) -> &mut Slot {
+        self.held[i]
+            .as_deref_mut()
+            .expect("slot holds a control block")
     }
 }
 
@@ -161,7 +233,7 @@ pub struct Transmission<'a, S, F, G> {
     stream: &'a TcpStream,
     pool: &'a Arc<BufferPool>,
     session: Session,
-    slots: Box<[Slot]>,
+    slots: SlotTable<'a>,
     slab: FutureSlab<F>,
     free: Vec<usize>,
     sendq: VecDeque<usize>,
@@ -198,6 +270,7 @@ where
         exec: G,
         stream: &'a TcpStream,
         pool: &'a Arc<BufferPool>,
+        blocks: &'a Pool<Box<Slot>>,
         session: Session,
         shutdown: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
     ) -> Self {
@@ -207,7 +280,7 @@ where
             stream,
             pool,
             session,
-            slots: (0..IN_FLIGHT_MAX).map(|_| Slot::new()).collect(),
+            slots: SlotTable::new(blocks),
             slab: FutureSlab::new(),
             free: (0..IN_FLIGHT_MAX).rev().collect(),
             sendq: VecDeque::with_capacity(IN_FLIGHT_MAX),
@@ -280,7 +353,7 @@ where
             .free
             .pop()
             .expect("a header is only accepted while a slot is free");
-        let s = &mut self.slots[i];
+        let s = self.slots.take(i);
         debug_assert_eq!(s.state, SlotState::Free);
         s.cookie = h.cookie;
         s.cmd = h.command();
@@ -297,11 +370,8 @@ where
     }
 
     fn free_slot(&mut self, i: usize) {
-        let s = &mut self.slots[i];
-        debug_assert_ne!(s.state, SlotState::Free);
-        s.state = SlotState::Free;
-        s.data = None;
-        s.extents.clear();
+        debug_assert_ne!(self.slots[i].state, SlotState::Free);
+        self.slots.give_back(i);
         self.busy -= 1;
         self.free.push(i);
     }
@@ -485,7 +555,10 @@ where
         while bits != 0 {
             let i = bits.trailing_zeros() as usize;
             bits &= bits - 1;
-            if self.slots[i].state != SlotState::Running || !self.slab.is_busy(i) {
+            if !self.slots.is_held(i)
+                || self.slots[i].state != SlotState::Running
+                || !self.slab.is_busy(i)
+            {
                 continue;
             }
             if let Poll::Ready(done) = self.slab.poll(i) {
@@ -1011,7 +1084,7 @@ where
 /// Fills `iov` with the queued replies' bytes, skipping the `skip` bytes of
 /// the first one already sent. Returns the number of slices used.
 fn gather<'s>(
-    slots: &'s [Slot],
+    slots: &'s SlotTable<'_>,
     sendq: &VecDeque<usize>,
     mut skip: usize,
     iov: &mut [IoSlice<'s>],

@@ -149,3 +149,60 @@ fn front_end_never_copies_host_data() {
         "no copy of host data through the buffer API, no copy-on-write"
     );
 }
+
+/// Request control blocks are objects of the front end's pool: a connection
+/// reserves one connection's worth for its life, its requests allocate and
+/// free blocks under that reservation, and everything is back when it ends.
+#[test]
+fn request_control_blocks_come_from_the_pool_and_return_to_it() {
+    let pool = BufferPool::new(4096, 1024);
+    let disk = PatternDisk {
+        pool: pool.clone(),
+        link: ClientLink::default(),
+        writes_ok: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
+        bad: Mutex::new(Vec::new()),
+    };
+    let srv = serve(disk, pool, NbdConfig::default());
+    let fe = srv.front_end.clone();
+    let per_conn = sanvirt_nbd::limits::IN_FLIGHT_MAX;
+    assert_eq!(fe.control_blocks().reserved, 0, "the pool starts empty");
+
+    let mut clients = Vec::new();
+    for n in 1..=2usize {
+        let mut c = Raw::connect(srv.addr);
+        c.go("pattern", true, false);
+        // Several requests in flight at once, then their replies.
+        for i in 0..8u64 {
+            c.write(i, i * 4096, &expected(i * 4096, 4096));
+        }
+        for _ in 0..8 {
+            assert_eq!(c.reply(|_| 0).error(), 0);
+        }
+        let st = fe.control_blocks();
+        assert_eq!(st.reserved, n * per_conn, "grown by one connection's worth");
+        assert_eq!(
+            st.granted,
+            n * per_conn,
+            "each connection holds its reservation"
+        );
+        clients.push(c);
+    }
+    drop(clients);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fe.control_blocks().granted != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            fe.control_blocks()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = fe.control_blocks();
+    assert_eq!(
+        st.reserved,
+        2 * per_conn,
+        "blocks stay in the pool for reuse"
+    );
+    assert_eq!(fe.server().writes_ok.load(Ordering::Relaxed), 16);
+}
