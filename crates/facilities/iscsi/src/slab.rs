@@ -1,0 +1,118 @@
+//! A fixed slab of in-flight command futures with one waker per slot, so a
+//! connection polls only the commands that made progress and allocates
+//! nothing per command (the same design as the NBD front end's slab).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use futures::task::AtomicWaker;
+
+use crate::limits::TASKS_MAX;
+
+#[derive(Default)]
+pub struct ReadySet {
+    bits: AtomicU64,
+    task: AtomicWaker,
+}
+
+impl ReadySet {
+    pub fn register(&self, w: &Waker) {
+        self.task.register(w);
+    }
+    fn mark(&self, slot: usize) {
+        self.bits.fetch_or(1 << slot, Ordering::AcqRel);
+    }
+    pub fn take(&self) -> u64 {
+        self.bits.swap(0, Ordering::AcqRel)
+    }
+}
+
+struct SlotWaker {
+    set: Arc<ReadySet>,
+    slot: usize,
+}
+
+impl Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.set.mark(self.slot);
+        self.set.task.wake();
+    }
+}
+
+pub struct FutureSlab<F> {
+    futs: Pin<Box<[Option<F>]>>,
+    wakers: Box<[Waker]>,
+    ready: Arc<ReadySet>,
+}
+
+impl<F: Future> FutureSlab<F> {
+    pub fn new() -> Self {
+        let ready = Arc::new(ReadySet::default());
+        let wakers = (0..TASKS_MAX)
+            .map(|slot| {
+                Waker::from(Arc::new(SlotWaker {
+                    set: ready.clone(),
+                    slot,
+                }))
+            })
+            .collect();
+        let futs: Box<[Option<F>]> = (0..TASKS_MAX).map(|_| None).collect();
+        FutureSlab {
+            futs: Box::into_pin(futs),
+            wakers,
+            ready,
+        }
+    }
+
+    pub fn ready(&self) -> &ReadySet {
+        &self.ready
+    }
+
+    fn slot(&mut self, i: usize) -> Pin<&mut Option<F>> {
+        // SAFETY: the boxed slice is allocated once and never moved or
+        // reallocated; an element is only replaced in place through
+        // `Pin::set`, which drops the old future where it lies. A stored
+        // future therefore never moves until dropped, so projecting the pin
+        // to one element is sound.
+        unsafe { self.futs.as_mut().map_unchecked_mut(|s| &mut s[i]) }
+    }
+
+    pub fn insert(&mut self, i: usize, f: F) {
+        let mut s = self.slot(i);
+        assert!(s.is_none(), "slot {i} is busy");
+        s.set(Some(f));
+        self.ready.mark(i);
+    }
+
+    pub fn poll(&mut self, i: usize) -> Poll<F::Output> {
+        let waker = self.wakers[i].clone();
+        let mut cx = Context::from_waker(&waker);
+        let mut s = self.slot(i);
+        let Some(f) = s.as_mut().as_pin_mut() else {
+            return Poll::Pending;
+        };
+        match f.poll(&mut cx) {
+            Poll::Ready(out) => {
+                s.set(None);
+                Poll::Ready(out)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    pub fn is_busy(&self, i: usize) -> bool {
+        self.futs[i].is_some()
+    }
+}
+
+impl<F: Future> Default for FutureSlab<F> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
