@@ -88,7 +88,13 @@ impl PrChange {
 }
 
 pub fn registration<'a>(s: &'a PrState, n: &PrNexus) -> Option<&'a PrRegistration> {
-    s.registrations.iter().find(|r| &r.nexus == n)
+    registration_port(s, &n.initiator_port, n.relative_target_port)
+}
+
+fn registration_port<'a>(s: &'a PrState, port: &str, rtp: u16) -> Option<&'a PrRegistration> {
+    s.registrations
+        .iter()
+        .find(|r| r.nexus.relative_target_port == rtp && r.nexus.initiator_port == port)
 }
 
 /// Whether `n` holds the reservation (every registrant does for the
@@ -104,13 +110,27 @@ pub fn is_holder(s: &PrState, n: &PrNexus) -> bool {
 /// SPC-4 table 46 (and SBC-3 table 13): does a command of class `access`
 /// from `n` conflict with the persistent reservation?
 pub fn conflicts(s: &PrState, n: &PrNexus, access: Access) -> bool {
+    conflicts_port(s, &n.initiator_port, n.relative_target_port, access)
+}
+
+/// [`conflicts`] for the nexus of initiator port `port` and relative target
+/// port `rtp` (the data path's form: no `PrNexus` is built).
+pub fn conflicts_port(s: &PrState, port: &str, rtp: u16, access: Access) -> bool {
     let Some(r) = &s.reservation else {
         return false;
     };
-    if access == Access::Any || is_holder(s, n) {
+    if access == Access::Any {
         return false;
     }
-    let registered = registration(s, n).is_some();
+    let registered = registration_port(s, port, rtp).is_some();
+    let holder = if all_registrants(r.pr_type) {
+        registered
+    } else {
+        r.holder.relative_target_port == rtp && r.holder.initiator_port == port
+    };
+    if holder {
+        return false;
+    }
     match r.pr_type {
         ty::WRITE_EXCLUSIVE => access == Access::Write,
         ty::EXCLUSIVE_ACCESS => true,

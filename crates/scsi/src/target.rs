@@ -28,7 +28,30 @@ pub const COPY_RESULTS_MAX: usize = 64;
 pub const CHUNK_BYTES: usize = 1 << 20;
 const _: () = assert!(CHUNK_BYTES as u64 <= sanvirt_facility::REQUEST_BYTES_MAX);
 
-type NexusKey = PrNexus;
+/// An I_T nexus as this target keys its state: the initiator port (shared
+/// with the transport's `Nexus`, so keying allocates nothing per command)
+/// and the relative target port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct NexusKey {
+    port: Arc<str>,
+    rtp: u16,
+}
+
+impl NexusKey {
+    fn pr(&self) -> PrNexus {
+        PrNexus {
+            initiator_port: self.port.to_string(),
+            relative_target_port: self.rtp,
+        }
+    }
+
+    fn from_pr(n: &PrNexus) -> NexusKey {
+        NexusKey {
+            port: n.initiator_port.as_str().into(),
+            rtp: n.relative_target_port,
+        }
+    }
+}
 /// A nexus's initiator name and its target-wide unit attentions.
 type NexusEntry = (Arc<str>, VecDeque<Sense>);
 
@@ -134,7 +157,10 @@ pub struct ScsiTarget<S: IoServer> {
 }
 
 fn key_of(n: &Nexus) -> NexusKey {
-    n.pr_nexus()
+    NexusKey {
+        port: Arc::clone(&n.initiator_port),
+        rtp: n.relative_target_port,
+    }
 }
 
 /// Maps a back-end error to sense data (`write`: the failed op wrote).
@@ -473,12 +499,11 @@ impl<S: IoServer> ScsiTarget<S> {
             }
             st.prevent.remove(&k);
             st.copies.retain(|(n, _, _)| n != &k);
-            if st.seen.remove(&k) {
-                st.ua.remove(&k);
-                // The nexus sees I_T NEXUS LOSS OCCURRED if it comes back.
-                st.seen.insert(k.clone());
-                st.queue_ua(&k, Sense::ua_nexus_loss());
-            }
+            // Forget the nexus (initiators pick a new ISID per session, so
+            // remembering lost ones would grow without bound); if it comes
+            // back it is a new nexus and sees POWER ON, RESET first.
+            st.seen.remove(&k);
+            st.ua.remove(&k);
         }
         self.nexuses.lock().remove(&k);
     }
@@ -625,7 +650,7 @@ impl<S: IoServer> ScsiTarget<S> {
                     return ScsiOutcome::reservation_conflict();
                 }
             }
-            if pr::conflicts(&st.pr, &k, access_of(&c)) {
+            if pr::conflicts_port(&st.pr, &k.port, k.rtp, access_of(&c)) {
                 return ScsiOutcome::reservation_conflict();
             }
             if matches!(c, Cdb::Reserve { .. }) && st.pr.reservation.is_some() {
@@ -996,10 +1021,10 @@ impl<S: IoServer> ScsiTarget<S> {
                 lba,
                 blocks: n,
                 unmap,
-                ndob,
+                sixteen,
                 ..
             } => {
-                self.write_same(lu, &desc, lba, n, unmap, ndob, data_out)
+                self.write_same(lu, &desc, lba, n, unmap, sixteen, data_out)
                     .await
             }
             Cdb::CompareAndWrite(rw) => {
@@ -1261,7 +1286,7 @@ impl<S: IoServer> ScsiTarget<S> {
         lba: u64,
         n: u32,
         unmap: bool,
-        ndob: bool,
+        sixteen: bool,
         data: Option<Buffer>,
     ) -> ScsiOutcome {
         let cap = desc.blocks();
@@ -1273,7 +1298,7 @@ impl<S: IoServer> ScsiTarget<S> {
             return ScsiOutcome::check(Sense::lba_out_of_range());
         }
         if n > cdb::WRITE_SAME_BLOCKS_MAX {
-            return ScsiOutcome::check(Sense::invalid_cdb(if ndob { 10 } else { 7 }, None));
+            return ScsiOutcome::check(Sense::invalid_cdb(if sixteen { 10 } else { 7 }, None));
         }
         if unmap && !desc.info.can_unmap {
             return ScsiOutcome::check(Sense::invalid_cdb(1, Some(3)));
@@ -1431,7 +1456,7 @@ impl<S: IoServer> ScsiTarget<S> {
         };
         let _serial = lu.pr_out.lock().await;
         let cur = lu.state.lock().pr.clone();
-        let change = match pr::pr_out(&cur, k, sa, scope, pr_type, &p) {
+        let change = match pr::pr_out(&cur, &k.pr(), sa, scope, pr_type, &p) {
             Ok(c) => c,
             Err(PrError::Conflict) => return ScsiOutcome::reservation_conflict(),
             Err(PrError::Check(s)) => return ScsiOutcome::check(s),
@@ -1448,7 +1473,7 @@ impl<S: IoServer> ScsiTarget<S> {
         let mut st = lu.state.lock();
         st.pr = next;
         for (n, s) in change.unit_attentions {
-            st.queue_ua(&n, s);
+            st.queue_ua(&NexusKey::from_pr(&n), s);
         }
         ScsiOutcome::good()
     }
@@ -1508,7 +1533,7 @@ impl<S: IoServer> ScsiTarget<S> {
             }
             {
                 let st = dl.state.lock();
-                if pr::conflicts(&st.pr, k, Access::Write)
+                if pr::conflicts_port(&st.pr, &k.port, k.rtp, Access::Write)
                     || st.spc2.as_ref().is_some_and(|h| h != k)
                 {
                     return ScsiOutcome::reservation_conflict();

@@ -1342,11 +1342,15 @@ async fn spc2_reserve_release() {
     let o = t.cmd(&a, 0, &[0, 0, 0, 0, 0, 0], None, 0).await;
     assert_eq!(
         o.ksa(),
-        (key::UNIT_ATTENTION, 0x29, 0x07),
-        "a lost its nexus first"
+        (key::UNIT_ATTENTION, 0x29, 0x00),
+        "a comes back as a new nexus"
     );
-    let o = t.cmd(&a, 0, &[0, 0, 0, 0, 0, 0], None, 0).await;
-    assert_eq!(o.ksa(), (key::UNIT_ATTENTION, 0x29, 0x03));
+    let o = t.cmd(&b, 0, &[0, 0, 0, 0, 0, 0], None, 0).await;
+    assert_eq!(
+        o.ksa(),
+        (key::UNIT_ATTENTION, 0x29, 0x03),
+        "b sees the LUN reset"
+    );
     assert!(t.cmd(&a, 0, &[0x16, 0, 0, 0, 0, 0], None, 0).await.good());
     assert_eq!(
         t.t.task_management(&a, Tmf::LunReset { lun: 9 }),
