@@ -22,6 +22,47 @@
 //! ScsiTarget::nexus_lost(&self, nexus: &Nexus)                 // session ended: SPC-2 reservations etc.
 //! ScsiTarget::visible_luns(&self, initiator_name: &str) -> Vec<u64>
 //! ```
+//!
+//! # Additions (backward compatible)
+//!
+//! ```text
+//! ScsiTarget::encode_sense(&self, nexus: &Nexus, lun: u64, sense: &Sense) -> Vec<u8>
+//! ScsiTarget::data_in_len(&self, cdb: &[u8]) -> u64          // CDB's transfer/allocation length
+//! ScsiTarget::set_report_physical_blocks(&self, on: bool)    // LBPPBE from block_size_preferred (default on)
+//! ScsiTarget::reservations(&self, disk: DiskId) -> Option<PrState>
+//! Sense::{to_fixed, to_descriptor, encode, decode} and constructors; ScsiOutcome::{good, check, ...}
+//! io_error_sense(&IoError, write: bool) -> Sense
+//! ```
+//!
+//! What the transport must do with them:
+//!
+//! * **Sense bytes.** A CHECK CONDITION outcome carries a [`Sense`]; the
+//!   transport sends `encode_sense(nexus, lun, &sense)`, which is fixed format
+//!   unless the logical unit's control mode page has D_SENSE set (then
+//!   descriptor format). Encoding fixed format unconditionally fails
+//!   libiscsi's ModeSense6.Control-D_SENSE.
+//! * **Data-Out.** `data_out_len` is the length the CDB implies. Hand
+//!   `execute` all the Data-Out the initiator sent (up to its expected
+//!   transfer length), not a copy cut to `data_out_len`: a command given less
+//!   than it needs fails with INVALID FIELD IN COMMAND INFORMATION UNIT and
+//!   writes nothing; more is ignored past the CDB's length, except for WRITE
+//!   SAME and COMPARE AND WRITE, which fail unless the size is exact.
+//! * **Residuals.** Data-In never exceeds `ScsiTask::data_in_len`. Underflow
+//!   is `data_in_len - data_in.len()` (or, for writes, EDTL minus
+//!   `data_out_len`); overflow is `data_in_len(cdb) - data_in_len` for reads
+//!   when positive (libiscsi's iSCSIResiduals tests check both).
+//! * **Task management.** After aborting its own queued tasks, the transport
+//!   calls `task_management` (resets clear SPC-2 reservations and establish
+//!   unit attentions) and, when a session ends, `nexus_lost` for each of its
+//!   nexuses (SPC-2 reservations and per-nexus state are dropped; persistent
+//!   reservations stay).
+//! * **Events.** The transport is the IOClient of the stack: it forwards
+//!   `FrontEndDiskEvent`s to `disk_event` and `DiskPathEvent`s to
+//!   `disk_path_event`. A mapped volume without a Created event is picked up
+//!   from `IoServer::disk_info` on first use.
+//!
+//! See `docs/scsi.md` for the command set, the sense mapping, the identity
+//! scheme and the reservation design.
 
 use std::sync::Arc;
 
