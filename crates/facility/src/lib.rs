@@ -33,6 +33,7 @@ use std::sync::{Arc, Weak};
 pub use sanvirt_buffer::{Buffer, BufferError, BufferPool, PAGE_SIZE};
 
 pub mod conformance;
+pub mod fanout;
 pub mod scaffold;
 
 /// Identifies a disk at one interface of the stack: a front-end disk (volume)
