@@ -16,10 +16,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+mod hosts;
 pub mod journal;
 pub mod reservations;
 mod state;
 
+pub use hosts::*;
+pub use reservations::PrState;
 pub use state::*;
 
 /// Stable identifier of an object (mdisk, pool, volume), allocated by the
@@ -122,6 +125,111 @@ pub fn thin_real_size_max(virtual_bytes: u64, grain_kib: u32, extent_bytes: u64)
     (virtual_bytes + metadata).div_ceil(extent_bytes) * extent_bytes
 }
 
+/// Longest iSCSI name (RFC 7143 §4.2.7.1: at most 223 bytes).
+pub const ISCSI_NAME_BYTES_MAX: usize = 223;
+/// Most initiator names one host may have.
+pub const HOST_INITIATORS_MAX: usize = 64;
+/// Most hosts a node may define.
+pub const HOSTS_MAX: usize = 1024;
+/// Largest LUN a volume may be mapped at: SAM flat-space addressing has 14
+/// bits, the largest range initiators commonly accept.
+pub const LUN_MAX: u64 = 16383;
+/// Shortest CHAP secret. Microsoft's iSCSI initiator refuses secrets shorter
+/// than 12 bytes, and RFC 3720 §8.2.1 asks for at least 96 bits when the
+/// secret is not random.
+pub const CHAP_SECRET_BYTES_MIN: usize = 12;
+/// Longest CHAP secret. Microsoft's initiator and several HBA firmwares
+/// accept at most 16 bytes; a longer secret would lock those hosts out.
+pub const CHAP_SECRET_BYTES_MAX: usize = 16;
+/// Longest CHAP user name (the common initiator limit; it is often the IQN).
+pub const CHAP_USERNAME_BYTES_MAX: usize = 255;
+
+const _: () = assert!(CHAP_SECRET_BYTES_MIN * 8 >= 96);
+const _: () = assert!(CHAP_SECRET_BYTES_MIN <= CHAP_SECRET_BYTES_MAX);
+const _: () = assert!(CHAP_USERNAME_BYTES_MAX >= ISCSI_NAME_BYTES_MAX);
+
+/// A CHAP secret. Stored in the journal and the snapshot (the data
+/// directory must be readable by the daemon only; it also holds the API
+/// token) but never printed: `Debug` shows `"<secret>"`, and no admin view
+/// carries one.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ChapSecret(#[cfg_attr(feature = "openapi", schema(format = Password))] pub String);
+
+impl std::fmt::Debug for ChapSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<secret>\"")
+    }
+}
+
+impl ChapSecret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The credentials the target presents to the initiator (mutual CHAP).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChapMutual {
+    pub username: String,
+    pub secret: ChapSecret,
+}
+
+/// CHAP authentication of a host's initiators (RFC 7143 §12.1.3): the
+/// initiator proves `username`/`secret`; with `mutual`, the target then
+/// proves those to the initiator.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChapSettings {
+    pub username: String,
+    pub secret: ChapSecret,
+    #[serde(default)]
+    pub mutual: Option<ChapMutual>,
+}
+
+/// How a host authenticates, for views (never the secrets).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChapMode {
+    None,
+    OneWay,
+    Mutual,
+}
+
+impl ChapMode {
+    pub fn of(chap: Option<&ChapSettings>) -> ChapMode {
+        match chap {
+            None => ChapMode::None,
+            Some(ChapSettings { mutual: None, .. }) => ChapMode::OneWay,
+            Some(_) => ChapMode::Mutual,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChapMode::None => "none",
+            ChapMode::OneWay => "one-way",
+            ChapMode::Mutual => "mutual",
+        }
+    }
+}
+
+/// The node's iSCSI target portal. A node-level setting for now (with the
+/// cluster it becomes per node); when the state has none, the daemon's TOML
+/// configuration applies.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IscsiPortal {
+    /// `ip:port` to listen on (`[v6]:port` for IPv6), for example
+    /// `0.0.0.0:3260`.
+    pub listen: String,
+    /// Whether the target serves at all.
+    pub enabled: bool,
+}
+
 /// Every configuration change. Serialized with an externally tagged `op`
 /// field so the journal, the REST API and the CLI's `--json` share one form.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -177,7 +285,7 @@ pub enum Command {
         layout: VolumeLayout,
         #[serde(default)]
         mdisks: Vec<String>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         thin: Option<ThinParams>,
     },
     /// Image mode: a volume that is exactly one unmanaged mdisk, data kept as
@@ -200,6 +308,59 @@ pub enum Command {
         name: String,
         new_name: String,
     },
+    /// A host: the initiators (iSCSI names) that act for it. Each initiator
+    /// name belongs to at most one host.
+    CreateHost {
+        name: String,
+        #[serde(default)]
+        initiators: Vec<String>,
+    },
+    AddHostInitiator {
+        host: String,
+        initiator: String,
+    },
+    RemoveHostInitiator {
+        host: String,
+        initiator: String,
+    },
+    /// Refused while volumes are mapped to the host.
+    DeleteHost {
+        name: String,
+    },
+    RenameHost {
+        name: String,
+        new_name: String,
+    },
+    /// Sets (`Some`) or removes (`None`) CHAP for the host's initiators.
+    SetHostChap {
+        host: String,
+        chap: Option<ChapSettings>,
+    },
+    /// Makes `volume` visible to `host` as `lun` (the lowest free LUN when
+    /// `None`). A volume is mapped at most once per host; several hosts may
+    /// map the same volume.
+    MapVolume {
+        volume: String,
+        host: String,
+        #[serde(default)]
+        lun: Option<u64>,
+    },
+    UnmapVolume {
+        volume: String,
+        host: String,
+    },
+    /// Sets (`Some`) or clears (`None`: the daemon's configuration file
+    /// applies) the node's iSCSI target portal.
+    SetIscsiPortal {
+        portal: Option<IscsiPortal>,
+    },
+    /// Replaces a volume's persistent-reservation state, computed by the
+    /// SCSI layer (it must be well formed: `PrState::validate`).
+    SetReservations {
+        #[cfg_attr(feature = "openapi", schema(value_type = u64))]
+        volume_id: ObjectId,
+        state: PrState,
+    },
 }
 
 /// What an applied command produced (for the caller's reply).
@@ -213,6 +374,10 @@ pub enum Outcome {
         id: ObjectId,
         name: String,
     },
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 /// Why a command was refused. Every variant says what to do about it; the
@@ -259,6 +424,30 @@ pub struct State {
     pub mdisks: BTreeMap<String, Mdisk>,
     pub pools: BTreeMap<String, Pool>,
     pub volumes: BTreeMap<String, Volume>,
+    // The fields below were added after version 1 of the snapshot. They
+    // default when absent and are left out while empty, so an older
+    // snapshot loads and re-serializes to the bytes its CRC covers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hosts: BTreeMap<String, Host>,
+    /// `None`: the daemon's configuration file decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iscsi_portal: Option<IscsiPortal>,
+}
+
+/// A host (server) and what it may see.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: ObjectId,
+    pub name: String,
+    /// iSCSI initiator names, in the order added (each lowercase, valid,
+    /// and on no other host).
+    pub initiators: Vec<String>,
+    #[serde(default)]
+    pub chap: Option<ChapSettings>,
+    /// LUN → volume id. Ids, not names, so renaming a volume keeps its
+    /// mappings; a volume appears at most once.
+    #[serde(default)]
+    pub luns: BTreeMap<u64, ObjectId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +504,11 @@ pub struct Volume {
     /// metadata), not `size_bytes`.
     pub extents: Vec<PhysExtent>,
     /// `Some` for a thin volume (`size_bytes` is then its virtual size).
+    /// Like `reservations`, left out when unset (see `State::hosts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub thin: Option<ThinSpec>,
+    /// SCSI persistent reservations (SPC-4), kept with the configuration so
+    /// they survive restarts; removed with the volume.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub reservations: PrState,
 }

@@ -61,6 +61,25 @@ enum Prepared {
     },
     DeleteVolume,
     RenameVolume,
+    CreateHost {
+        id: ObjectId,
+    },
+    AddHostInitiator,
+    RemoveHostInitiator,
+    DeleteHost,
+    RenameHost,
+    SetHostChap,
+    MapVolume {
+        lun: u64,
+        volume_id: ObjectId,
+    },
+    UnmapVolume {
+        lun: u64,
+    },
+    SetIscsiPortal,
+    SetReservations {
+        volume: String,
+    },
     /// A rename to the current name, or an expand to the current size.
     Nothing,
 }
@@ -363,6 +382,32 @@ impl State {
             .collect()
     }
 
+    /// The volume with id `id`, if any.
+    pub fn volume_by_id(&self, id: ObjectId) -> Option<&Volume> {
+        self.volumes.values().find(|v| v.id == id)
+    }
+
+    /// The host that has initiator `initiator`, if any.
+    pub fn host_of_initiator(&self, initiator: &str) -> Option<&str> {
+        self.hosts
+            .values()
+            .find(|h| h.initiators.iter().any(|i| i == initiator))
+            .map(|h| h.name.as_str())
+    }
+
+    /// `(host, lun)` of every mapping of volume `id`, by host name.
+    pub fn hosts_mapping(&self, id: ObjectId) -> Vec<(String, u64)> {
+        self.hosts
+            .values()
+            .filter_map(|h| {
+                h.luns
+                    .iter()
+                    .find(|(_, v)| **v == id)
+                    .map(|(lun, _)| (h.name.clone(), *lun))
+            })
+            .collect()
+    }
+
     /// The mdisk with id `id`, if any (ids are unique across all objects).
     pub fn mdisk_by_id(&self, id: ObjectId) -> Option<&Mdisk> {
         self.mdisks.values().find(|m| m.id == id)
@@ -379,7 +424,8 @@ impl State {
         let mut ids = BTreeSet::new();
         let objects = (self.mdisks.values().map(|m| (m.id, &m.name)))
             .chain(self.pools.values().map(|p| (p.id, &p.name)))
-            .chain(self.volumes.values().map(|v| (v.id, &v.name)));
+            .chain(self.volumes.values().map(|v| (v.id, &v.name)))
+            .chain(self.hosts.values().map(|h| (h.id, &h.name)));
         for (id, name) in objects {
             if id == 0 || id >= self.next_id.max(1) || !ids.insert(id) {
                 return Err(format!("'{name}': id {id} reused or not below next_id"));
@@ -540,6 +586,52 @@ impl State {
                 }
             }
         }
+        for v in self.volumes.values() {
+            v.reservations
+                .validate()
+                .map_err(|e| format!("volume '{}': reservations: {e}", v.name))?;
+        }
+        self.check_host_invariants()
+    }
+
+    /// Hosts: names filed right, initiators valid and each on one host,
+    /// CHAP valid, LUNs in range, each mapped volume exists and appears once
+    /// per host; the portal is valid.
+    fn check_host_invariants(&self) -> Result<(), String> {
+        if self.hosts.len() > HOSTS_MAX {
+            return Err("too many hosts".into());
+        }
+        let volume_ids: BTreeSet<ObjectId> = self.volumes.values().map(|v| v.id).collect();
+        let mut initiators = BTreeSet::new();
+        for (key, h) in &self.hosts {
+            if key != &h.name {
+                return Err(format!("host '{}' filed under '{key}'", h.name));
+            }
+            check_name(key).map_err(|e| e.to_string())?;
+            if h.initiators.len() > HOST_INITIATORS_MAX {
+                return Err(format!("host '{key}': too many initiators"));
+            }
+            for i in &h.initiators {
+                check_iscsi_name(i).map_err(|e| format!("host '{key}': {e}"))?;
+                if !initiators.insert(i.as_str()) {
+                    return Err(format!(
+                        "initiator '{i}' is on two hosts (again on '{key}')"
+                    ));
+                }
+            }
+            if let Some(c) = &h.chap {
+                check_chap(c).map_err(|e| format!("host '{key}': {e}"))?;
+            }
+            let mut mapped = BTreeSet::new();
+            for (lun, id) in &h.luns {
+                if *lun > LUN_MAX || !volume_ids.contains(id) || !mapped.insert(*id) {
+                    return Err(format!("host '{key}': bad mapping of LUN {lun} to {id}"));
+                }
+            }
+        }
+        if let Some(p) = &self.iscsi_portal {
+            check_portal(p).map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 
@@ -563,6 +655,18 @@ impl State {
         self.mdisks
             .get(name)
             .ok_or_else(|| not_found("mdisk", name))
+    }
+
+    fn host(&self, name: &str) -> Result<&Host, ConfigError> {
+        self.hosts.get(name).ok_or_else(|| not_found("host", name))
+    }
+
+    /// Name of the volume with id `id`, which a mapping refers to (every
+    /// mapped id resolves: an invariant).
+    fn volume_name(&self, id: ObjectId) -> &str {
+        self.volume_by_id(id)
+            .map(|v| v.name.as_str())
+            .expect("mapped volume exists")
     }
 
     fn volume(&self, name: &str) -> Result<&Volume, ConfigError> {
@@ -900,7 +1004,18 @@ impl State {
                 Ok(Prepared::ExpandVolume { alloc })
             }
             Command::DeleteVolume { name } => {
-                self.volume(name)?;
+                let v = self.volume(name)?;
+                let hosts = self.hosts_mapping(v.id);
+                if !hosts.is_empty() {
+                    return Err(in_use(
+                        "volume",
+                        name,
+                        format!(
+                            "it is mapped to hosts {}; unmap it first",
+                            quoted_list(hosts.iter().map(|(h, _)| h.as_str()))
+                        ),
+                    ));
+                }
                 Ok(Prepared::DeleteVolume)
             }
             Command::RenameVolume { name, new_name } => {
@@ -911,6 +1026,181 @@ impl State {
                 self.check_new_name("volume", new_name, |n| self.volumes.contains_key(n))?;
                 Ok(Prepared::RenameVolume)
             }
+            Command::CreateHost { name, initiators } => {
+                self.check_new_name("host", name, |n| self.hosts.contains_key(n))?;
+                if self.hosts.len() >= HOSTS_MAX {
+                    return Err(invalid(
+                        "name",
+                        format!("a node has at most {HOSTS_MAX} hosts"),
+                    ));
+                }
+                if initiators.len() > HOST_INITIATORS_MAX {
+                    return Err(invalid(
+                        "initiators",
+                        format!("a host has at most {HOST_INITIATORS_MAX} initiators"),
+                    ));
+                }
+                let mut seen = BTreeSet::new();
+                for i in initiators {
+                    check_iscsi_name(i)?;
+                    if !seen.insert(i.as_str()) {
+                        return Err(invalid(
+                            "initiators",
+                            format!("initiator '{i}' is listed twice"),
+                        ));
+                    }
+                    self.check_initiator_free(i)?;
+                }
+                Ok(Prepared::CreateHost { id: self.peek_id() })
+            }
+            Command::AddHostInitiator { host, initiator } => {
+                let h = self.host(host)?;
+                check_iscsi_name(initiator)?;
+                self.check_initiator_free(initiator)?;
+                if h.initiators.len() >= HOST_INITIATORS_MAX {
+                    return Err(invalid(
+                        "initiator",
+                        format!(
+                            "host '{host}' already has {HOST_INITIATORS_MAX} initiators, the most \
+                             a host may have"
+                        ),
+                    ));
+                }
+                Ok(Prepared::AddHostInitiator)
+            }
+            Command::RemoveHostInitiator { host, initiator } => {
+                let h = self.host(host)?;
+                if !h.initiators.contains(initiator) {
+                    return Err(match self.host_of_initiator(initiator) {
+                        Some(other) => invalid(
+                            "initiator",
+                            format!(
+                                "initiator '{initiator}' belongs to host '{other}', not '{host}'"
+                            ),
+                        ),
+                        None => not_found("initiator", initiator),
+                    });
+                }
+                Ok(Prepared::RemoveHostInitiator)
+            }
+            Command::DeleteHost { name } => {
+                let h = self.host(name)?;
+                if !h.luns.is_empty() {
+                    let vols: Vec<String> = h
+                        .luns
+                        .values()
+                        .map(|id| self.volume_name(*id).to_string())
+                        .collect();
+                    return Err(in_use(
+                        "host",
+                        name,
+                        format!(
+                            "volumes {} are mapped to it; unmap them first",
+                            quoted_list(vols.iter().map(String::as_str))
+                        ),
+                    ));
+                }
+                Ok(Prepared::DeleteHost)
+            }
+            Command::RenameHost { name, new_name } => {
+                self.host(name)?;
+                if name == new_name {
+                    return Ok(Prepared::Nothing);
+                }
+                self.check_new_name("host", new_name, |n| self.hosts.contains_key(n))?;
+                Ok(Prepared::RenameHost)
+            }
+            Command::SetHostChap { host, chap } => {
+                self.host(host)?;
+                if let Some(c) = chap {
+                    check_chap(c)?;
+                }
+                Ok(Prepared::SetHostChap)
+            }
+            Command::MapVolume { volume, host, lun } => {
+                let v = self.volume(volume)?;
+                let h = self.host(host)?;
+                if let Some((&at, _)) = h.luns.iter().find(|(_, id)| **id == v.id) {
+                    return Err(in_use(
+                        "volume",
+                        volume,
+                        format!("it is already mapped to host '{host}' as LUN {at}"),
+                    ));
+                }
+                let lun = match lun {
+                    Some(l) => {
+                        if *l > LUN_MAX {
+                            return Err(invalid(
+                                "lun",
+                                format!("LUN {l} is out of range; LUNs are 0 to {LUN_MAX}"),
+                            ));
+                        }
+                        if let Some(other) = h.luns.get(l) {
+                            return Err(in_use(
+                                "lun",
+                                &l.to_string(),
+                                format!(
+                                    "host '{host}' sees volume '{}' as LUN {l}",
+                                    self.volume_name(*other)
+                                ),
+                            ));
+                        }
+                        *l
+                    }
+                    // Lowest free: the first gap in the ascending keys.
+                    None => (0..=LUN_MAX)
+                        .zip(h.luns.keys().copied().chain(std::iter::once(u64::MAX)))
+                        .find(|(want, have)| want != have)
+                        .map(|(want, _)| want)
+                        .ok_or_else(|| {
+                            invalid(
+                                "lun",
+                                format!("host '{host}' has every LUN from 0 to {LUN_MAX} in use"),
+                            )
+                        })?,
+                };
+                Ok(Prepared::MapVolume {
+                    lun,
+                    volume_id: v.id,
+                })
+            }
+            Command::UnmapVolume { volume, host } => {
+                let v = self.volume(volume)?;
+                let h = self.host(host)?;
+                match h.luns.iter().find(|(_, id)| **id == v.id) {
+                    Some((&lun, _)) => Ok(Prepared::UnmapVolume { lun }),
+                    None => Err(not_found("mapping", &format!("{volume} -> {host}"))),
+                }
+            }
+            Command::SetIscsiPortal { portal } => {
+                if let Some(p) = portal {
+                    check_portal(p)?;
+                }
+                Ok(Prepared::SetIscsiPortal)
+            }
+            Command::SetReservations { volume_id, state } => {
+                let v = self
+                    .volumes
+                    .values()
+                    .find(|v| v.id == *volume_id)
+                    .ok_or_else(|| not_found("volume id", &volume_id.to_string()))?;
+                state.validate().map_err(|e| invalid("state", e))?;
+                Ok(Prepared::SetReservations {
+                    volume: v.name.clone(),
+                })
+            }
+        }
+    }
+
+    /// Refuses an initiator name some host already has.
+    fn check_initiator_free(&self, initiator: &str) -> Result<(), ConfigError> {
+        match self.host_of_initiator(initiator) {
+            Some(h) => Err(in_use(
+                "initiator",
+                initiator,
+                format!("it belongs to host '{h}'"),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -1171,6 +1461,7 @@ impl State {
                         mdisks: mdisks.clone(),
                         extents,
                         thin,
+                        reservations: PrState::default(),
                     },
                 );
                 Outcome::Created {
@@ -1209,6 +1500,7 @@ impl State {
                         mdisks: vec![mdisk.clone()],
                         extents,
                         thin: None,
+                        reservations: PrState::default(),
                     },
                 );
                 Outcome::Created {
@@ -1260,6 +1552,72 @@ impl State {
                     }
                 }
                 self.volumes.insert(new_name.clone(), v);
+                Outcome::Done
+            }
+            (Command::CreateHost { name, initiators }, Prepared::CreateHost { id }) => {
+                let taken = self.take_id();
+                debug_assert_eq!(taken, id);
+                self.hosts.insert(
+                    name.clone(),
+                    Host {
+                        id,
+                        name: name.clone(),
+                        initiators: initiators.clone(),
+                        chap: None,
+                        luns: BTreeMap::new(),
+                    },
+                );
+                Outcome::Created {
+                    id,
+                    name: name.clone(),
+                }
+            }
+            (Command::AddHostInitiator { host, initiator }, Prepared::AddHostInitiator) => {
+                let h = self.hosts.get_mut(host).expect("prepared");
+                h.initiators.push(initiator.clone());
+                Outcome::Done
+            }
+            (Command::RemoveHostInitiator { host, initiator }, Prepared::RemoveHostInitiator) => {
+                let h = self.hosts.get_mut(host).expect("prepared");
+                h.initiators.retain(|i| i != initiator);
+                Outcome::Done
+            }
+            (Command::DeleteHost { name }, Prepared::DeleteHost) => {
+                self.hosts.remove(name);
+                Outcome::Done
+            }
+            (Command::RenameHost { name, new_name }, Prepared::RenameHost) => {
+                let mut h = self.hosts.remove(name).expect("prepared");
+                h.name = new_name.clone();
+                self.hosts.insert(new_name.clone(), h);
+                Outcome::Done
+            }
+            (Command::SetHostChap { host, chap }, Prepared::SetHostChap) => {
+                self.hosts.get_mut(host).expect("prepared").chap = chap.clone();
+                Outcome::Done
+            }
+            (Command::MapVolume { host, .. }, Prepared::MapVolume { lun, volume_id }) => {
+                let h = self.hosts.get_mut(host).expect("prepared");
+                h.luns.insert(lun, volume_id);
+                Outcome::Done
+            }
+            (Command::UnmapVolume { host, .. }, Prepared::UnmapVolume { lun }) => {
+                self.hosts
+                    .get_mut(host)
+                    .expect("prepared")
+                    .luns
+                    .remove(&lun);
+                Outcome::Done
+            }
+            (Command::SetIscsiPortal { portal }, Prepared::SetIscsiPortal) => {
+                self.iscsi_portal = portal.clone();
+                Outcome::Done
+            }
+            (Command::SetReservations { state, .. }, Prepared::SetReservations { volume }) => {
+                self.volumes
+                    .get_mut(&volume)
+                    .expect("prepared")
+                    .reservations = state.clone();
                 Outcome::Done
             }
             (cmd, _) => unreachable!("prepare returned a plan for another command than {cmd:?}"),

@@ -676,8 +676,6 @@ fn thin_field_is_optional_in_commands() {
     )
     .unwrap();
     assert!(matches!(c, Command::CreateVolume { thin: None, .. }));
-    // A thick volume's record keeps the old form.
-    assert!(!serde_json::to_string(&c).unwrap().contains("thin"));
 }
 
 // ---- property tests -------------------------------------------------------
@@ -703,14 +701,20 @@ fn layout() -> impl Strategy<Value = VolumeLayout> {
     prop_oneof![Just(VolumeLayout::Striped), Just(VolumeLayout::Sequential)]
 }
 
-/// A pool of 1 MiB and one of 4 MiB extents over four mdisks, so random
-/// sequences reach volumes early; the random part may undo all of it.
+/// A pool of 1 MiB and one of 4 MiB extents over four mdisks, a host and a
+/// volume, so random sequences reach volumes and mappings early; the random
+/// part may undo all of it.
 fn setup() -> Vec<Command> {
     let mut v = vec![pool("p0", 1), pool("p1", 4)];
     for i in 0..4 {
         v.push(add_mdisk(&format!("m{i}"), (8 + 8 * i) * MIB));
         v.push(join(&format!("m{i}"), if i < 3 { "p0" } else { "p1" }));
     }
+    v.push(Command::CreateHost {
+        name: "h0".into(),
+        initiators: vec!["iqn.2001-04.com.example:i0".into()],
+    });
+    v.push(vol("v0", "p0", MIB, VolumeLayout::Striped, &[]));
     v
 }
 
@@ -723,6 +727,116 @@ fn commands() -> impl Strategy<Value = Vec<Command>> {
 }
 
 fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        6 => storage_command(),
+        4 => host_command(),
+    ]
+}
+
+fn initiator() -> impl Strategy<Value = String> {
+    prop_oneof![
+        8 => (0..4u8).prop_map(|i| format!("iqn.2001-04.com.example:i{i}")),
+        2 => (0..2u8).prop_map(|i| format!("eui.0123456789abcde{i}")),
+        1 => Just("IQN.2001-04.com.example:i0".to_string()),
+        1 => Just("iqn.20x1-04.com".to_string()),
+    ]
+}
+
+fn chap_settings() -> impl Strategy<Value = Option<ChapSettings>> {
+    let secret = prop_oneof![
+        Just("0123456789ab".to_string()),
+        Just("ba9876543210fedc".to_string()),
+        Just("short".to_string()),
+        Just("0123456789abcdefX".to_string()),
+    ];
+    prop_oneof![
+        1 => Just(None),
+        3 => (secret.clone(), proptest::option::of(secret)).prop_map(|(s, m)| {
+            Some(ChapSettings {
+                username: "user".into(),
+                secret: ChapSecret(s),
+                mutual: m.map(|m| ChapMutual {
+                    username: "target".into(),
+                    secret: ChapSecret(m),
+                }),
+            })
+        }),
+    ]
+}
+
+fn pr_state() -> impl Strategy<Value = PrState> {
+    use crate::reservations::*;
+    let nexus = (0..3u8, 1..3u16).prop_map(|(i, port)| PrNexus {
+        initiator_port: format!("iqn.2001-04.com.example:i{i},i,0x00023d00000{i}"),
+        relative_target_port: port,
+    });
+    (
+        any::<u32>(),
+        proptest::collection::vec((nexus.clone(), 1..4u64), 0..4),
+        proptest::option::of((
+            nexus,
+            prop_oneof![Just(0u8), Just(1), Just(3), Just(7)],
+            1..4u64,
+        )),
+    )
+        .prop_map(|(generation, regs, res)| PrState {
+            generation,
+            registrations: regs
+                .into_iter()
+                .map(|(nexus, key)| PrRegistration { nexus, key })
+                .collect(),
+            reservation: res.map(|(holder, pr_type, key)| PrReservation {
+                holder,
+                pr_type,
+                key,
+            }),
+            aptpl: false,
+        })
+}
+
+fn host_command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        3 => (name_of("h"), proptest::collection::vec(initiator(), 0..3))
+            .prop_map(|(name, initiators)| Command::CreateHost { name, initiators }),
+        2 => (name_of("h"), initiator())
+            .prop_map(|(host, initiator)| Command::AddHostInitiator { host, initiator }),
+        3 => (name_of("h"), initiator())
+            .prop_map(|(host, initiator)| Command::RemoveHostInitiator { host, initiator }),
+        1 => name_of("h").prop_map(|name| Command::DeleteHost { name }),
+        1 => (name_of("h"), name_of("h"))
+            .prop_map(|(name, new_name)| Command::RenameHost { name, new_name }),
+        1 => (name_of("h"), chap_settings())
+            .prop_map(|(host, chap)| Command::SetHostChap { host, chap }),
+        5 => (
+            name_of("v"),
+            name_of("h"),
+            prop_oneof![
+                3 => Just(None),
+                2 => (0..4u64).prop_map(Some),
+                1 => Just(Some(LUN_MAX)),
+                1 => Just(Some(LUN_MAX + 1)),
+            ],
+        )
+            .prop_map(|(volume, host, lun)| Command::MapVolume { volume, host, lun }),
+        4 => (name_of("v"), name_of("h"))
+            .prop_map(|(volume, host)| Command::UnmapVolume { volume, host }),
+        1 => proptest::option::of(prop_oneof![
+            Just("0.0.0.0:3260".to_string()),
+            Just("[::1]:3261".to_string()),
+            Just("nowhere".to_string()),
+        ])
+        .prop_map(|listen| Command::SetIscsiPortal {
+            portal: listen.map(|listen| IscsiPortal {
+                listen,
+                enabled: true,
+            }),
+        }),
+        2 => (0..16u64, pr_state())
+            .prop_map(|(volume_id, state)| Command::SetReservations { volume_id, state }),
+    ]
+}
+
+fn storage_command() -> impl Strategy<Value = Command> {
     prop_oneof![
         3 => (name_of("m"), 0..12u8, 0..48u64).prop_map(|(name, p, mib)| Command::AddMdisk {
             name,
@@ -820,5 +934,337 @@ proptest! {
             let st = s.mdisk_stats(m).unwrap();
             prop_assert_eq!(st.extents_free + st.extents_used, st.extents_total);
         }
+    }
+}
+
+// ---- hosts, mappings, CHAP, portal, reservations ---------------------------
+
+const IQN_A: &str = "iqn.2001-04.com.example:a";
+const IQN_B: &str = "iqn.2001-04.com.example:b";
+
+fn host(name: &str, initiators: &[&str]) -> Command {
+    Command::CreateHost {
+        name: name.into(),
+        initiators: initiators.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn map(v: &str, h: &str, lun: Option<u64>) -> Command {
+    Command::MapVolume {
+        volume: v.into(),
+        host: h.into(),
+        lun,
+    }
+}
+
+fn unmap(v: &str, h: &str) -> Command {
+    Command::UnmapVolume {
+        volume: v.into(),
+        host: h.into(),
+    }
+}
+
+/// Pool `p0` with volumes `v0..v{n}` of 1 MiB.
+fn with_volumes(n: usize) -> State {
+    let mut s = pool_of(2, 16);
+    for i in 0..n {
+        ok(
+            &mut s,
+            vol(&format!("v{i}"), "p0", MIB, VolumeLayout::Striped, &[]),
+        );
+    }
+    s
+}
+
+#[test]
+fn hosts_and_their_initiators() {
+    let mut s = State::default();
+    ok(&mut s, host("h1", &[IQN_A]));
+    assert_eq!(s.hosts["h1"].initiators, [IQN_A]);
+    // An initiator belongs to one host.
+    let e = err(&mut s, host("h2", &[IQN_A]));
+    assert_eq!(
+        e.to_string(),
+        format!("initiator '{IQN_A}' is in use: it belongs to host 'h1'")
+    );
+    let e = err(&mut s, host("h2", &[IQN_B, IQN_B]));
+    assert!(e.to_string().contains("listed twice"), "{e}");
+    let e = err(&mut s, host("h2", &["iqn.2001-04.com.Example:b"]));
+    assert!(e.to_string().contains("lowercase"), "{e}");
+    let e = err(&mut s, host("h1", &[]));
+    assert!(matches!(e, ConfigError::AlreadyExists { .. }));
+    err(&mut s, host("bad name", &[]));
+    ok(&mut s, host("h2", &[]));
+    let add = |h: &str, i: &str| Command::AddHostInitiator {
+        host: h.into(),
+        initiator: i.into(),
+    };
+    let remove = |h: &str, i: &str| Command::RemoveHostInitiator {
+        host: h.into(),
+        initiator: i.into(),
+    };
+    let e = err(&mut s, add("h2", IQN_A));
+    assert!(e.to_string().contains("belongs to host 'h1'"), "{e}");
+    ok(&mut s, add("h2", IQN_B));
+    err(&mut s, add("h2", IQN_B));
+    err(&mut s, add("h3", "eui.0123456789abcdef"));
+    let e = err(&mut s, remove("h2", IQN_A));
+    assert!(
+        e.to_string().contains("belongs to host 'h1', not 'h2'"),
+        "{e}"
+    );
+    let e = err(&mut s, remove("h2", "eui.0123456789abcdef"));
+    assert!(matches!(e, ConfigError::NotFound { .. }));
+    ok(&mut s, remove("h1", IQN_A));
+    // Now free for another host.
+    ok(&mut s, add("h2", IQN_A));
+    assert_eq!(s.hosts["h2"].initiators, [IQN_B, IQN_A]);
+    ok(
+        &mut s,
+        Command::RenameHost {
+            name: "h2".into(),
+            new_name: "h3".into(),
+        },
+    );
+    assert_eq!(s.host_of_initiator(IQN_A), Some("h3"));
+    err(
+        &mut s,
+        Command::RenameHost {
+            name: "h3".into(),
+            new_name: "h1".into(),
+        },
+    );
+    ok(&mut s, Command::DeleteHost { name: "h3".into() });
+    assert_eq!(s.host_of_initiator(IQN_A), None);
+    // Hosts take ids from the common counter.
+    ok(&mut s, add_mdisk("m", MIB));
+    assert_eq!(s.mdisks["m"].id, 3);
+}
+
+#[test]
+fn mapping_picks_the_lowest_free_lun() {
+    let mut s = with_volumes(4);
+    ok(&mut s, host("h", &[IQN_A]));
+    ok(&mut s, host("g", &[]));
+    ok(&mut s, map("v0", "h", None));
+    ok(&mut s, map("v1", "h", Some(2)));
+    ok(&mut s, map("v2", "h", None));
+    ok(&mut s, map("v3", "h", None));
+    let id = |s: &State, v: &str| s.volumes[v].id;
+    let luns: Vec<(u64, ObjectId)> = s.hosts["h"].luns.iter().map(|(l, v)| (*l, *v)).collect();
+    assert_eq!(
+        luns,
+        [
+            (0, id(&s, "v0")),
+            (1, id(&s, "v2")),
+            (2, id(&s, "v1")),
+            (3, id(&s, "v3"))
+        ]
+    );
+    // Once per host; the same volume on another host is fine.
+    let e = err(&mut s, map("v0", "h", Some(9)));
+    assert_eq!(
+        e.to_string(),
+        "volume 'v0' is in use: it is already mapped to host 'h' as LUN 0"
+    );
+    ok(&mut s, map("v0", "g", Some(LUN_MAX)));
+    let e = err(&mut s, map("v1", "g", Some(LUN_MAX)));
+    assert!(
+        e.to_string().contains("sees volume 'v0' as LUN 16383"),
+        "{e}"
+    );
+    let e = err(&mut s, map("v1", "g", Some(LUN_MAX + 1)));
+    assert!(e.to_string().contains("LUNs are 0 to 16383"), "{e}");
+    err(&mut s, map("nope", "g", None));
+    err(&mut s, map("v1", "nope", None));
+    assert_eq!(
+        s.hosts_mapping(id(&s, "v0")),
+        [("g".to_string(), LUN_MAX), ("h".to_string(), 0)]
+    );
+    // Deleting a mapped volume or host is refused, naming the others.
+    let e = err(&mut s, Command::DeleteVolume { name: "v0".into() });
+    assert_eq!(
+        e.to_string(),
+        "volume 'v0' is in use: it is mapped to hosts 'g', 'h'; unmap it first"
+    );
+    let e = err(&mut s, Command::DeleteHost { name: "h".into() });
+    assert_eq!(
+        e.to_string(),
+        "host 'h' is in use: volumes 'v0', 'v2', 'v1', 'v3' are mapped to it; unmap them first"
+    );
+    // A renamed volume keeps its mappings.
+    ok(
+        &mut s,
+        Command::RenameVolume {
+            name: "v0".into(),
+            new_name: "w".into(),
+        },
+    );
+    assert_eq!(s.hosts_mapping(id(&s, "w")).len(), 2);
+    ok(&mut s, unmap("w", "h"));
+    let e = err(&mut s, unmap("w", "h"));
+    assert_eq!(e.to_string(), "mapping 'w -> h' does not exist");
+    ok(&mut s, unmap("w", "g"));
+    ok(&mut s, Command::DeleteVolume { name: "w".into() });
+    ok(&mut s, map("v3", "g", None));
+    assert_eq!(s.hosts["g"].luns.keys().copied().collect::<Vec<_>>(), [0]);
+}
+
+#[test]
+fn chap_per_host() {
+    let mut s = State::default();
+    ok(&mut s, host("h", &[IQN_A]));
+    let chap = |secret: &str, mutual: Option<&str>| ChapSettings {
+        username: "alice".into(),
+        secret: ChapSecret(secret.into()),
+        mutual: mutual.map(|m| ChapMutual {
+            username: "target".into(),
+            secret: ChapSecret(m.into()),
+        }),
+    };
+    let set = |c: Option<ChapSettings>| Command::SetHostChap {
+        host: "h".into(),
+        chap: c,
+    };
+    let e = err(&mut s, set(Some(chap("short", None))));
+    assert!(e.to_string().contains("12 to 16 bytes"), "{e}");
+    assert!(!e.to_string().contains("short"), "{e}");
+    err(
+        &mut s,
+        set(Some(chap("0123456789ab", Some("0123456789ab")))),
+    );
+    ok(&mut s, set(Some(chap("0123456789ab", None))));
+    assert_eq!(ChapMode::of(s.hosts["h"].chap.as_ref()), ChapMode::OneWay);
+    ok(
+        &mut s,
+        set(Some(chap("0123456789ab", Some("ba9876543210")))),
+    );
+    assert_eq!(ChapMode::of(s.hosts["h"].chap.as_ref()), ChapMode::Mutual);
+    ok(&mut s, set(None));
+    assert_eq!(ChapMode::of(s.hosts["h"].chap.as_ref()), ChapMode::None);
+    err(
+        &mut s,
+        Command::SetHostChap {
+            host: "nope".into(),
+            chap: None,
+        },
+    );
+}
+
+#[test]
+fn iscsi_portal_setting() {
+    let mut s = State::default();
+    assert_eq!(s.iscsi_portal, None);
+    let set = |listen: &str, enabled| Command::SetIscsiPortal {
+        portal: Some(IscsiPortal {
+            listen: listen.into(),
+            enabled,
+        }),
+    };
+    let e = err(&mut s, set("localhost:3260", true));
+    assert!(e.to_string().contains("not ip:port"), "{e}");
+    ok(&mut s, set("[::]:3260", true));
+    assert_eq!(s.iscsi_portal.as_ref().unwrap().listen, "[::]:3260");
+    ok(&mut s, Command::SetIscsiPortal { portal: None });
+    assert_eq!(s.iscsi_portal, None);
+}
+
+#[test]
+fn reservations_are_stored_per_volume() {
+    use crate::reservations::*;
+    let mut s = with_volumes(1);
+    let id = s.volumes["v0"].id;
+    let nexus = PrNexus {
+        initiator_port: format!("{IQN_A},i,0x00023d000001"),
+        relative_target_port: 1,
+    };
+    let good = PrState {
+        generation: 1,
+        registrations: vec![PrRegistration {
+            nexus: nexus.clone(),
+            key: 0xabc,
+        }],
+        reservation: Some(PrReservation {
+            holder: nexus.clone(),
+            pr_type: 1,
+            key: 0xabc,
+        }),
+        aptpl: false,
+    };
+    let set = |volume_id, state: &PrState| Command::SetReservations {
+        volume_id,
+        state: state.clone(),
+    };
+    ok(&mut s, set(id, &good));
+    assert_eq!(s.volumes["v0"].reservations, good);
+    let mut bad = good.clone();
+    bad.reservation.as_mut().unwrap().key = 1;
+    let e = err(&mut s, set(id, &bad));
+    assert!(e.to_string().contains("differs"), "{e}");
+    let e = err(&mut s, set(999, &good));
+    assert_eq!(e.to_string(), "volume id '999' does not exist");
+    // Kept across renames, gone with the volume.
+    ok(
+        &mut s,
+        Command::RenameVolume {
+            name: "v0".into(),
+            new_name: "w".into(),
+        },
+    );
+    assert_eq!(s.volumes["w"].reservations, good);
+    ok(&mut s, Command::DeleteVolume { name: "w".into() });
+    ok(&mut s, vol("w", "p0", MIB, VolumeLayout::Striped, &[]));
+    assert_eq!(s.volumes["w"].reservations, PrState::default());
+}
+
+#[test]
+fn state_without_the_new_fields_loads() {
+    let old = r#"{"applied":1,"next_id":2,"mdisks":{},"pools":{"p":{"id":1,"name":"p","extent_size_mib":1,"mdisks":[]}},"volumes":{}}"#;
+    let s: State = serde_json::from_str(old).unwrap();
+    assert!(s.hosts.is_empty() && s.iscsi_portal.is_none());
+    s.check_invariants().unwrap();
+    assert_eq!(serde_json::to_string(&s).unwrap(), old);
+}
+
+/// The random sequences do reach every command with success (and refusal),
+/// so `random_command_sequences` exercises them.
+#[test]
+fn random_sequences_reach_every_command() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let mut accepted = BTreeSet::new();
+    let mut refused = BTreeSet::new();
+    for _ in 0..128 {
+        let cmds = commands().new_tree(&mut runner).unwrap().current();
+        let mut s = State::default();
+        for c in &cmds {
+            let op = serde_json::to_value(c).unwrap()["op"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            match s.apply(c) {
+                Ok(_) => accepted.insert(op),
+                Err(_) => refused.insert(op),
+            };
+        }
+    }
+    for op in [
+        "create_host",
+        "add_host_initiator",
+        "remove_host_initiator",
+        "delete_host",
+        "rename_host",
+        "set_host_chap",
+        "map_volume",
+        "unmap_volume",
+        "set_iscsi_portal",
+        "set_reservations",
+        "create_volume",
+        "expand_volume",
+        "delete_volume",
+    ] {
+        assert!(accepted.contains(op), "{op} never accepted");
+        assert!(refused.contains(op), "{op} never refused");
     }
 }
