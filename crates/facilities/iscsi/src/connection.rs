@@ -1549,7 +1549,7 @@ where
             match t.r2ts.iter().position(|r| r.live && r.ttt == d.ttt) {
                 Some(k) => Some(k),
                 None => {
-                    self.protocol_violation("Data-Out with an unknown TTT");
+                    self.data_violation(i, "Data-Out with an unknown TTT");
                     return;
                 }
             }
@@ -1570,7 +1570,7 @@ where
             }
         };
         if !ok {
-            self.protocol_violation("Data-Out out of sequence (DataSN, offset or length)");
+            self.data_violation(i, "Data-Out out of sequence (DataSN, offset or length)");
             return;
         }
         if t.buf.is_none() {
@@ -1598,12 +1598,27 @@ where
         );
     }
 
-    /// ErrorRecoveryLevel 0 cannot recover a data sequence: Reject, close.
-    fn protocol_violation(&mut self, why: &'static str) {
-        tracing::info!(why, "protocol violation: closing connection");
+    /// ErrorRecoveryLevel 0 cannot recover a data sequence: the PDU is
+    /// rejected and its command ends with ABORTED COMMAND; later Data-Out
+    /// for it is dropped. The session goes on.
+    fn data_violation(&mut self, i: usize, why: &'static str) {
+        tracing::info!(
+            why,
+            itt = self.tasks[i].itt,
+            "Data-Out sequence error: command aborted"
+        );
         let b = self.bhs_bytes();
         self.reject(reject::PROTOCOL_ERROR, &b);
-        self.close_after_send = true;
+        let t = &mut self.tasks[i];
+        let o = check_condition(SENSE_ABORTED_COMMAND, 0x4b, 0x00);
+        t.status = o.status;
+        t.sense = o.sense;
+        t.buf = None;
+        t.fail = None;
+        t.write = true;
+        t.residual_override = None;
+        t.r2ts = [R2tSeq::default(); OUTSTANDING_R2T_MAX as usize];
+        self.respond(i);
         self.discard(None);
     }
 
