@@ -1,1 +1,225 @@
+use super::*;
+use crate::config::{ChapTable, OpenAccess, Secret};
+use crate::text;
 
+const TARGET: &str = "iqn.2026-11.dev.sanvirt:node1";
+const INIT: &str = "iqn.2026-11.dev.sanvirt:host";
+
+fn ctx(auth: Arc<dyn Authenticator>) -> LoginContext {
+    LoginContext {
+        target_name: TARGET.into(),
+        target_alias: None,
+        portal_group_tag: 1,
+        offer: Offer::default(),
+        auth,
+    }
+}
+
+fn req(csg: u8, nsg: u8, transit: bool) -> LoginRequest {
+    LoginRequest {
+        transit,
+        cont: false,
+        csg,
+        nsg,
+        version_max: 0,
+        version_min: 0,
+        isid: [0x80, 0, 0, 0, 0, 1],
+        tsih: 0,
+        itt: 1,
+        cid: 0,
+        cmd_sn: 5,
+        exp_stat_sn: 0,
+    }
+}
+
+fn kv(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for (k, x) in pairs {
+        text::push(&mut v, k, x);
+    }
+    v
+}
+
+fn reply_pairs(s: &Step) -> text::Pairs {
+    let (Step::Continue(r) | Step::Fail(r) | Step::Done(r, _)) = s;
+    text::parse(&r.data).unwrap()
+}
+
+fn status(s: &Step) -> u16 {
+    let (Step::Continue(r) | Step::Fail(r) | Step::Done(r, _)) = s;
+    r.rsp.status
+}
+
+#[test]
+fn operational_login_negotiates() {
+    let mut m = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+    let s = m.step(
+        &req(1, 3, true),
+        &kv(&[
+            ("InitiatorName", INIT),
+            ("TargetName", TARGET),
+            ("HeaderDigest", "CRC32C,None"),
+            ("DataDigest", "None"),
+            ("MaxBurstLength", "262144"),
+            ("FirstBurstLength", "999999999"),
+            ("MaxRecvDataSegmentLength", "65536"),
+            ("InitialR2T", "No"),
+            ("ImmediateData", "Yes"),
+            ("ErrorRecoveryLevel", "2"),
+            ("MaxConnections", "8"),
+            ("X-Vendor", "1"),
+        ]),
+    );
+    let p = reply_pairs(&s);
+    assert_eq!(p.get("HeaderDigest"), Some("CRC32C"));
+    assert_eq!(p.get("ErrorRecoveryLevel"), Some("0"));
+    assert_eq!(p.get("MaxConnections"), Some("1"));
+    assert_eq!(p.get("X-Vendor"), Some("NotUnderstood"));
+    assert_eq!(p.get("FirstBurstLength"), Some("Reject"));
+    assert_eq!(p.get("TargetPortalGroupTag"), Some("1"));
+    let Step::Done(r, d) = s else {
+        panic!("not done: {s:?}")
+    };
+    assert!(r.rsp.transit && r.rsp.nsg == 3);
+    assert!(d.params.header_digest && !d.params.data_digest && !d.params.initial_r2t);
+    assert_eq!(d.params.max_xmit_data_segment_bytes, 65536);
+    assert_eq!(d.cmd_sn, 5);
+}
+
+#[test]
+fn refusals() {
+    let mut m = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+    let s = m.step(
+        &req(1, 3, true),
+        &kv(&[("InitiatorName", INIT), ("TargetName", "iqn.x:other")]),
+    );
+    assert_eq!(status(&s), 0x0203);
+    let mut m = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+    assert_eq!(
+        status(&m.step(&req(1, 3, true), &kv(&[("InitiatorName", INIT)]))),
+        0x0207
+    );
+    let mut m = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+    assert_eq!(status(&m.step(&req(1, 3, true), b"A=1\0A=2\0")), 0x0200);
+    let deny = ChapTable::default();
+    let mut m = LoginMachine::new(ctx(Arc::new(deny)), 1, [7; 16]);
+    let s = m.step(
+        &req(1, 3, true),
+        &kv(&[("InitiatorName", INIT), ("TargetName", TARGET)]),
+    );
+    assert_eq!(status(&s), 0x0202);
+}
+
+fn chap_table(mutual: bool) -> Arc<ChapTable> {
+    Arc::new(ChapTable {
+        entries: vec![(
+            INIT.into(),
+            ChapConfig {
+                user: "u".into(),
+                secret: Secret::from("initiator-secret"),
+                mutual: mutual.then(|| ("tgt".into(), Secret::from("target-secret"))),
+            },
+        )],
+        others_open: false,
+        discovery_auth: false,
+    })
+}
+
+fn chap_until_challenge(m: &mut LoginMachine) {
+    let s = m.step(
+        &req(0, 1, true),
+        &kv(&[
+            ("InitiatorName", INIT),
+            ("TargetName", TARGET),
+            ("AuthMethod", "CHAP,None"),
+        ]),
+    );
+    assert_eq!(reply_pairs(&s).get("AuthMethod"), Some("CHAP"));
+    let Step::Continue(r) = &s else { panic!() };
+    assert!(!r.rsp.transit, "no transit before authentication");
+    let s = m.step(&req(0, 1, false), &kv(&[("CHAP_A", "5")]));
+    let p = reply_pairs(&s);
+    assert_eq!(p.get("CHAP_I"), Some("9"));
+    assert_eq!(p.get("CHAP_C"), Some(text::hex(&[7; 16]).as_str()));
+}
+
+#[test]
+fn chap_one_way_and_wrong_response() {
+    let mut m = LoginMachine::new(ctx(chap_table(false)), 9, [7; 16]);
+    chap_until_challenge(&mut m);
+    let r = chap_md5(9, b"initiator-secret", &[7; 16]);
+    let s = m.step(
+        &req(0, 1, true),
+        &kv(&[("CHAP_N", "u"), ("CHAP_R", &text::hex(&r))]),
+    );
+    let Step::Continue(rep) = s else {
+        panic!("{s:?}")
+    };
+    assert!(rep.rsp.transit && rep.rsp.nsg == 1 && rep.rsp.status == 0);
+
+    let mut m = LoginMachine::new(ctx(chap_table(false)), 9, [7; 16]);
+    chap_until_challenge(&mut m);
+    let r = chap_md5(9, b"wrong", &[7; 16]);
+    let s = m.step(
+        &req(0, 1, true),
+        &kv(&[("CHAP_N", "u"), ("CHAP_R", &text::hex(&r))]),
+    );
+    assert_eq!(status(&s), 0x0201);
+}
+
+#[test]
+fn chap_mutual_and_reflection() {
+    let mut m = LoginMachine::new(ctx(chap_table(true)), 9, [7; 16]);
+    chap_until_challenge(&mut m);
+    let r = chap_md5(9, b"initiator-secret", &[7; 16]);
+    let c = [3u8; 16];
+    let s = m.step(
+        &req(0, 1, true),
+        &kv(&[
+            ("CHAP_N", "u"),
+            ("CHAP_R", &text::hex(&r)),
+            ("CHAP_I", "4"),
+            ("CHAP_C", &text::hex(&c)),
+        ]),
+    );
+    let p = reply_pairs(&s);
+    assert_eq!(p.get("CHAP_N"), Some("tgt"));
+    assert_eq!(
+        p.get("CHAP_R"),
+        Some(text::hex(&chap_md5(4, b"target-secret", &c)).as_str())
+    );
+
+    // The initiator's challenge equal to ours: refused.
+    let mut m = LoginMachine::new(ctx(chap_table(true)), 9, [7; 16]);
+    chap_until_challenge(&mut m);
+    let s = m.step(
+        &req(0, 1, true),
+        &kv(&[
+            ("CHAP_N", "u"),
+            ("CHAP_R", &text::hex(&r)),
+            ("CHAP_I", "4"),
+            ("CHAP_C", &text::hex(&[7; 16])),
+        ]),
+    );
+    assert_eq!(status(&s), 0x0201);
+}
+
+#[test]
+fn skipping_security_needs_no_auth() {
+    let mut m = LoginMachine::new(ctx(chap_table(false)), 9, [7; 16]);
+    let s = m.step(
+        &req(1, 3, true),
+        &kv(&[("InitiatorName", INIT), ("TargetName", TARGET)]),
+    );
+    assert_eq!(status(&s), 0x0201);
+}
+
+proptest::proptest! {
+    #[test]
+    fn login_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+                          csg in 0u8..4, nsg in 0u8..4, t in proptest::prelude::any::<bool>()) {
+        let mut m = LoginMachine::new(ctx(chap_table(true)), 9, [7; 16]);
+        let _ = m.step(&req(csg, nsg, t), &data);
+        let _ = m.step(&req(csg, nsg, t), &data);
+    }
+}
