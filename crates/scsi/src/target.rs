@@ -255,6 +255,18 @@ fn trim(mut buf: Buffer, n: u32) -> Option<Buffer> {
     buf.slice(0, n).ok()
 }
 
+/// The first `n` bytes of `b` (moving pages, or sharing them when `n` is
+/// not on a page boundary); `None` if the pool cannot describe the share.
+fn prefix(mut b: Buffer, n: usize) -> Option<Buffer> {
+    if b.len() == n {
+        return Some(b);
+    }
+    if b.split_off(n).is_ok() {
+        return Some(b);
+    }
+    b.slice(0, n).ok()
+}
+
 /// Byte `i` of a segmented buffer, through a segment index.
 struct Bytes<'a> {
     segs: Vec<&'a [u8]>,
@@ -808,24 +820,48 @@ impl<S: IoServer> ScsiTarget<S> {
             )));
         }
 
+        let mut c = c;
         let need_out = c.data_out_len();
         let data_out = match (need_out, data_out) {
+            // COMPARE AND WRITE of zero blocks with data: the initiator
+            // meant more blocks than the CDB's one byte can say.
+            (0, Some(b)) if !b.is_empty() && matches!(c, Cdb::CompareAndWrite(_)) => {
+                return ScsiOutcome::check(Sense::invalid_cdb(13, None));
+            }
             (0, _) => None,
             (n, Some(b)) if b.len() as u64 == n => Some(b),
-            (n, Some(mut b)) if b.len() as u64 > n => {
+            (n, Some(b)) if b.len() as u64 > n => {
                 if matches!(c, Cdb::WriteSame { .. } | Cdb::CompareAndWrite(_)) {
                     return ScsiOutcome::check(Sense::invalid_field_in_iu());
                 }
-                if b.split_off(n as usize).is_ok() {
-                    Some(b)
-                } else {
-                    match b.slice(0, n as usize) {
-                        Ok(s) => Some(s),
-                        Err(_) => return ScsiOutcome::status_only(status::BUSY),
-                    }
+                match prefix(b, n as usize) {
+                    Some(b) => Some(b),
+                    None => return ScsiOutcome::status_only(status::BUSY),
                 }
             }
-            _ => return ScsiOutcome::check(Sense::invalid_field_in_iu()),
+            (n, b) => {
+                // Less Data-Out than the CDB asks for. WRITE and WRITE AND
+                // VERIFY write the whole blocks that arrived (FCP-4's first
+                // option; the transport reports the residual); everything
+                // else is refused without effect.
+                let got = b.as_ref().map_or(0, |b| b.len() as u64);
+                let whole = got >> BLOCK_SHIFT;
+                match &mut c {
+                    Cdb::Write(rw) | Cdb::WriteAndVerify { rw, .. } if whole < n >> BLOCK_SHIFT => {
+                        rw.blocks = whole as u32;
+                        match b {
+                            Some(b) if whole > 0 => {
+                                match prefix(b, (whole << BLOCK_SHIFT) as usize) {
+                                    Some(b) => Some(b),
+                                    None => return ScsiOutcome::status_only(status::BUSY),
+                                }
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => return ScsiOutcome::check(Sense::invalid_field_in_iu()),
+                }
+            }
         };
 
         match c {
@@ -1312,8 +1348,10 @@ impl<S: IoServer> ScsiTarget<S> {
         };
         let (off, len) = (lba << BLOCK_SHIFT, n << BLOCK_SHIFT);
         let _g = lu.ranges.lock(lba, lba + n, false).await;
-        if zero {
-            let req = if unmap && desc.info.unmap_zeroes {
+        // With UNMAP set the device server may deallocate whatever the data
+        // (SBC-3 5.42); reads then return zeros when LBPRZ is reported.
+        if zero || unmap {
+            let req = if unmap {
                 IoRequest::unmap(lu.disk, off, len)
             } else {
                 IoRequest::write_zeroes(

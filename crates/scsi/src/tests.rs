@@ -533,10 +533,12 @@ async fn out_of_range_and_protect_fields() {
 }
 
 #[tokio::test]
-async fn short_data_out_is_rejected_and_nothing_written() {
+async fn short_data_out_writes_what_arrived() {
     let t = setup();
     let n = nexus(INIT, 1);
     t.ready(&n, 0).await;
+    t.write10(&n, 0, 0, &[0xAA; 1024]).await;
+    // Two blocks asked for, one delivered: the one is written (FCP-4 (a)).
     let o = t
         .cmd(
             &n,
@@ -546,8 +548,15 @@ async fn short_data_out_is_rejected_and_nothing_written() {
             0,
         )
         .await;
-    assert_eq!(o.ksa(), (key::ILLEGAL_REQUEST, 0x0E, 0x03));
-    assert_eq!(t.read10(&n, 0, 0, 1).await.data, vec![0; 512]);
+    assert!(o.good());
+    assert_eq!(t.read10(&n, 0, 0, 1).await.data, vec![0xAB; 512]);
+    assert_eq!(t.read10(&n, 0, 1, 1).await.data, vec![0xAA; 512]);
+    // No Data-Out at all: nothing written, GOOD.
+    let o = t
+        .cmd(&n, 0, &[0x2A, 0, 0, 0, 0, 1, 0, 0, 1, 0], None, 0)
+        .await;
+    assert!(o.good());
+    assert_eq!(t.read10(&n, 0, 1, 1).await.data, vec![0xAA; 512]);
     // Longer than the CDB asks: only the CDB's length is written.
     let o = t
         .cmd(
@@ -560,7 +569,18 @@ async fn short_data_out_is_rejected_and_nothing_written() {
         .await;
     assert!(o.good());
     assert_eq!(t.read10(&n, 0, 0, 1).await.data, vec![0xCD; 512]);
-    assert_eq!(t.read10(&n, 0, 1, 1).await.data, vec![0; 512]);
+    assert_eq!(t.read10(&n, 0, 1, 1).await.data, vec![0xAA; 512]);
+    // Commands that need all their data refuse a short transfer.
+    let o = t
+        .cmd(
+            &n,
+            0,
+            &[0x2F, 0x02, 0, 0, 0, 0, 0, 0, 2, 0],
+            Some(&[0xCD; 512]),
+            0,
+        )
+        .await;
+    assert_eq!(o.ksa(), (key::ILLEGAL_REQUEST, 0x0E, 0x03));
 }
 
 #[tokio::test]
@@ -891,6 +911,19 @@ async fn write_same_variants() {
     assert!(o.good());
     assert_eq!(t.read10(&n, 0, 8, 2).await.data, vec![0; 1024]);
     assert_eq!(&t.read10(&n, 0, 10, 1).await.data, &block);
+    // UNMAP deallocates whatever the block holds (LBPRZ: reads zeros).
+    t.write10(&n, 0, 12, &[0xFF; 512]).await;
+    let o = t
+        .cmd(
+            &n,
+            0,
+            &[0x41, 0x08, 0, 0, 0, 12, 0, 0, 1, 0],
+            Some(&[0xFF; 512]),
+            0,
+        )
+        .await;
+    assert!(o.good());
+    assert_eq!(t.read10(&n, 0, 12, 1).await.data, vec![0; 512]);
     // NDOB: no Data-Out, zeros.
     let o = t
         .cmd(
@@ -993,6 +1026,12 @@ async fn compare_and_write() {
     let big = vec![0u8; 255 * 1024];
     let o = t.cmd(&n, 0, &caw_cdb(0, 255), Some(&big), 0).await;
     assert_eq!(o.ksa(), (key::ILLEGAL_REQUEST, 0x24, 0));
+    // 256 blocks wrap to 0 in the CDB's one byte: data with zero blocks.
+    let o = t
+        .cmd(&n, 0, &caw_cdb(0, 0), Some(&vec![0u8; 256 * 1024]), 0)
+        .await;
+    assert_eq!(o.ksa(), (key::ILLEGAL_REQUEST, 0x24, 0));
+    assert!(t.cmd(&n, 0, &caw_cdb(0, 0), None, 0).await.good());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
