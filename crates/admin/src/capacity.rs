@@ -8,7 +8,10 @@ use std::collections::BTreeMap;
 use sanvirt_config::{ConfigError, MdiskMode, ObjectId, State, Volume, VolumeLayout};
 
 use crate::service::{DiskState, MdiskStatus, NodeStatus};
-use crate::views::{LayoutView, MdiskModeView, MdiskView, PoolView, StatusView, VolumeView};
+use crate::views::{
+    LayoutView, MdiskModeView, MdiskView, PoolView, StatusView, ThinView, VolumeMappingView,
+    VolumeView,
+};
 
 pub fn mdisk_view(
     state: &State,
@@ -113,6 +116,15 @@ fn volume_view_of(state: &State, names: &BTreeMap<ObjectId, &str>, v: &Volume) -
         extent_count: v.extents.len() as u64,
         mdisks_used,
         placement: v.mdisks.clone(),
+        thin: v.thin.map(|t| ThinView {
+            real_size_bytes: t.real_size_bytes,
+            grain_kib: t.grain_kib,
+        }),
+        mappings: state
+            .hosts_mapping(v.id)
+            .into_iter()
+            .map(|(host, lun)| VolumeMappingView { host, lun })
+            .collect(),
     }
 }
 
@@ -156,6 +168,7 @@ pub fn status_view(state: &State, node: NodeStatus) -> StatusView {
         mdisk_count: state.mdisks.len() as u64,
         pool_count: state.pools.len() as u64,
         volume_count: state.volumes.len() as u64,
+        host_count: state.hosts.len() as u64,
         capacity_bytes: sum(|p| p.capacity_bytes),
         used_bytes: sum(|p| p.used_bytes),
         free_bytes: sum(|p| p.free_bytes),

@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sanvirt_config::{
-    Command, ConfigError, MdiskMode, Outcome, State, VolumeLayout, EXTENT_SIZE_MIB_DEFAULT,
-    SECTOR_BYTES,
+    ChapMutual, ChapSettings, Command, ConfigError, IscsiPortal, MdiskMode, Outcome, State,
+    ThinParams, VolumeLayout, EXTENT_SIZE_MIB_DEFAULT, SECTOR_BYTES, THIN_GRAIN_KIB_DEFAULT,
 };
 
 use crate::capacity::{
@@ -19,6 +19,7 @@ use crate::capacity::{
 };
 use crate::error::ApiError;
 use crate::extract::{parse_json, ApiBody, ApiJson, ApiPath};
+use crate::hosts::{host_view, host_views, mapping_views, portal_view};
 use crate::service::AdminService;
 use crate::views::*;
 
@@ -516,7 +517,9 @@ pub async fn delete_volume_named_image(
 /// Create a volume.
 ///
 /// Carves the volume from the pool's free extents. 409
-/// `insufficient_capacity` says how much the pool has.
+/// `insufficient_capacity` says how much the pool has. With `thin`,
+/// `size_bytes` is the virtual size and `thin.real_size_bytes` (rounded up
+/// to whole extents) is what the pool gives.
 #[utoipa::path(post, path = "/v1/volumes", tag = "volumes",
     request_body = CreateVolumeRequest,
     responses(
@@ -543,7 +546,10 @@ pub async fn create_volume(
             size_bytes: req.size_bytes,
             layout,
             mdisks: req.mdisks.unwrap_or_default(),
-            thin: None,
+            thin: req.thin.map(|t| ThinParams {
+                real_size_bytes: t.real_size_bytes,
+                grain_kib: t.grain_kib.unwrap_or(THIN_GRAIN_KIB_DEFAULT),
+            }),
         },
     )
     .await?;
@@ -581,7 +587,8 @@ pub async fn create_image_volume(
 
 /// Expand a volume.
 ///
-/// Grows it to `size_bytes`, adding extents with its layout.
+/// Grows it to `size_bytes`, adding extents with its layout. A thin volume
+/// grows its virtual size only.
 #[utoipa::path(post, path = "/v1/volumes/{name}/expand", tag = "volumes",
     params(("name" = String, Path, description = "volume name")),
     request_body = ExpandVolumeRequest,
@@ -611,7 +618,7 @@ pub async fn expand_volume(
 /// Delete a volume.
 ///
 /// Its extents return to the pool (an image-mode mdisk becomes unmanaged
-/// again, data untouched).
+/// again, data untouched). Refused (409) while it is mapped to a host.
 #[utoipa::path(delete, path = "/v1/volumes/{name}", tag = "volumes",
     params(("name" = String, Path, description = "volume name")),
     responses(
@@ -654,6 +661,348 @@ pub async fn rename_volume(
     )
     .await?;
     volume_response(&ctx, &new_name, StatusCode::OK).await
+}
+
+// ----------------------------------------------------------------- hosts
+
+async fn host_response(ctx: &Ctx, name: &str, code: StatusCode) -> Result<Response, ApiError> {
+    let state = snapshot(ctx).await?;
+    Ok((code, Json(host_view(&state, name)?)).into_response())
+}
+
+/// List hosts.
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts",
+    responses((status = 200, description = "every host", body = [HostView]), (status = 401, description = "missing or wrong token", body = ErrorBody)))]
+pub async fn list_hosts(AxumState(ctx): AxumState<Ctx>) -> Result<Json<Vec<HostView>>, ApiError> {
+    Ok(Json(host_views(&snapshot(&ctx).await?)))
+}
+
+/// Show one host.
+///
+/// Its initiators, CHAP mode (never the secrets) and mapped volumes.
+#[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts",
+    params(("name" = String, Path, description = "host name")),
+    responses(
+        (status = 200, description = "the host", body = HostView),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+    ))]
+pub async fn get_host(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    host_response(&ctx, &name, StatusCode::OK).await
+}
+
+/// Create a host.
+///
+/// Each initiator name belongs to at most one host.
+#[utoipa::path(post, path = "/v1/hosts", tag = "hosts",
+    request_body = CreateHostRequest,
+    responses(
+        (status = 201, description = "the new host", body = HostView),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "conflicts with the configuration (exists, in use, insufficient capacity)", body = ErrorBody),
+    ))]
+pub async fn create_host(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiJson(req): ApiJson<CreateHostRequest>,
+) -> Result<Response, ApiError> {
+    let name = req.name.clone();
+    submit(
+        &ctx,
+        Command::CreateHost {
+            name: req.name,
+            initiators: req.initiators.unwrap_or_default(),
+        },
+    )
+    .await?;
+    host_response(&ctx, &name, StatusCode::CREATED).await
+}
+
+/// Delete a host.
+///
+/// Refused (409) while volumes are mapped to it.
+#[utoipa::path(delete, path = "/v1/hosts/{name}", tag = "hosts",
+    params(("name" = String, Path, description = "host name")),
+    responses(
+        (status = 204, description = "deleted"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+        (status = 409, description = "conflicts with the configuration (exists, in use, insufficient capacity)", body = ErrorBody),
+    ))]
+pub async fn delete_host(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    submit(&ctx, Command::DeleteHost { name }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Rename a host.
+#[utoipa::path(post, path = "/v1/hosts/{name}/rename", tag = "hosts",
+    params(("name" = String, Path, description = "current host name")),
+    request_body = RenameRequest,
+    responses(
+        (status = 200, description = "the host", body = HostView),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+        (status = 409, description = "conflicts with the configuration (exists, in use, insufficient capacity)", body = ErrorBody),
+    ))]
+pub async fn rename_host(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<RenameRequest>,
+) -> Result<Response, ApiError> {
+    let new_name = req.new_name.clone();
+    submit(
+        &ctx,
+        Command::RenameHost {
+            name,
+            new_name: req.new_name,
+        },
+    )
+    .await?;
+    host_response(&ctx, &new_name, StatusCode::OK).await
+}
+
+/// Add an initiator to a host.
+#[utoipa::path(post, path = "/v1/hosts/{name}/initiators", tag = "hosts",
+    params(("name" = String, Path, description = "host name")),
+    request_body = HostInitiatorRequest,
+    responses(
+        (status = 200, description = "the host", body = HostView),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+        (status = 409, description = "conflicts with the configuration (exists, in use, insufficient capacity)", body = ErrorBody),
+    ))]
+pub async fn add_host_initiator(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<HostInitiatorRequest>,
+) -> Result<Response, ApiError> {
+    submit(
+        &ctx,
+        Command::AddHostInitiator {
+            host: name.clone(),
+            initiator: req.initiator,
+        },
+    )
+    .await?;
+    host_response(&ctx, &name, StatusCode::OK).await
+}
+
+/// Remove an initiator from a host.
+#[utoipa::path(delete, path = "/v1/hosts/{name}/initiators/{initiator}", tag = "hosts",
+    params(
+        ("name" = String, Path, description = "host name"),
+        ("initiator" = String, Path, description = "iSCSI initiator name"),
+    ),
+    responses(
+        (status = 200, description = "the host", body = HostView),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+    ))]
+pub async fn remove_host_initiator(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath((name, initiator)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    submit(
+        &ctx,
+        Command::RemoveHostInitiator {
+            host: name.clone(),
+            initiator,
+        },
+    )
+    .await?;
+    host_response(&ctx, &name, StatusCode::OK).await
+}
+
+/// Set CHAP for a host.
+///
+/// One-way, or mutual with `mutual`. The secrets are stored in the node's
+/// configuration and never returned: the host view shows only the mode.
+#[utoipa::path(put, path = "/v1/hosts/{name}/chap", tag = "hosts",
+    params(("name" = String, Path, description = "host name")),
+    request_body = SetChapRequest,
+    responses(
+        (status = 200, description = "the host", body = HostView),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+    ))]
+pub async fn set_host_chap(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<SetChapRequest>,
+) -> Result<Response, ApiError> {
+    let chap = ChapSettings {
+        username: req.username,
+        secret: req.secret,
+        mutual: req.mutual.map(|m| ChapMutual {
+            username: m.username,
+            secret: m.secret,
+        }),
+    };
+    submit(
+        &ctx,
+        Command::SetHostChap {
+            host: name.clone(),
+            chap: Some(chap),
+        },
+    )
+    .await?;
+    host_response(&ctx, &name, StatusCode::OK).await
+}
+
+/// Remove CHAP from a host.
+///
+/// Its initiators then log in without authentication.
+#[utoipa::path(delete, path = "/v1/hosts/{name}/chap", tag = "hosts",
+    params(("name" = String, Path, description = "host name")),
+    responses(
+        (status = 200, description = "the host", body = HostView),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+    ))]
+pub async fn clear_host_chap(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    submit(
+        &ctx,
+        Command::SetHostChap {
+            host: name.clone(),
+            chap: None,
+        },
+    )
+    .await?;
+    host_response(&ctx, &name, StatusCode::OK).await
+}
+
+// -------------------------------------------------------------- mappings
+
+/// List mappings.
+///
+/// Every (host, LUN, volume), by host name then LUN.
+#[utoipa::path(get, path = "/v1/mappings", tag = "mappings",
+    responses((status = 200, description = "every mapping", body = [MappingView]), (status = 401, description = "missing or wrong token", body = ErrorBody)))]
+pub async fn list_mappings(
+    AxumState(ctx): AxumState<Ctx>,
+) -> Result<Json<Vec<MappingView>>, ApiError> {
+    Ok(Json(mapping_views(&snapshot(&ctx).await?)))
+}
+
+/// Map a volume to a host.
+///
+/// At `lun`, or the host's lowest free LUN. A volume is mapped at most
+/// once per host; several hosts may map the same volume.
+#[utoipa::path(post, path = "/v1/mappings", tag = "mappings",
+    request_body = MapVolumeRequest,
+    responses(
+        (status = 201, description = "the new mapping", body = MappingView),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+        (status = 409, description = "conflicts with the configuration (exists, in use, insufficient capacity)", body = ErrorBody),
+    ))]
+pub async fn map_volume(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiJson(req): ApiJson<MapVolumeRequest>,
+) -> Result<Response, ApiError> {
+    let (host, volume) = (req.host.clone(), req.volume.clone());
+    submit(
+        &ctx,
+        Command::MapVolume {
+            volume: req.volume,
+            host: req.host,
+            lun: req.lun,
+        },
+    )
+    .await?;
+    let state = snapshot(&ctx).await?;
+    let m = mapping_views(&state)
+        .into_iter()
+        .find(|m| m.host == host && m.volume == volume)
+        .ok_or_else(|| ApiError::internal("the new mapping is not in the state"))?;
+    Ok((StatusCode::CREATED, Json(m)).into_response())
+}
+
+/// Unmap a volume from a host.
+#[utoipa::path(delete, path = "/v1/mappings/{host}/{volume}", tag = "mappings",
+    params(
+        ("host" = String, Path, description = "host name"),
+        ("volume" = String, Path, description = "volume name"),
+    ),
+    responses(
+        (status = 204, description = "unmapped"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+    ))]
+pub async fn unmap_volume(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath((host, volume)): ApiPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    submit(&ctx, Command::UnmapVolume { volume, host }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ----------------------------------------------------------------- iscsi
+
+/// Show the iSCSI portal setting.
+///
+/// A node-level setting. When not configured, the daemon's configuration
+/// file decides.
+#[utoipa::path(get, path = "/v1/iscsi/portal", tag = "iscsi",
+    responses((status = 200, description = "the setting", body = IscsiPortalView), (status = 401, description = "missing or wrong token", body = ErrorBody)))]
+pub async fn get_iscsi_portal(
+    AxumState(ctx): AxumState<Ctx>,
+) -> Result<Json<IscsiPortalView>, ApiError> {
+    Ok(Json(portal_view(&snapshot(&ctx).await?)))
+}
+
+/// Set the iSCSI portal.
+#[utoipa::path(put, path = "/v1/iscsi/portal", tag = "iscsi",
+    request_body = IscsiPortalRequest,
+    responses(
+        (status = 200, description = "the setting", body = IscsiPortalView),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+    ))]
+pub async fn set_iscsi_portal(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiJson(req): ApiJson<IscsiPortalRequest>,
+) -> Result<Json<IscsiPortalView>, ApiError> {
+    submit(
+        &ctx,
+        Command::SetIscsiPortal {
+            portal: Some(IscsiPortal {
+                listen: req.listen,
+                enabled: req.enabled.unwrap_or(true),
+            }),
+        },
+    )
+    .await?;
+    Ok(Json(portal_view(&snapshot(&ctx).await?)))
+}
+
+/// Clear the iSCSI portal setting.
+///
+/// The daemon's configuration file decides again.
+#[utoipa::path(delete, path = "/v1/iscsi/portal", tag = "iscsi",
+    responses(
+        (status = 200, description = "the setting", body = IscsiPortalView),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+    ))]
+pub async fn clear_iscsi_portal(
+    AxumState(ctx): AxumState<Ctx>,
+) -> Result<Json<IscsiPortalView>, ApiError> {
+    submit(&ctx, Command::SetIscsiPortal { portal: None }).await?;
+    Ok(Json(portal_view(&snapshot(&ctx).await?)))
 }
 
 // ------------------------------------------------------------- fallbacks

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::middleware::{from_fn, from_fn_with_state};
-use axum::routing::{delete, get, post, MethodRouter};
+use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 use tokio::sync::Semaphore;
 
@@ -25,6 +25,7 @@ mod extract;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod handlers;
+pub mod hosts;
 mod middleware;
 pub mod openapi;
 mod service;
@@ -103,6 +104,26 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<handlers::Ctx>)> {
         ("/v1/volumes/:name", get(get_volume).delete(delete_volume)),
         ("/v1/volumes/:name/rename", post(rename_volume)),
         ("/v1/volumes/:name/expand", post(expand_volume)),
+        ("/v1/hosts", get(list_hosts).post(create_host)),
+        ("/v1/hosts/:name", get(get_host).delete(delete_host)),
+        ("/v1/hosts/:name/rename", post(rename_host)),
+        ("/v1/hosts/:name/initiators", post(add_host_initiator)),
+        (
+            "/v1/hosts/:name/initiators/:initiator",
+            delete(remove_host_initiator),
+        ),
+        (
+            "/v1/hosts/:name/chap",
+            put(set_host_chap).delete(clear_host_chap),
+        ),
+        ("/v1/mappings", get(list_mappings).post(map_volume)),
+        ("/v1/mappings/:host/:volume", delete(unmap_volume)),
+        (
+            "/v1/iscsi/portal",
+            get(get_iscsi_portal)
+                .put(set_iscsi_portal)
+                .delete(clear_iscsi_portal),
+        ),
     ]
 }
 

@@ -888,7 +888,12 @@ async fn openapi_lists_every_route() {
 
     let mut answered = BTreeSet::new();
     for path in &routed_paths {
-        let uri = path.replace("{name}", "x").replace("{mdisk}", "y");
+        let uri = path
+            .replace("{name}", "x")
+            .replace("{mdisk}", "y")
+            .replace("{initiator}", "iqn.2001-04.com.example:z")
+            .replace("{host}", "h")
+            .replace("{volume}", "v");
         for method in [
             Method::GET,
             Method::POST,
@@ -903,7 +908,7 @@ async fn openapi_lists_every_route() {
         }
     }
     assert_eq!(answered, documented);
-    assert_eq!(documented.len(), 24);
+    assert_eq!(documented.len(), 39);
 
     // The documented limits are the configuration model's.
     let schemas = &doc["components"]["schemas"];
@@ -1004,6 +1009,41 @@ fn command_schema_mirror_serializes_like_the_command() {
             name: s("v"),
             new_name: s("w"),
         },
+        Command::CreateHost {
+            name: s("h"),
+            initiators: vec![],
+        },
+        Command::AddHostInitiator {
+            host: s("h"),
+            initiator: s("iqn.2001-04.com.example:a"),
+        },
+        Command::RemoveHostInitiator {
+            host: s("h"),
+            initiator: s("iqn.2001-04.com.example:a"),
+        },
+        Command::DeleteHost { name: s("h") },
+        Command::RenameHost {
+            name: s("h"),
+            new_name: s("g"),
+        },
+        Command::SetHostChap {
+            host: s("h"),
+            chap: None,
+        },
+        Command::MapVolume {
+            volume: s("v"),
+            host: s("h"),
+            lun: None,
+        },
+        Command::UnmapVolume {
+            volume: s("v"),
+            host: s("h"),
+        },
+        Command::SetIscsiPortal { portal: None },
+        Command::SetReservations {
+            volume_id: 1,
+            state: Default::default(),
+        },
     ];
     let doc: Value = serde_json::from_str(&crate::openapi_json()).expect("valid JSON");
     let variants = doc["components"]["schemas"]["Command"]["oneOf"]
@@ -1044,4 +1084,341 @@ async fn serve_answers_and_shuts_down() {
     let _ = stop.send(());
     let done = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
     assert!(matches!(done, Ok(Ok(Ok(())))), "{done:?}");
+}
+
+impl Api {
+    async fn put(&self, uri: &str, body: Value) -> Reply {
+        self.call(Method::PUT, uri, Some(body)).await
+    }
+
+    /// Pool p0 with volumes `names` of 64 MiB.
+    async fn volumes(&self, names: &[&str]) {
+        self.pool_with_two_mdisks().await;
+        for v in names {
+            let r = self
+                .post(
+                    "/v1/volumes",
+                    json!({"name": v, "pool": "p0", "size_bytes": 64u64 << 20}),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+        }
+    }
+}
+
+const IQN1: &str = "iqn.1994-05.com.redhat:client1";
+const IQN2: &str = "iqn.1994-05.com.redhat:client2";
+
+#[tokio::test]
+async fn hosts_and_initiators() {
+    let api = Api::new();
+    let r = api
+        .post("/v1/hosts", json!({"name": "h1", "initiators": [IQN1]}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(r.json["initiators"], json!([IQN1]));
+    assert_eq!(r.json["chap"], "none");
+    assert_eq!(r.json["luns"], json!([]));
+    // An initiator belongs to one host.
+    let r = api
+        .post("/v1/hosts", json!({"name": "h2", "initiators": [IQN1]}))
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "in_use");
+    assert_eq!(
+        r.json["message"],
+        format!("initiator '{IQN1}' is in use: it belongs to host 'h1'")
+    );
+    let r = api
+        .post(
+            "/v1/hosts",
+            json!({"name": "h2", "initiators": ["IQN.1994-05.com.redhat:x"]}),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    let r = api
+        .post("/v1/hosts", json!({"name": "h2", "initiator": IQN2}))
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_json");
+    let r = api.post("/v1/hosts", json!({"name": "h2"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    let r = api
+        .post("/v1/hosts/h2/initiators", json!({"initiator": IQN2}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["initiators"], json!([IQN2]));
+    let r = api.delete(&format!("/v1/hosts/h2/initiators/{IQN1}")).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    let r = api.delete(&format!("/v1/hosts/h2/initiators/{IQN2}")).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["initiators"], json!([]));
+    let r = api
+        .post("/v1/hosts/h2/rename", json!({"new_name": "h3"}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["name"], "h3");
+    let r = api.get("/v1/hosts").await;
+    let names: Vec<&str> = r
+        .json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["h1", "h3"]);
+    assert_eq!(
+        api.delete("/v1/hosts/h3").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_error(
+        &api.get("/v1/hosts/h3").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_eq!(api.get("/v1/status").await.json["host_count"], 1);
+}
+
+#[tokio::test]
+async fn mappings() {
+    let api = Api::new();
+    api.volumes(&["v0", "v1"]).await;
+    for (h, i) in [("h1", IQN1), ("h2", IQN2)] {
+        let r = api
+            .post("/v1/hosts", json!({"name": h, "initiators": [i]}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    }
+    let r = api
+        .post("/v1/mappings", json!({"volume": "v0", "host": "h1"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(r.json["lun"], 0);
+    assert_eq!(r.json["host"], "h1");
+    let r = api
+        .post(
+            "/v1/mappings",
+            json!({"volume": "v1", "host": "h1", "lun": 7}),
+        )
+        .await;
+    assert_eq!(r.json["lun"], 7, "{}", r.json);
+    let r = api
+        .post(
+            "/v1/mappings",
+            json!({"volume": "v0", "host": "h2", "lun": 3}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    let r = api
+        .post("/v1/mappings", json!({"volume": "v0", "host": "h1"}))
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "in_use");
+    let r = api
+        .post(
+            "/v1/mappings",
+            json!({"volume": "v1", "host": "h2", "lun": 16384}),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    let r = api
+        .post("/v1/mappings", json!({"volume": "nope", "host": "h2"}))
+        .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+
+    let r = api.get("/v1/mappings").await;
+    let rows: Vec<(String, u64, String)> = r
+        .json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["host"].as_str().unwrap().to_string(),
+                m["lun"].as_u64().unwrap(),
+                m["volume"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let own = |h: &str, l: u64, v: &str| (h.to_string(), l, v.to_string());
+    assert_eq!(
+        rows,
+        [own("h1", 0, "v0"), own("h1", 7, "v1"), own("h2", 3, "v0")]
+    );
+    // The volume and host views show them.
+    let r = api.get("/v1/volumes/v0").await;
+    assert_eq!(
+        r.json["mappings"],
+        json!([{"host": "h1", "lun": 0}, {"host": "h2", "lun": 3}])
+    );
+    let r = api.get("/v1/hosts/h1").await;
+    assert_eq!(r.json["luns"][1]["volume"], "v1");
+    assert_eq!(r.json["luns"][1]["lun"], 7);
+    // Deleting what is mapped is refused, naming the other side.
+    let r = api.delete("/v1/volumes/v0").await;
+    assert_error(&r, StatusCode::CONFLICT, "in_use");
+    assert!(
+        r.json["message"].as_str().unwrap().contains("'h1', 'h2'"),
+        "{}",
+        r.json
+    );
+    let r = api.delete("/v1/hosts/h1").await;
+    assert_error(&r, StatusCode::CONFLICT, "in_use");
+    assert_eq!(
+        api.delete("/v1/mappings/h1/v0").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_error(
+        &api.delete("/v1/mappings/h1/v0").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_eq!(
+        api.delete("/v1/mappings/h2/v0").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.delete("/v1/volumes/v0").await.status,
+        StatusCode::NO_CONTENT
+    );
+}
+
+#[tokio::test]
+async fn chap_secrets_are_never_returned() {
+    let api = Api::new();
+    api.volumes(&["v0"]).await;
+    api.post("/v1/hosts", json!({"name": "h1", "initiators": [IQN1]}))
+        .await;
+    let (secret, mutual) = ("s3cret-one-way", "s3cret-mutual!");
+    let r = api
+        .put(
+            "/v1/hosts/h1/chap",
+            json!({"username": "u", "secret": "short"}),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    assert!(!r.json.to_string().contains("short"), "{}", r.json);
+    let r = api
+        .put(
+            "/v1/hosts/h1/chap",
+            json!({"username": "u", "secret": secret, "mutual": {"username": "t", "secret": mutual}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["chap"], "mutual");
+    assert_eq!(r.json["chap_username"], "u");
+    // The secret is stored...
+    let stored = api.svc.state().hosts["h1"].chap.clone().unwrap();
+    assert_eq!(stored.secret.expose(), secret);
+    // ...and appears in no response.
+    api.post("/v1/mappings", json!({"volume": "v0", "host": "h1"}))
+        .await;
+    for uri in [
+        "/v1/hosts",
+        "/v1/hosts/h1",
+        "/v1/mappings",
+        "/v1/volumes",
+        "/v1/status",
+    ] {
+        let text = api.get(uri).await.json.to_string();
+        assert!(
+            !text.contains(secret) && !text.contains(mutual),
+            "{uri}: {text}"
+        );
+    }
+    let r = api
+        .put(
+            "/v1/hosts/h1/chap",
+            json!({"username": "u", "secret": secret}),
+        )
+        .await;
+    assert_eq!(r.json["chap"], "one_way");
+    assert_eq!(r.json["chap_mutual_username"], Value::Null);
+    let r = api.delete("/v1/hosts/h1/chap").await;
+    assert_eq!(r.json["chap"], "none");
+    assert_eq!(r.json["chap_username"], Value::Null);
+    let r = api
+        .put(
+            "/v1/hosts/nope/chap",
+            json!({"username": "u", "secret": secret}),
+        )
+        .await;
+    assert_error(&r, StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test]
+async fn iscsi_portal() {
+    let api = Api::new();
+    let r = api.get("/v1/iscsi/portal").await;
+    assert_eq!(
+        r.json,
+        json!({"configured": false, "listen": null, "enabled": null})
+    );
+    let r = api
+        .put("/v1/iscsi/portal", json!({"listen": "0.0.0.0:3260"}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(
+        r.json,
+        json!({"configured": true, "listen": "0.0.0.0:3260", "enabled": true})
+    );
+    let r = api
+        .put(
+            "/v1/iscsi/portal",
+            json!({"listen": "[::]:3261", "enabled": false}),
+        )
+        .await;
+    assert_eq!(r.json["enabled"], false);
+    let r = api
+        .put("/v1/iscsi/portal", json!({"listen": "example.com:3260"}))
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    assert_eq!(
+        api.get("/v1/iscsi/portal").await.json["listen"],
+        "[::]:3261"
+    );
+    let r = api.delete("/v1/iscsi/portal").await;
+    assert_eq!(r.json["configured"], false);
+}
+
+#[tokio::test]
+async fn thin_volumes() {
+    let api = Api::new();
+    api.pool_with_two_mdisks().await;
+    let r = api
+        .post(
+            "/v1/volumes",
+            json!({"name": "t", "pool": "p0", "size_bytes": 100u64 << 30,
+                   "thin": {"real_size_bytes": 40u64 << 20}}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(r.json["size_bytes"], 100u64 << 30);
+    assert_eq!(r.json["extent_count"], 3);
+    assert_eq!(
+        r.json["thin"],
+        json!({"real_size_bytes": 48u64 << 20, "grain_kib": 64})
+    );
+    assert_eq!(
+        api.get("/v1/pools/p0").await.json["used_bytes"],
+        48u64 << 20
+    );
+    let r = api
+        .post("/v1/volumes/t/expand", json!({"size_bytes": 200u64 << 30}))
+        .await;
+    assert_eq!(r.json["extent_count"], 3, "{}", r.json);
+    let r = api
+        .post(
+            "/v1/volumes",
+            json!({"name": "u", "pool": "p0", "size_bytes": 1u64 << 30,
+                   "thin": {"real_size_bytes": 1u64 << 20, "grain_kib": 48}}),
+        )
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    assert_eq!(r.json["field"], "thin.grain_kib");
+    // A thick volume has no thin part.
+    let r = api
+        .post(
+            "/v1/volumes",
+            json!({"name": "k", "pool": "p0", "size_bytes": 1u64 << 20}),
+        )
+        .await;
+    assert_eq!(r.json["thin"], Value::Null);
 }

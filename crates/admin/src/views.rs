@@ -1,6 +1,7 @@
 //! The API's JSON bodies: requests (strict: unknown fields are refused) and
 //! responses (the CLI deserializes these same types, leniently).
 
+use sanvirt_config::{ChapMode, ChapSecret};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -84,6 +85,96 @@ pub struct CreateVolumeRequest {
     /// sequential volumes). Default: every mdisk of the pool.
     #[serde(default)]
     pub mdisks: Option<Vec<String>>,
+    /// Thin provisioning: `size_bytes` becomes the virtual size and only
+    /// `real_size_bytes` is allocated from the pool.
+    #[serde(default)]
+    pub thin: Option<ThinRequest>,
+}
+
+/// Thin provisioning of a new volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ThinRequest {
+    /// Capacity allocated from the pool now (rounded up to whole extents),
+    /// at most the virtual size plus metadata.
+    #[schema(example = 1073741824u64, minimum = 1)]
+    pub real_size_bytes: u64,
+    /// Allocation unit, a power of two (default 64).
+    #[serde(default)]
+    #[schema(example = 64, minimum = 32, maximum = 256)]
+    pub grain_kib: Option<u32>,
+}
+
+/// `POST /v1/hosts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateHostRequest {
+    #[schema(example = "esx1", min_length = 1, max_length = 63)]
+    pub name: String,
+    /// iSCSI initiator names (iqn., eui. or naa., lowercase), none on
+    /// another host.
+    #[serde(default)]
+    #[schema(example = json!(["iqn.1998-01.com.vmware:esx1"]))]
+    pub initiators: Option<Vec<String>>,
+}
+
+/// `POST /v1/hosts/{name}/initiators`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostInitiatorRequest {
+    #[schema(example = "iqn.1998-01.com.vmware:esx1", max_length = 223)]
+    pub initiator: String,
+}
+
+/// `PUT /v1/hosts/{name}/chap`. Secrets are write-only: no response ever
+/// contains one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetChapRequest {
+    /// The name the initiator authenticates with.
+    #[schema(min_length = 1, max_length = 255)]
+    pub username: String,
+    /// 12 to 16 printable ASCII characters.
+    #[schema(value_type = String, format = Password, min_length = 12, max_length = 16)]
+    pub secret: ChapSecret,
+    /// Mutual CHAP: what the target answers with.
+    #[serde(default)]
+    pub mutual: Option<MutualChapRequest>,
+}
+
+/// The target's credentials for mutual CHAP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MutualChapRequest {
+    #[schema(min_length = 1, max_length = 255)]
+    pub username: String,
+    /// 12 to 16 printable ASCII characters, not the initiator's secret.
+    #[schema(value_type = String, format = Password, min_length = 12, max_length = 16)]
+    pub secret: ChapSecret,
+}
+
+/// `POST /v1/mappings`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MapVolumeRequest {
+    pub volume: String,
+    pub host: String,
+    /// Default: the host's lowest free LUN.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 16383)]
+    pub lun: Option<u64>,
+}
+
+/// `PUT /v1/iscsi/portal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IscsiPortalRequest {
+    /// `ip:port`, `[v6]:port` for IPv6.
+    #[schema(example = "0.0.0.0:3260")]
+    pub listen: String,
+    /// Default true.
+    #[serde(default)]
+    pub enabled: Option<bool>,
 }
 
 /// `POST /v1/volumes/{name}/expand`.
@@ -193,6 +284,69 @@ pub struct VolumeView {
     pub mdisks_used: Vec<String>,
     /// Placement restriction given at creation (empty: the whole pool).
     pub placement: Vec<String>,
+    /// Thin volumes: `size_bytes` is the virtual size, `extent_count`
+    /// extents hold `real_size_bytes`.
+    #[serde(default)]
+    pub thin: Option<ThinView>,
+    /// Hosts the volume is mapped to, by host name.
+    #[serde(default)]
+    pub mappings: Vec<VolumeMappingView>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ThinView {
+    pub real_size_bytes: u64,
+    pub grain_kib: u32,
+}
+
+/// One host a volume is mapped to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VolumeMappingView {
+    pub host: String,
+    pub lun: u64,
+}
+
+/// One volume a host sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostLunView {
+    pub lun: u64,
+    pub volume: String,
+    pub volume_id: u64,
+}
+
+/// A host. How it authenticates is shown (`chap`), never the secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    pub id: u64,
+    pub name: String,
+    pub initiators: Vec<String>,
+    pub chap: ChapMode,
+    /// The CHAP user names (one-way and mutual), if set.
+    #[serde(default)]
+    pub chap_username: Option<String>,
+    #[serde(default)]
+    pub chap_mutual_username: Option<String>,
+    /// Mapped volumes by ascending LUN.
+    pub luns: Vec<HostLunView>,
+}
+
+/// One mapping: `host` sees `volume` as `lun`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MappingView {
+    pub host: String,
+    pub volume: String,
+    pub volume_id: u64,
+    pub lun: u64,
+}
+
+/// `GET /v1/iscsi/portal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IscsiPortalView {
+    /// False: nothing is set in the configuration and the daemon's
+    /// configuration file decides (`listen` and `enabled` are then null).
+    pub configured: bool,
+    pub listen: Option<String>,
+    pub enabled: Option<bool>,
 }
 
 /// `GET /v1/status`.
@@ -207,6 +361,8 @@ pub struct StatusView {
     pub mdisk_count: u64,
     pub pool_count: u64,
     pub volume_count: u64,
+    #[serde(default)]
+    pub host_count: u64,
     /// Sum over all pools.
     pub capacity_bytes: u64,
     pub used_bytes: u64,
