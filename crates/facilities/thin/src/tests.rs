@@ -550,6 +550,8 @@ pub(crate) struct CrashState {
     pending: Vec<(u64, Vec<u8>)>,
     ops: u64,
     crash_at: Option<u64>,
+    flushes: u64,
+    crash_at_flush: Option<u64>,
     crashed: bool,
 }
 
@@ -569,14 +571,12 @@ impl CrashDisk {
                 pending: Vec::new(),
                 ops: 0,
                 crash_at: None,
+                flushes: 0,
+                crash_at_flush: None,
                 crashed: false,
             }),
             client: ClientLink::default(),
         }
-    }
-
-    fn crash_at(&self, n: u64) {
-        self.st.lock().crash_at = Some(n);
     }
 
     fn crashed(&self) -> bool {
@@ -622,9 +622,14 @@ impl IoServer for Shared {
         if st.crashed {
             return Err(dead());
         }
+        if req.op == IoOp::Flush {
+            st.flushes += 1;
+        }
         if req.op != IoOp::Read {
             st.ops += 1;
-            if st.crash_at == Some(st.ops) {
+            if st.crash_at == Some(st.ops)
+                || (req.op == IoOp::Flush && st.crash_at_flush == Some(st.flushes))
+            {
                 st.crashed = true;
                 // The request in progress may have reached the disk.
                 if req.op == IoOp::Write {
@@ -788,8 +793,10 @@ fn thin_over(disk: &Arc<CrashDisk>, pool: &Arc<BufferPool>, spec: ThinVolume) ->
 async fn crash_case(seed: u64) {
     let mut rng = Rng::new(seed);
     let grain = 32 * KIB;
-    let virt = 2 * MIB;
+    // 1024 grains: two map pages, entries in every sector of the first.
+    let virt = 32 * MIB;
     let blocks = virt / BLOCK;
+    let chunk = 2 * MIB;
     let data_offset = Layout::for_format(grain, virt).data_offset;
     // Fewer data grains than the virtual size has: NoSpace happens.
     let real = data_offset + (40 + rng.below(30)) * grain;
@@ -802,8 +809,16 @@ async fn crash_case(seed: u64) {
     let disk = Arc::new(CrashDisk::new(THIN, real));
     let thin = thin_over(&disk, &pool, spec);
     thin.open(THIN).await.unwrap();
-    let ops = disk.st.lock().ops;
-    disk.crash_at(ops + 1 + rng.below(300));
+    {
+        // Half the cases crash at a random request, half at a random flush
+        // (just after metadata writes, the interesting moment).
+        let mut st = disk.st.lock();
+        if rng.below(2) == 0 {
+            st.crash_at = Some(st.ops + 1 + rng.below(400));
+        } else {
+            st.crash_at_flush = Some(st.flushes + 1 + rng.below(60));
+        }
+    }
     let mut model = Model {
         cur: vec![0; blocks as usize],
         allowed: vec![vec![0]; blocks as usize],
@@ -922,13 +937,12 @@ async fn crash_case(seed: u64) {
         }
         // While alive, every block reads its current value.
         if rng.below(4) == 0 {
-            let b = pool.alloc(virt as usize / 4).unwrap();
-            let part = rng.below(4);
-            match thin.submit(IoRequest::read(THIN, part * virt / 4, b)).await {
+            let part = rng.below(virt / chunk);
+            let b = pool.alloc(chunk as usize).unwrap();
+            match thin.submit(IoRequest::read(THIN, part * chunk, b)).await {
                 Ok(buf) => {
-                    let buf = buf.unwrap();
-                    let bytes = buf.to_vec();
-                    let first = part * blocks / 4;
+                    let bytes = buf.unwrap().to_vec();
+                    let first = part * chunk / BLOCK;
                     for (i, blk) in bytes.chunks(BLOCK as usize).enumerate() {
                         let k = first + i as u64;
                         let got = sector_generation(k * BLOCK, blk);
@@ -957,22 +971,25 @@ async fn crash_case(seed: u64) {
         panic!("seed {seed}: reopen after crash: {e}");
     }
     thin.check(THIN).unwrap();
-    let buf = pool.alloc(virt as usize).unwrap();
-    let bytes = thin
-        .submit(IoRequest::read(THIN, 0, buf))
-        .await
-        .unwrap()
-        .unwrap()
-        .to_vec();
-    for (k, blk) in bytes.chunks(BLOCK as usize).enumerate() {
-        for (s, sec) in blk.chunks(SECTOR).enumerate() {
-            let off = k as u64 * BLOCK + (s * SECTOR) as u64;
-            let got = sector_generation(off, sec);
-            assert!(
-                got.is_some_and(|g| model.allowed[k].contains(&g)),
-                "seed {seed}: block {k} sector {s} holds {got:?}, may hold {:?}",
-                model.allowed[k]
-            );
+    for part in 0..virt / chunk {
+        let buf = pool.alloc(chunk as usize).unwrap();
+        let bytes = thin
+            .submit(IoRequest::read(THIN, part * chunk, buf))
+            .await
+            .unwrap()
+            .unwrap()
+            .to_vec();
+        for (i, blk) in bytes.chunks(BLOCK as usize).enumerate() {
+            let k = (part * chunk / BLOCK) as usize + i;
+            for (s, sec) in blk.chunks(SECTOR).enumerate() {
+                let off = k as u64 * BLOCK + (s * SECTOR) as u64;
+                let got = sector_generation(off, sec);
+                assert!(
+                    got.is_some_and(|g| model.allowed[k].contains(&g)),
+                    "seed {seed}: block {k} sector {s} holds {got:?}, may hold {:?}",
+                    model.allowed[k]
+                );
+            }
         }
     }
     // The reopened volume works: write, flush, read back.
