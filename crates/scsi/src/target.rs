@@ -2,6 +2,7 @@
 //! initiator, unit attentions, reservations and command dispatch.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -52,8 +53,9 @@ impl NexusKey {
         }
     }
 }
-/// A nexus's initiator name and its target-wide unit attentions.
-type NexusEntry = (Arc<str>, VecDeque<Sense>);
+/// A nexus's initiator name and whether REPORTED LUNS DATA HAS CHANGED is
+/// pending for it (the one target-wide unit attention).
+type NexusEntry = (Arc<str>, bool);
 
 #[derive(Debug, Clone, Copy)]
 struct CopyResult {
@@ -153,6 +155,9 @@ pub struct ScsiTarget<S: IoServer> {
     /// Target-wide unit attentions (REPORTED LUNS DATA HAS CHANGED) and the
     /// initiator name of each nexus seen.
     nexuses: Mutex<HashMap<NexusKey, NexusEntry>>,
+    /// Nexuses with REPORTED LUNS DATA HAS CHANGED pending: while zero,
+    /// commands need not look at `nexuses`.
+    luns_changed_pending: std::sync::atomic::AtomicUsize,
     report_physical: std::sync::atomic::AtomicBool,
 }
 
@@ -370,6 +375,7 @@ impl<S: IoServer> ScsiTarget<S> {
             lus: RwLock::new(HashMap::new()),
             pr_config: Mutex::new(HashMap::new()),
             nexuses: Mutex::new(HashMap::new()),
+            luns_changed_pending: std::sync::atomic::AtomicUsize::new(0),
             report_physical: std::sync::atomic::AtomicBool::new(true),
         })
     }
@@ -397,11 +403,10 @@ impl<S: IoServer> ScsiTarget<S> {
     pub fn set_access(&self, access: AccessMap) {
         let old = std::mem::replace(&mut *self.access.write(), access.clone());
         let mut nx = self.nexuses.lock();
-        for (name, q) in nx.values_mut() {
-            if old.initiators.get(name) != access.initiators.get(name)
-                && !q.contains(&Sense::ua_luns_changed())
-            {
-                q.push_back(Sense::ua_luns_changed());
+        for (name, pending) in nx.values_mut() {
+            if old.initiators.get(name) != access.initiators.get(name) && !*pending {
+                *pending = true;
+                self.luns_changed_pending.fetch_add(1, Ordering::AcqRel);
             }
         }
     }
@@ -517,7 +522,9 @@ impl<S: IoServer> ScsiTarget<S> {
             st.seen.remove(&k);
             st.ua.remove(&k);
         }
-        self.nexuses.lock().remove(&k);
+        if let Some((_, true)) = self.nexuses.lock().remove(&k) {
+            self.luns_changed_pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// LUNs `initiator_name` sees, ascending.
@@ -623,29 +630,29 @@ impl<S: IoServer> ScsiTarget<S> {
         let nexus = Arc::clone(&task.nexus);
         let k = key_of(&nexus);
 
-        // Remember the nexus for target-wide unit attentions.
-        {
-            let mut nx = self.nexuses.lock();
-            nx.entry(k.clone())
-                .or_insert_with(|| (Arc::clone(&nexus.initiator_name), VecDeque::new()));
-        }
-
         let Some(disk) = self.mapped(&nexus, task.lun) else {
+            self.remember(&nexus, &k);
             return self.execute_unmapped(&task, cdb_bytes);
         };
         let Some(lu) = self.lu(disk) else {
+            self.remember(&nexus, &k);
             return self.execute_unmapped(&task, cdb_bytes);
         };
 
         // Unit attentions come before anything else the command could report.
         if !skips_ua(opcode) {
-            if let Some(ua) = self.take_ua(&lu, &k) {
+            if let Some(ua) = self.take_ua(&lu, &nexus, &k) {
                 return ScsiOutcome::check(ua);
             }
         } else {
             let mut st = lu.state.lock();
             if st.seen.insert(k.clone()) {
-                st.queue_ua(&k, Sense::ua_power_on_reset());
+                st.ua
+                    .entry(k.clone())
+                    .or_default()
+                    .push_front(Sense::ua_power_on_reset());
+                drop(st);
+                self.remember(&nexus, &k);
             }
         }
 
@@ -675,20 +682,40 @@ impl<S: IoServer> ScsiTarget<S> {
             .await
     }
 
-    fn take_ua(&self, lu: &Lu, k: &NexusKey) -> Option<Sense> {
+    /// Records a nexus for target-wide unit attentions (first contact).
+    fn remember(&self, nexus: &Nexus, k: &NexusKey) {
+        self.nexuses
+            .lock()
+            .entry(k.clone())
+            .or_insert_with(|| (Arc::clone(&nexus.initiator_name), false));
+    }
+
+    fn take_ua(&self, lu: &Lu, nexus: &Nexus, k: &NexusKey) -> Option<Sense> {
         {
             let mut st = lu.state.lock();
             if st.seen.insert(k.clone()) {
-                st.queue_ua(k, Sense::ua_power_on_reset());
+                // First contact: POWER ON, RESET takes precedence over
+                // anything queued for the nexus before (SAM-5 5.14).
+                drop(st);
+                self.remember(nexus, k);
+                return Some(Sense::ua_power_on_reset());
             }
             if let Some(s) = st.ua.get_mut(k).and_then(|q| q.pop_front()) {
                 return Some(s);
             }
         }
-        self.nexuses
-            .lock()
-            .get_mut(k)
-            .and_then(|(_, q)| q.pop_front())
+        if self.luns_changed_pending.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut nx = self.nexuses.lock();
+        match nx.get_mut(k) {
+            Some((_, pending)) if *pending => {
+                *pending = false;
+                self.luns_changed_pending.fetch_sub(1, Ordering::AcqRel);
+                Some(Sense::ua_luns_changed())
+            }
+            _ => None,
+        }
     }
 
     fn execute_unmapped(&self, task: &ScsiTask, cdb_bytes: &[u8]) -> ScsiOutcome {
@@ -721,8 +748,11 @@ impl<S: IoServer> ScsiTarget<S> {
             return ScsiOutcome::check(Sense::invalid_cdb(2, None));
         }
         // REPORT LUNS clears REPORTED LUNS DATA HAS CHANGED for the nexus.
-        if let Some((_, q)) = self.nexuses.lock().get_mut(&key_of(nexus)) {
-            q.retain(|s| *s != Sense::ua_luns_changed());
+        if let Some((_, pending)) = self.nexuses.lock().get_mut(&key_of(nexus)) {
+            if *pending {
+                *pending = false;
+                self.luns_changed_pending.fetch_sub(1, Ordering::AcqRel);
+            }
         }
         let luns = if select == 1 {
             Vec::new()
@@ -1079,8 +1109,12 @@ impl<S: IoServer> ScsiTarget<S> {
                 };
                 let start = rw.lba;
                 let end = rw.lba + rw.blocks as u64;
+                let buf = match self.alloc_blocks(rw.blocks).await {
+                    Ok(b) => b,
+                    Err(o) => return o,
+                };
                 let _g = lu.ranges.lock(start, end, true).await;
-                let mut r = match self.read(lu.disk, rw.lba, rw.blocks).await {
+                let mut r = match self.read_into(lu.disk, rw.lba, buf).await {
                     Ok(r) => r,
                     Err(o) => return o,
                 };
@@ -1195,12 +1229,22 @@ impl<S: IoServer> ScsiTarget<S> {
     }
 
     async fn read(&self, disk: DiskId, lba: u64, blocks: u32) -> Result<Buffer, ScsiOutcome> {
-        let len = (blocks as usize) << BLOCK_SHIFT;
-        let buf = self
-            .pool
-            .alloc_wait(len)
+        let buf = self.alloc_blocks(blocks).await?;
+        self.read_into(disk, lba, buf).await
+    }
+
+    /// A buffer for `blocks` blocks, waiting for pages (backpressure).
+    async fn alloc_blocks(&self, blocks: u32) -> Result<Buffer, ScsiOutcome> {
+        self.pool
+            .alloc_wait((blocks as usize) << BLOCK_SHIFT)
             .await
-            .map_err(|_| ScsiOutcome::status_only(status::BUSY))?;
+            .map_err(|_| ScsiOutcome::status_only(status::BUSY))
+    }
+
+    /// Reads into `buf` (allocated beforehand, so that commands holding a
+    /// range lock never wait for pages: the lock's other holders may be
+    /// the ones holding them).
+    async fn read_into(&self, disk: DiskId, lba: u64, buf: Buffer) -> Result<Buffer, ScsiOutcome> {
         match self
             .server
             .submit(IoRequest::read(disk, lba << BLOCK_SHIFT, buf))
@@ -1347,10 +1391,10 @@ impl<S: IoServer> ScsiTarget<S> {
             Some(d) => is_zero(d),
         };
         let (off, len) = (lba << BLOCK_SHIFT, n << BLOCK_SHIFT);
-        let _g = lu.ranges.lock(lba, lba + n, false).await;
         // With UNMAP set the device server may deallocate whatever the data
         // (SBC-3 5.42); reads then return zeros when LBPRZ is reported.
         if zero || unmap {
+            let _g = lu.ranges.lock(lba, lba + n, false).await;
             let req = if unmap {
                 IoRequest::unmap(lu.disk, off, len)
             } else {
@@ -1382,6 +1426,8 @@ impl<S: IoServer> ScsiTarget<S> {
         for at in (0..chunk).step_by(BLOCK_SIZE as usize) {
             buf.copy_from_slice(at, &pattern);
         }
+        // Pages first, then the range (see `read_into`).
+        let _g = lu.ranges.lock(lba, lba + n, false).await;
         let mut pos = 0u64;
         while pos < len {
             let this = (len - pos).min(chunk as u64) as usize;
@@ -1447,11 +1493,15 @@ impl<S: IoServer> ScsiTarget<S> {
                 Err(_) => return ScsiOutcome::status_only(status::BUSY),
             }
         };
+        let buf = match self.alloc_blocks(rw.blocks).await {
+            Ok(b) => b,
+            Err(o) => return o,
+        };
         let _g = lu
             .ranges
             .lock(rw.lba, rw.lba + rw.blocks as u64, true)
             .await;
-        let cur = match self.read(lu.disk, rw.lba, rw.blocks).await {
+        let cur = match self.read_into(lu.disk, rw.lba, buf).await {
             Ok(b) => b,
             Err(o) => return o,
         };
