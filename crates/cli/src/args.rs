@@ -53,6 +53,12 @@ pub enum Noun {
     /// Volumes (virtual disks) carved from pools.
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Hosts: the initiators that act for a server, and their CHAP.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// The node's iSCSI target settings.
+    #[command(subcommand)]
+    Iscsi(IscsiCmd),
     /// Submit one raw configuration command, e.g.
     /// '{"op":"create_pool","name":"p0","extent_size_mib":16}' ('-' reads stdin).
     Command {
@@ -140,6 +146,17 @@ pub enum VolumeCmd {
         /// Place extents only on these mdisks of the pool (in this order).
         #[arg(long, value_delimiter = ',', value_name = "MDISK,...")]
         mdisks: Vec<String>,
+        /// Thin provisioning: --size is the virtual size; only --real-size
+        /// is allocated from the pool.
+        #[arg(long)]
+        thin: bool,
+        /// Capacity to allocate for a thin volume (default: 2% of --size or
+        /// one extent, whichever is larger).
+        #[arg(long, value_name = "SIZE", requires = "thin", value_parser = sizes::parse_real_size)]
+        real_size: Option<u64>,
+        /// Thin allocation unit: 32KiB to 256KiB, a power of two (default 64KiB).
+        #[arg(long, value_name = "SIZE", requires = "thin", value_parser = sizes::parse_grain)]
+        grain: Option<u32>,
     },
     /// Create an image-mode volume: one unmanaged mdisk, data kept as is.
     CreateImage {
@@ -161,6 +178,100 @@ pub enum VolumeCmd {
     Delete { name: String },
     /// Rename a volume.
     Rename { old: String, new: String },
+    /// Make a volume visible to a host as a LUN.
+    Map {
+        name: String,
+        #[arg(long)]
+        host: String,
+        /// LUN, 0 to 16383 (default: the host's lowest free LUN).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(0..=sanvirt_config::LUN_MAX))]
+        lun: Option<u64>,
+    },
+    /// Stop showing a volume to a host.
+    Unmap {
+        name: String,
+        #[arg(long)]
+        host: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    /// List hosts.
+    List,
+    /// Show one host with its initiators and LUNs.
+    Show { name: String },
+    /// Define a host by its iSCSI initiator names.
+    Create {
+        name: String,
+        /// iSCSI initiator name (iqn., eui. or naa.); repeat for several.
+        #[arg(long = "initiator", value_name = "IQN")]
+        initiators: Vec<String>,
+    },
+    /// Add an initiator name to a host.
+    AddInitiator {
+        host: String,
+        #[arg(value_name = "IQN")]
+        initiator: String,
+    },
+    /// Remove an initiator name from a host.
+    RemoveInitiator {
+        host: String,
+        #[arg(value_name = "IQN")]
+        initiator: String,
+    },
+    /// Delete a host that has no volumes mapped.
+    Delete { name: String },
+    /// Rename a host.
+    Rename { old: String, new: String },
+    /// Set CHAP for a host's initiators, or remove it with --none. Secrets
+    /// are read from files ('-' for stdin), never from the command line,
+    /// so they do not show in `ps` or the shell history.
+    Chap(ChapArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ChapArgs {
+    pub host: String,
+    /// The user name the initiator authenticates with.
+    #[arg(long, required_unless_present = "none", requires = "secret_file")]
+    pub username: Option<String>,
+    /// File whose first line is the secret (12 to 16 characters); '-' reads stdin.
+    #[arg(long, value_name = "FILE", requires = "username")]
+    pub secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the name the target answers with.
+    #[arg(long, requires = "mutual_secret_file")]
+    pub mutual_username: Option<String>,
+    /// File holding the target's secret for mutual CHAP; '-' reads stdin.
+    #[arg(long, value_name = "FILE", requires = "mutual_username")]
+    pub mutual_secret_file: Option<PathBuf>,
+    /// Remove CHAP: the host's initiators log in without authentication.
+    #[arg(long, conflicts_with_all = ["username", "secret_file", "mutual_username", "mutual_secret_file"])]
+    pub none: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IscsiCmd {
+    /// The iSCSI target portal (node-level setting).
+    #[command(subcommand)]
+    Portal(PortalCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PortalCmd {
+    /// Show the portal setting.
+    Show,
+    /// Set the address the iSCSI target listens on.
+    Set {
+        /// ip:port, e.g. 0.0.0.0:3260 or [::]:3260.
+        #[arg(long, value_name = "IP:PORT")]
+        listen: String,
+        /// Keep the setting but do not serve iSCSI.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Forget the setting: the daemon's configuration file decides again.
+    Clear,
 }
 
 #[cfg(test)]
@@ -227,6 +338,29 @@ mod tests {
                 "3KiB",
             ],
             &["sanvirt", "pool", "add-mdisk", "--pool", "p"],
+            &["sanvirt", "host", "chap", "h", "--username", "u"],
+            &["sanvirt", "host", "chap", "h", "--none", "--username", "u"],
+            &["sanvirt", "host", "chap", "h", "--secret", "0123456789ab"],
+            &[
+                "sanvirt", "volume", "map", "v", "--host", "h", "--lun", "16384",
+            ],
+            &[
+                "sanvirt",
+                "volume",
+                "create",
+                "--name",
+                "v",
+                "--pool",
+                "p",
+                "--size",
+                "1G",
+                "--real-size",
+                "1G",
+            ],
+            &[
+                "sanvirt", "volume", "create", "--name", "v", "--pool", "p", "--size", "1G",
+                "--thin", "--grain", "48KiB",
+            ],
             &["sanvirt", "mdisk", "frobnicate"],
         ] {
             let e = Cli::try_parse_from(args).expect_err("refused");

@@ -83,6 +83,10 @@ impl Client {
         self.send("POST", path, Some(body))
     }
 
+    pub fn put(&self, path: &str, body: &Value) -> Result<Value, Failure> {
+        self.send("PUT", path, Some(body))
+    }
+
     pub fn delete(&self, path: &str) -> Result<Value, Failure> {
         self.send("DELETE", path, None)
     }

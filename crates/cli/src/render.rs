@@ -3,8 +3,10 @@
 
 use sanvirt_admin::units::{format_bytes, format_mib};
 use sanvirt_admin::{
-    DiskState, LayoutView, MdiskModeView, MdiskView, PoolView, StatusView, VolumeView,
+    DiskState, HostView, IscsiPortalView, LayoutView, MdiskModeView, MdiskView, PoolView,
+    StatusView, VolumeView,
 };
+use sanvirt_config::ChapMode;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Align {
@@ -382,7 +384,103 @@ pub fn volume(v: &VolumeView) -> String {
     if !v.placement.is_empty() {
         rows.push(("placement", list(&v.placement)));
     }
+    if let Some(t) = &v.thin {
+        rows.push((
+            "thin",
+            format!(
+                "{} real, grain {} KiB",
+                format_bytes(t.real_size_bytes),
+                t.grain_kib
+            ),
+        ));
+    }
+    let maps: Vec<String> = v
+        .mappings
+        .iter()
+        .map(|m| format!("{} (LUN {})", m.host, m.lun))
+        .collect();
+    if !maps.is_empty() {
+        rows.push(("mapped to", list(&maps)));
+    }
     fields(&rows)
+}
+
+pub fn chap_mode(m: ChapMode) -> &'static str {
+    m.as_str()
+}
+
+pub fn initiator_count(n: usize) -> String {
+    plural(n as u64, "initiator")
+}
+
+pub fn host_table(hs: &[HostView]) -> String {
+    if hs.is_empty() {
+        return "no hosts\n".into();
+    }
+    let mut t = Table::new(&[
+        ("NAME", Align::Left),
+        ("ID", Align::Right),
+        ("CHAP", Align::Left),
+        ("LUNS", Align::Right),
+        ("INITIATORS", Align::Left),
+    ]);
+    for h in hs {
+        t.row(vec![
+            h.name.clone(),
+            h.id.to_string(),
+            chap_mode(h.chap).into(),
+            h.luns.len().to_string(),
+            list(&h.initiators),
+        ]);
+    }
+    t.render()
+}
+
+pub fn host(h: &HostView) -> String {
+    let mut chap = chap_mode(h.chap).to_string();
+    if let Some(u) = &h.chap_username {
+        chap.push_str(&format!(" (user {u}"));
+        if let Some(m) = &h.chap_mutual_username {
+            chap.push_str(&format!(", target user {m}"));
+        }
+        chap.push(')');
+    }
+    let mut out = fields(&[
+        ("name", h.name.clone()),
+        ("id", h.id.to_string()),
+        ("chap", chap),
+        ("initiators", list(&h.initiators)),
+    ]);
+    if h.luns.is_empty() {
+        out.push_str("no volumes mapped\n");
+    } else {
+        let mut t = Table::new(&[
+            ("LUN", Align::Right),
+            ("VOLUME", Align::Left),
+            ("VOLUME ID", Align::Right),
+        ]);
+        for l in &h.luns {
+            t.row(vec![
+                l.lun.to_string(),
+                l.volume.clone(),
+                l.volume_id.to_string(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&t.render());
+    }
+    out
+}
+
+pub fn portal(p: &IscsiPortalView) -> String {
+    match (&p.listen, p.enabled) {
+        (Some(listen), Some(enabled)) => fields(&[
+            ("listen", listen.clone()),
+            ("enabled", if enabled { "yes" } else { "no" }.into()),
+        ]),
+        _ => "iSCSI portal: not set in the configuration; sanvirtd's configuration file applies\n"
+            .into(),
+    }
 }
 
 #[cfg(test)]

@@ -5,11 +5,16 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 use sanvirt_admin::units::{format_bytes, format_mib};
-use sanvirt_admin::{MdiskView, PoolView, StatusView, VolumeView};
+use sanvirt_admin::{
+    HostView, IscsiPortalView, MappingView, MdiskView, PoolView, StatusView, VolumeView,
+};
 
-use crate::args::{Cli, MdiskCmd, Noun, PoolCmd, VolumeCmd};
+use crate::args::{
+    ChapArgs, Cli, HostCmd, IscsiCmd, MdiskCmd, Noun, PoolCmd, PortalCmd, VolumeCmd,
+};
 use crate::client::{segment, Client, Failure};
 use crate::render;
+use crate::sizes;
 
 pub fn run(cli: Cli) -> Result<String, Failure> {
     let token = token(&cli)?;
@@ -23,6 +28,8 @@ pub fn run(cli: Cli) -> Result<String, Failure> {
         Noun::Mdisk(c) => mdisk(&client, &out, c),
         Noun::Pool(c) => pool(&client, &out, c),
         Noun::Volume(c) => volume(&client, &out, c),
+        Noun::Host(c) => host(&client, &out, c),
+        Noun::Iscsi(IscsiCmd::Portal(c)) => portal(&client, &out, c),
         Noun::Command { command } => raw_command(&client, &out, &command),
     }
 }
@@ -240,6 +247,9 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
             striped: _,
             sequential,
             mdisks,
+            thin,
+            real_size,
+            grain,
         } => {
             let mut body = json!({
                 "name": name,
@@ -250,17 +260,46 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
             if !mdisks.is_empty() {
                 body["mdisks"] = json!(mdisks);
             }
+            if thin {
+                let real = match real_size {
+                    Some(r) => r,
+                    None => {
+                        let p: PoolView =
+                            typed(c.get(&format!("/v1/pools/{}", name_seg(&pool)?))?)?;
+                        sizes::default_real_size(size, u64::from(p.extent_size_mib) << 20)
+                    }
+                };
+                body["thin"] = json!({
+                    "real_size_bytes": real,
+                    "grain_kib": grain.unwrap_or(sanvirt_config::THIN_GRAIN_KIB_DEFAULT),
+                });
+            }
             out.show(c.post("/v1/volumes", &body)?, |v: VolumeView| {
-                format!(
-                    "created volume '{}': {} {} in pool '{}' ({} extents on {}; id {})\n",
+                match v.thin {
+                    None => format!(
+                        "created volume '{}': {} {} in pool '{}' ({} extents on {}; id {})\n",
+                        v.name,
+                        format_bytes(v.size_bytes),
+                        render::layout(v.layout),
+                        v.pool,
+                        v.extent_count,
+                        v.mdisks_used.join(","),
+                        v.id
+                    ),
+                    Some(t) => format!(
+                    "created thin volume '{}': {} virtual, {} real {} in pool '{}' ({} extents \
+                     on {}; grain {} KiB; id {})\n",
                     v.name,
                     format_bytes(v.size_bytes),
+                    format_bytes(t.real_size_bytes),
                     render::layout(v.layout),
                     v.pool,
                     v.extent_count,
                     v.mdisks_used.join(","),
+                    t.grain_kib,
                     v.id
-                )
+                ),
+                }
             })
         }
         VolumeCmd::CreateImage { name, pool, mdisk } => {
@@ -302,7 +341,167 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
                 format!("renamed volume '{old}' to '{}'\n", v.name)
             })
         }
+        VolumeCmd::Map {
+            name: volume,
+            host,
+            lun,
+        } => {
+            let mut body = json!({"volume": volume, "host": host});
+            if let Some(l) = lun {
+                body["lun"] = json!(l);
+            }
+            out.show(c.post("/v1/mappings", &body)?, |m: MappingView| {
+                format!(
+                    "mapped volume '{}' to host '{}' as LUN {}\n",
+                    m.volume, m.host, m.lun
+                )
+            })
+        }
+        VolumeCmd::Unmap { name: volume, host } => {
+            c.delete(&format!("/v1/mappings/{}/{}", name(&host)?, name(&volume)?))?;
+            Ok(if out.json {
+                pretty(&json!({"unmapped": true, "volume": volume, "host": host}))
+            } else {
+                format!("unmapped volume '{volume}' from host '{host}'\n")
+            })
+        }
     }
+}
+
+fn typed<T: DeserializeOwned>(v: Value) -> Result<T, Failure> {
+    serde_json::from_value(v).map_err(|e| {
+        Failure::Daemon(format!(
+            "sanvirtd sent an answer this sanvirt does not understand: {e}"
+        ))
+    })
+}
+
+/// `name` for where a `name` binding shadows it.
+fn name_seg(n: &str) -> Result<String, Failure> {
+    name(n)
+}
+
+fn host(c: &Client, out: &Out, cmd: HostCmd) -> Result<String, Failure> {
+    match cmd {
+        HostCmd::List => out.show(c.get("/v1/hosts")?, |v: Vec<HostView>| {
+            render::host_table(&v)
+        }),
+        HostCmd::Show { name: n } => out.show(
+            c.get(&format!("/v1/hosts/{}", name(&n)?))?,
+            |h: HostView| render::host(&h),
+        ),
+        HostCmd::Create { name, initiators } => {
+            let body = json!({"name": name, "initiators": initiators});
+            out.show(c.post("/v1/hosts", &body)?, |h: HostView| {
+                format!(
+                    "created host '{}' (id {}) with {}\n",
+                    h.name,
+                    h.id,
+                    render::initiator_count(h.initiators.len())
+                )
+            })
+        }
+        HostCmd::AddInitiator { host, initiator } => {
+            let v = c.post(
+                &format!("/v1/hosts/{}/initiators", name(&host)?),
+                &json!({"initiator": initiator}),
+            )?;
+            out.show(v, |h: HostView| {
+                format!("added initiator '{initiator}' to host '{}'\n", h.name)
+            })
+        }
+        HostCmd::RemoveInitiator { host, initiator } => {
+            let v = c.delete(&format!(
+                "/v1/hosts/{}/initiators/{}",
+                name(&host)?,
+                name(&initiator)?
+            ))?;
+            out.show(v, |h: HostView| {
+                format!("removed initiator '{initiator}' from host '{}'\n", h.name)
+            })
+        }
+        HostCmd::Delete { name: n } => {
+            c.delete(&format!("/v1/hosts/{}", name(&n)?))?;
+            Ok(out.deleted("deleted", "host", &n))
+        }
+        HostCmd::Rename { old, new } => {
+            let v = c.post(
+                &format!("/v1/hosts/{}/rename", name(&old)?),
+                &json!({"new_name": new}),
+            )?;
+            out.show(v, |h: HostView| {
+                format!("renamed host '{old}' to '{}'\n", h.name)
+            })
+        }
+        HostCmd::Chap(a) => chap(c, out, a),
+    }
+}
+
+/// Reads a secret: the first line of `path` ('-': stdin), without its line
+/// end. Never echoed, never in an error message.
+fn read_secret(path: &std::path::Path, option: &str) -> Result<String, Failure> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| Failure::Usage(format!("{option}: cannot read stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| Failure::Usage(format!("{option} {}: {e}", path.display())))?
+    };
+    let line = text.lines().next().unwrap_or("");
+    if line.is_empty() {
+        return Err(Failure::Usage(format!(
+            "{option}: the secret is empty (it is the first line of the file)"
+        )));
+    }
+    Ok(line.to_string())
+}
+
+fn chap(c: &Client, out: &Out, a: ChapArgs) -> Result<String, Failure> {
+    let url = format!("/v1/hosts/{}/chap", name(&a.host)?);
+    let v = if a.none {
+        c.delete(&url)?
+    } else {
+        let (Some(username), Some(secret_file)) = (a.username, a.secret_file) else {
+            return Err(Failure::Usage(
+                "give --username and --secret-file, or --none".into(),
+            ));
+        };
+        if a.mutual_secret_file.as_deref() == Some(std::path::Path::new("-"))
+            && secret_file.as_os_str() == "-"
+        {
+            return Err(Failure::Usage(
+                "--secret-file and --mutual-secret-file cannot both read stdin".into(),
+            ));
+        }
+        let mut body = json!({
+            "username": username,
+            "secret": read_secret(&secret_file, "--secret-file")?,
+        });
+        if let (Some(mu), Some(mf)) = (a.mutual_username, a.mutual_secret_file) {
+            body["mutual"] = json!({
+                "username": mu,
+                "secret": read_secret(&mf, "--mutual-secret-file")?,
+            });
+        }
+        c.put(&url, &body)?
+    };
+    out.show(v, |h: HostView| {
+        format!("host '{}': chap {}\n", h.name, render::chap_mode(h.chap))
+    })
+}
+
+fn portal(c: &Client, out: &Out, cmd: PortalCmd) -> Result<String, Failure> {
+    let v = match cmd {
+        PortalCmd::Show => c.get("/v1/iscsi/portal")?,
+        PortalCmd::Set { listen, disabled } => c.put(
+            "/v1/iscsi/portal",
+            &json!({"listen": listen, "enabled": !disabled}),
+        )?,
+        PortalCmd::Clear => c.delete("/v1/iscsi/portal")?,
+    };
+    out.show(v, |p: IscsiPortalView| render::portal(&p))
 }
 
 /// `sanvirt command '{"op": ...}'`: checked here first (same strict parser as

@@ -2,7 +2,10 @@
 //! requires. Errors become clap usage errors (exit status 2).
 
 use sanvirt_admin::units::{format_bytes, parse_size};
-use sanvirt_config::{EXTENT_SIZE_MIB_MAX, EXTENT_SIZE_MIB_MIN, SECTOR_BYTES, VOLUME_BYTES_MAX};
+use sanvirt_config::{
+    EXTENT_SIZE_MIB_MAX, EXTENT_SIZE_MIB_MIN, SECTOR_BYTES, THIN_GRAIN_KIB_MAX, THIN_GRAIN_KIB_MIN,
+    VOLUME_BYTES_MAX,
+};
 
 fn sectors(text: &str, what: &str) -> Result<u64, String> {
     let bytes = parse_size(text).map_err(|e| e.to_string())?;
@@ -33,6 +36,39 @@ pub fn parse_volume_size(text: &str) -> Result<u64, String> {
         ));
     }
     Ok(bytes)
+}
+
+/// `volume create --real-size`: any positive size (rounded up to extents
+/// by the pool).
+pub fn parse_real_size(text: &str) -> Result<u64, String> {
+    match parse_size(text).map_err(|e| e.to_string())? {
+        0 => Err("real size must be larger than 0".into()),
+        b => Ok(b),
+    }
+}
+
+/// `volume create --grain`: a power of two from 32 KiB to 256 KiB, in KiB.
+pub fn parse_grain(text: &str) -> Result<u32, String> {
+    let bytes = parse_size(text).map_err(|e| e.to_string())?;
+    let kib = bytes / 1024;
+    let ok = bytes % 1024 == 0
+        && (u64::from(THIN_GRAIN_KIB_MIN)..=u64::from(THIN_GRAIN_KIB_MAX)).contains(&kib)
+        && kib.is_power_of_two();
+    if !ok {
+        return Err(format!(
+            "grain must be a power of two from {THIN_GRAIN_KIB_MIN} KiB to {THIN_GRAIN_KIB_MAX} \
+             KiB (e.g. 64KiB), not {}",
+            format_bytes(bytes)
+        ));
+    }
+    Ok(kib as u32)
+}
+
+/// Default real size of a thin volume of `virtual_bytes` in a pool of
+/// `extent_bytes` extents: 2% of the virtual size (room for the first
+/// writes and the metadata), at least one extent.
+pub fn default_real_size(virtual_bytes: u64, extent_bytes: u64) -> u64 {
+    virtual_bytes.div_ceil(50).max(extent_bytes)
 }
 
 /// `mdisk add --create-size`: whole sectors.
@@ -91,6 +127,22 @@ mod tests {
             .unwrap_err()
             .contains("not a size"));
         assert!(parse_volume_size("10GB").unwrap_err().contains("ambiguous"));
+    }
+
+    #[test]
+    fn thin_sizes() {
+        assert_eq!(parse_grain("64KiB"), Ok(64));
+        assert_eq!(parse_grain("32K"), Ok(32));
+        assert_eq!(parse_grain("256KiB"), Ok(256));
+        for bad in ["16KiB", "48KiB", "512KiB", "64", "1MiB"] {
+            assert!(parse_grain(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_real_size("1GiB"), Ok(1 << 30));
+        assert!(parse_real_size("0").is_err());
+        let mib = 1u64 << 20;
+        assert_eq!(default_real_size(100 << 30, 16 * mib), 2048 * mib);
+        assert_eq!(default_real_size(512 * mib, 16 * mib), 16 * mib);
+        assert_eq!(default_real_size(50 * mib + 1, mib), mib + 1);
     }
 
     #[test]

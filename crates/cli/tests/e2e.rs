@@ -568,3 +568,329 @@ fn help_lists_the_nouns() {
         "help does not show the token"
     );
 }
+
+impl Daemon {
+    /// Runs with `input` on stdin.
+    fn with_stdin(&self, args: &[&str], input: &str) -> Run {
+        use std::io::Write;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sanvirt"));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env("SANVIRT_API", &self.url)
+            .env("SANVIRT_TOKEN", TOKEN)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().expect("run sanvirt");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+        let o = child.wait_with_output().expect("wait");
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Pool p0 over two 1 GiB mdisks (16 MiB extents).
+    fn pool(&self) {
+        for md in ["md0", "md1"] {
+            let p = self.path(&format!("{md}.img"));
+            self.ok(&[
+                "mdisk",
+                "add",
+                "--name",
+                md,
+                "--path",
+                &p,
+                "--create-size",
+                "1GiB",
+            ]);
+        }
+        self.ok(&["pool", "create", "--name", "p0"]);
+        self.ok(&["pool", "add-mdisk", "--pool", "p0", "md0", "md1"]);
+    }
+}
+
+const IQN1: &str = "iqn.1994-05.com.redhat:client1";
+const IQN2: &str = "iqn.1994-05.com.redhat:client2";
+
+#[test]
+fn hosts_initiators_and_mappings() {
+    let d = Daemon::start();
+    d.pool();
+    d.ok(&[
+        "volume", "create", "--name", "v0", "--pool", "p0", "--size", "64MiB",
+    ]);
+    d.ok(&[
+        "volume", "create", "--name", "v1", "--pool", "p0", "--size", "64MiB",
+    ]);
+
+    let out = d.ok(&[
+        "host",
+        "create",
+        "h1",
+        "--initiator",
+        IQN1,
+        "--initiator",
+        IQN2,
+    ]);
+    assert_eq!(out, "created host 'h1' (id 6) with 2 initiators\n");
+    let r = d.sanvirt(&["host", "create", "h2", "--initiator", IQN1]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!(
+            "initiator '{IQN1}' is in use: it belongs to host 'h1'"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        d.ok(&["host", "create", "h2"]),
+        "created host 'h2' (id 7) with 0 initiators\n"
+    );
+    let out = d.ok(&["host", "remove-initiator", "h1", IQN2]);
+    assert_eq!(out, format!("removed initiator '{IQN2}' from host 'h1'\n"));
+    let out = d.ok(&["host", "add-initiator", "h2", IQN2]);
+    assert_eq!(out, format!("added initiator '{IQN2}' to host 'h2'\n"));
+
+    assert_eq!(
+        d.ok(&["volume", "map", "v0", "--host", "h1"]),
+        "mapped volume 'v0' to host 'h1' as LUN 0\n"
+    );
+    assert_eq!(
+        d.ok(&["volume", "map", "v1", "--host", "h1", "--lun", "5"]),
+        "mapped volume 'v1' to host 'h1' as LUN 5\n"
+    );
+    d.ok(&["volume", "map", "v0", "--host", "h2"]);
+    let r = d.sanvirt(&["volume", "map", "v0", "--host", "h2"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("already mapped to host 'h2' as LUN 0"),
+        "{}",
+        r.stderr
+    );
+
+    let out = d.ok(&["host", "list"]);
+    assert_eq!(
+        out,
+        format!(
+            "NAME  ID  CHAP  LUNS  INITIATORS\n\
+             h1     6  none     2  {IQN1}\n\
+             h2     7  none     1  {IQN2}\n"
+        )
+    );
+    let out = d.ok(&["host", "show", "h1"]);
+    assert_eq!(
+        out,
+        format!(
+            "name        h1\n\
+             id          6\n\
+             chap        none\n\
+             initiators  {IQN1}\n\
+             \n\
+             LUN  VOLUME  VOLUME ID\n  \
+               0  v0              4\n  \
+               5  v1              5\n"
+        )
+    );
+    let out = d.ok(&["volume", "show", "v0"]);
+    assert!(
+        out.contains("mapped to    h1 (LUN 0),h2 (LUN 0)\n"),
+        "{out}"
+    );
+
+    let r = d.sanvirt(&["volume", "delete", "v0"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("it is mapped to hosts 'h1', 'h2'; unmap it first"),
+        "{}",
+        r.stderr
+    );
+    let r = d.sanvirt(&["host", "delete", "h1"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("volumes 'v0', 'v1' are mapped to it"),
+        "{}",
+        r.stderr
+    );
+
+    let j = d.json(&["volume", "unmap", "v0", "--host", "h2"]);
+    assert_eq!(j["unmapped"], true);
+    assert_eq!(
+        d.ok(&["volume", "unmap", "v0", "--host", "h1"]),
+        "unmapped volume 'v0' from host 'h1'\n"
+    );
+    d.ok(&["volume", "unmap", "v1", "--host", "h1"]);
+    assert_eq!(
+        d.ok(&["host", "rename", "h1", "h3"]),
+        "renamed host 'h1' to 'h3'\n"
+    );
+    assert_eq!(d.ok(&["host", "delete", "h3"]), "deleted host 'h3'\n");
+    let j = d.json(&["host", "list"]);
+    assert_eq!(j.as_array().map(Vec::len), Some(1));
+    assert_eq!(j[0]["initiators"][0], IQN2);
+}
+
+#[test]
+fn chap_secrets_come_from_files_and_are_never_shown() {
+    let d = Daemon::start();
+    d.ok(&["host", "create", "h", "--initiator", IQN1]);
+    let secret = "initiator-s3cr";
+    let mutual = "target-secret!!";
+    let f = d.path("chap.secret");
+    std::fs::write(&f, format!("{secret}\n")).unwrap();
+
+    let out = d.ok(&[
+        "host",
+        "chap",
+        "h",
+        "--username",
+        "alice",
+        "--secret-file",
+        &f,
+    ]);
+    assert_eq!(out, "host 'h': chap one-way\n");
+    assert_eq!(
+        d.svc.state().hosts["h"]
+            .chap
+            .as_ref()
+            .unwrap()
+            .secret
+            .expose(),
+        secret
+    );
+    let r = d.with_stdin(
+        &[
+            "host",
+            "chap",
+            "h",
+            "--username",
+            "alice",
+            "--secret-file",
+            &f,
+            "--mutual-username",
+            "tgt",
+            "--mutual-secret-file",
+            "-",
+        ],
+        &format!("{mutual}\n"),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout, "host 'h': chap mutual\n");
+    for args in [
+        &["host", "show", "h"][..],
+        &["host", "list"],
+        &["--json", "host", "list"],
+    ] {
+        let out = d.ok(args);
+        assert!(!out.contains(secret) && !out.contains(mutual), "{out}");
+    }
+    assert!(d
+        .ok(&["host", "show", "h"])
+        .contains("chap        mutual (user alice, target user tgt)\n"));
+
+    // A refused secret is not echoed.
+    std::fs::write(&f, "short\n").unwrap();
+    let r = d.sanvirt(&[
+        "host",
+        "chap",
+        "h",
+        "--username",
+        "alice",
+        "--secret-file",
+        &f,
+    ]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("12 to 16 bytes") && !r.stderr.contains("short\n"),
+        "{}",
+        r.stderr
+    );
+    // Both secrets from stdin cannot work.
+    let r = d.sanvirt(&[
+        "host",
+        "chap",
+        "h",
+        "--username",
+        "a",
+        "--secret-file",
+        "-",
+        "--mutual-username",
+        "t",
+        "--mutual-secret-file",
+        "-",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+
+    assert_eq!(
+        d.ok(&["host", "chap", "h", "--none"]),
+        "host 'h': chap none\n"
+    );
+    assert!(d.svc.state().hosts["h"].chap.is_none());
+}
+
+#[test]
+fn thin_volumes_and_the_iscsi_portal() {
+    let d = Daemon::start();
+    d.pool();
+    // Default real size: 2% of 10 GiB = 204.8 MiB → 13 extents of 16 MiB.
+    let out = d.ok(&[
+        "volume", "create", "--name", "t", "--pool", "p0", "--size", "10GiB", "--thin",
+    ]);
+    assert_eq!(
+        out,
+        "created thin volume 't': 10.00 GiB virtual, 208.00 MiB real striped in pool 'p0' \
+         (13 extents on md0,md1; grain 64 KiB; id 4)\n"
+    );
+    let j = d.json(&[
+        "volume",
+        "create",
+        "--name",
+        "u",
+        "--pool",
+        "p0",
+        "--size",
+        "100GiB",
+        "--thin",
+        "--real-size",
+        "40MiB",
+        "--grain",
+        "256KiB",
+    ]);
+    assert_eq!(j["thin"]["real_size_bytes"], 48u64 << 20);
+    assert_eq!(j["thin"]["grain_kib"], 256);
+    assert_eq!(j["size_bytes"], 100u64 << 30);
+    let out = d.ok(&["volume", "show", "u"]);
+    assert!(
+        out.contains("thin         48.00 MiB real, grain 256 KiB\n"),
+        "{out}"
+    );
+    // Expanding a thin volume allocates nothing.
+    let out = d.ok(&["volume", "expand", "u", "--size", "200GiB"]);
+    assert_eq!(out, "expanded volume 'u' to 200.00 GiB (3 extents)\n");
+
+    let out = d.ok(&["iscsi", "portal", "show"]);
+    assert!(out.contains("not set in the configuration"), "{out}");
+    let out = d.ok(&["iscsi", "portal", "set", "--listen", "0.0.0.0:3260"]);
+    assert_eq!(out, "listen   0.0.0.0:3260\nenabled  yes\n");
+    let out = d.ok(&[
+        "iscsi",
+        "portal",
+        "set",
+        "--listen",
+        "[::]:3261",
+        "--disabled",
+    ]);
+    assert_eq!(out, "listen   [::]:3261\nenabled  no\n");
+    let r = d.sanvirt(&["iscsi", "portal", "set", "--listen", "localhost:3260"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(d.json(&["iscsi", "portal", "show"])["listen"], "[::]:3261");
+    d.ok(&["iscsi", "portal", "clear"]);
+    assert_eq!(d.json(&["iscsi", "portal", "show"])["configured"], false);
+}
