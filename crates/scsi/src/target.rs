@@ -224,7 +224,8 @@ fn access_of(c: &Cdb) -> Access {
     }
 }
 
-/// Commands allowed while another nexus holds an SPC-2 reservation.
+/// Commands allowed while another nexus holds an SPC-2 reservation (SPC-2
+/// 5.5.1; PERSISTENT RESERVE IN and OUT conflict, SPC-3 5.6.3).
 fn spc2_allowed(c: &Cdb) -> bool {
     matches!(
         c,
@@ -235,8 +236,6 @@ fn spc2_allowed(c: &Cdb) -> bool {
             | Cdb::ReportOpcodes { .. }
             | Cdb::ReportTmf { .. }
             | Cdb::ReportTpg { .. }
-            | Cdb::PrIn { .. }
-            | Cdb::PrOut { .. }
     ) || matches!(c, Cdb::PreventAllow { prevent: 0 })
 }
 

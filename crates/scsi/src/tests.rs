@@ -49,8 +49,8 @@ fn identity() -> TargetIdentity {
     }
 }
 
-struct T {
-    t: Arc<ScsiTarget<MemDisks>>,
+struct T<S: IoServer = MemDisks> {
+    t: Arc<ScsiTarget<S>>,
     pr: Arc<MemPr>,
     pool: Arc<BufferPool>,
 }
@@ -105,7 +105,7 @@ impl Out {
     }
 }
 
-impl T {
+impl<S: IoServer> T<S> {
     async fn cmd(
         &self,
         n: &Arc<Nexus>,
@@ -1759,4 +1759,208 @@ async fn arbitrary_cdbs_never_panic_the_target() {
             let _ = t.cmd(&n, 0, &c, Some(&[0u8; 64]), 4096).await;
         }
     }
+}
+
+// ---- fully provisioned volumes ----
+
+/// MemDisks reporting no unmap support (a fully provisioned volume).
+struct Thick(MemDisks);
+
+impl sanvirt_facility::IoServer for Thick {
+    fn submit(
+        &self,
+        req: sanvirt_facility::IoRequest,
+    ) -> impl std::future::Future<Output = sanvirt_facility::IoResult> + Send {
+        self.0.submit(req)
+    }
+    fn disk_info(&self, disk: DiskId) -> Option<DiskInfo> {
+        self.0.disk_info(disk).map(|mut i| {
+            i.can_unmap = false;
+            i.unmap_zeroes = false;
+            i
+        })
+    }
+    fn bind_client(&self, client: std::sync::Weak<dyn sanvirt_facility::IoClient>) {
+        self.0.bind_client(client)
+    }
+}
+
+#[tokio::test]
+async fn thick_volume_refuses_unmap() {
+    let pool = BufferPool::new(1024, 256);
+    let t = ScsiTarget::new(
+        Thick(MemDisks::new(&[(1, DISK_BYTES)])),
+        Arc::clone(&pool),
+        identity(),
+        Arc::new(MemPr::default()) as Arc<dyn PrStore>,
+    );
+    t.set_access(access(&[(INIT, &[(0, 1)])]));
+    let h = T {
+        t,
+        pr: Arc::new(MemPr::default()),
+        pool,
+    };
+    let n = nexus(INIT, 1);
+    h.ready(&n, 0).await;
+    let o = h
+        .cmd(
+            &n,
+            0,
+            &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+            None,
+            32,
+        )
+        .await;
+    assert_eq!(o.data[14] & 0xC0, 0, "no LBPME / LBPRZ");
+    let o = h.cmd(&n, 0, &[0x12, 1, 0xB2, 0, 255, 0], None, 255).await;
+    assert_eq!(o.data[5] & 0xE0, 0, "no LBPU / LBPWS");
+    let o = h.cmd(&n, 0, &[0x12, 1, 0xB0, 0, 255, 0], None, 255).await;
+    assert_eq!(&o.data[20..28], &[0; 8], "no unmap limits");
+    let p = unmap_list(&[(0, 1)]);
+    let o = h
+        .cmd(
+            &n,
+            0,
+            &[0x42, 0, 0, 0, 0, 0, 0, 0, p.len() as u8, 0],
+            Some(&p),
+            0,
+        )
+        .await;
+    assert_eq!(o.ksa(), (key::ILLEGAL_REQUEST, 0x20, 0));
+    let o = h
+        .cmd(
+            &n,
+            0,
+            &[0x41, 0x08, 0, 0, 0, 0, 0, 0, 1, 0],
+            Some(&[0; 512]),
+            0,
+        )
+        .await;
+    assert_eq!(o.ksa(), (key::ILLEGAL_REQUEST, 0x24, 0));
+    // WRITE SAME without UNMAP still zeroes.
+    h.write10(&n, 0, 0, &[7; 512]).await;
+    let o = h
+        .cmd(
+            &n,
+            0,
+            &[0x41, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+            Some(&[0; 512]),
+            0,
+        )
+        .await;
+    assert!(o.good());
+    assert_eq!(h.read10(&n, 0, 0, 1).await.data, vec![0; 512]);
+}
+
+#[tokio::test]
+async fn persistent_reserve_conflicts_with_spc2_reservation() {
+    let t = setup();
+    let a = nexus(INIT, 1);
+    let b = nexus(INIT, 2);
+    t.ready(&a, 0).await;
+    t.ready(&b, 0).await;
+    assert!(t.cmd(&a, 0, &[0x16, 0, 0, 0, 0, 0], None, 0).await.good());
+    assert_eq!(
+        t.pr_out(&b, 0, 0, 0, 5).await.status,
+        status::RESERVATION_CONFLICT
+    );
+    let o = t
+        .cmd(&b, 0, &[0x5E, 0, 0, 0, 0, 0, 0, 1, 0, 0], None, 256)
+        .await;
+    assert_eq!(o.status, status::RESERVATION_CONFLICT);
+    assert!(t.pr_out(&a, 0, 0, 0, 5).await.good(), "the holder may");
+}
+
+#[test]
+fn transfer_lengths_for_the_transport() {
+    let t = setup();
+    let n = nexus(INIT, 1);
+    assert_eq!(
+        t.t.data_out_len(&n, 0, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+            .ok(),
+        Some(4096)
+    );
+    assert_eq!(
+        t.t.data_out_len(&n, 0, &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0])
+            .ok(),
+        Some(2048)
+    );
+    assert_eq!(
+        t.t.data_out_len(&n, 0, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+            .ok(),
+        Some(0)
+    );
+    let e =
+        t.t.data_out_len(&n, 0, &[0xC0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap_err();
+    assert_eq!(e.sense.map(|s| s.asc), Some(0x20));
+    let e =
+        t.t.data_out_len(&n, 9, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+            .unwrap_err();
+    assert_eq!(e.sense.map(|s| s.asc), Some(0x25));
+    assert_eq!(t.t.data_in_len(&[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]), 4096);
+    assert_eq!(t.t.data_in_len(&[0x12, 0, 0, 0, 96, 0]), 96);
+}
+
+#[tokio::test]
+async fn mode_sense10_and_page_controls() {
+    let t = setup();
+    let n = nexus(INIT, 1);
+    t.ready(&n, 0).await;
+    // Default values equal the initial current values; saved = default.
+    let cur = t
+        .cmd(&n, 0, &[0x5A, 0x08, 0x08, 0, 0, 0, 0, 1, 0, 0], None, 256)
+        .await;
+    let def = t
+        .cmd(&n, 0, &[0x5A, 0x08, 0x88, 0, 0, 0, 0, 1, 0, 0], None, 256)
+        .await;
+    let sav = t
+        .cmd(&n, 0, &[0x5A, 0x08, 0xC8, 0, 0, 0, 0, 1, 0, 0], None, 256)
+        .await;
+    assert_eq!(cur.data, def.data);
+    assert_eq!(def.data, sav.data);
+    assert_eq!(
+        u16::from_be_bytes([cur.data[0], cur.data[1]]) as usize + 2,
+        cur.data.len()
+    );
+    // Clear WCE through MODE SELECT(10): every write becomes FUA, and the
+    // current page reports it.
+    let mut p = cur.data.clone();
+    p[0] = 0;
+    p[1] = 0;
+    p[3] = 0;
+    p[8 + 2] &= !0x04;
+    let o = t
+        .cmd(
+            &n,
+            0,
+            &[0x55, 0x10, 0, 0, 0, 0, 0, 0, p.len() as u8, 0],
+            Some(&p),
+            0,
+        )
+        .await;
+    assert!(o.good(), "{:?}", o.sense);
+    let cur = t
+        .cmd(&n, 0, &[0x5A, 0x08, 0x08, 0, 0, 0, 0, 1, 0, 0], None, 256)
+        .await;
+    assert_eq!(cur.data[8 + 2] & 0x04, 0);
+    assert!(t.write10(&n, 0, 0, &[1; 512]).await.good());
+    // A LUN reset restores the defaults.
+    t.t.task_management(&n, Tmf::LunReset { lun: 0 });
+    t.ready(&n, 0).await;
+    let cur = t
+        .cmd(&n, 0, &[0x5A, 0x08, 0x08, 0, 0, 0, 0, 1, 0, 0], None, 256)
+        .await;
+    assert_eq!(cur.data[8 + 2] & 0x04, 0x04);
+}
+
+#[tokio::test]
+async fn deleted_volume_is_gone() {
+    let t = setup();
+    let n = nexus(INIT, 1);
+    t.ready(&n, 1).await;
+    t.t.disk_event(&FrontEndDiskEvent::Deleted { disk: 2 });
+    t.t.server().remove(2, "deleted");
+    let o = t.read10(&n, 1, 0, 1).await;
+    assert_eq!(o.ksa(), (key::ILLEGAL_REQUEST, 0x25, 0));
 }
