@@ -25,6 +25,9 @@ use crate::{
 pub const UNIT_ATTENTIONS_MAX: usize = 8;
 /// EXTENDED COPY results kept per logical unit.
 pub const COPY_RESULTS_MAX: usize = 64;
+/// PREEMPT AND ABORT records kept per logical unit (tasks older than the
+/// oldest record that are still running are not reported aborted).
+pub const ABORTED_MAX: usize = 64;
 /// Chunk in which WRITE SAME and EXTENDED COPY move data.
 pub const CHUNK_BYTES: usize = 1 << 20;
 const _: () = assert!(CHUNK_BYTES as u64 <= sanvirt_facility::REQUEST_BYTES_MAX);
@@ -76,6 +79,8 @@ struct LuState {
     prevent: HashSet<NexusKey>,
     mode: ModeState,
     copies: VecDeque<(NexusKey, u8, CopyResult)>,
+    /// Nexuses PREEMPT AND ABORT preempted, with the abort epoch it set.
+    aborted: VecDeque<(u64, NexusKey)>,
 }
 
 impl LuState {
@@ -109,7 +114,10 @@ pub(crate) struct Lu {
     /// Serialises PERSISTENT RESERVE OUT (the state is persisted between
     /// computing and installing it).
     pr_out: tokio::sync::Mutex<()>,
-    ranges: RangeLock,
+    pub(crate) ranges: RangeLock,
+    /// Incremented by every PREEMPT AND ABORT; a task that sees it change
+    /// while it runs looks in `LuState::aborted` for its nexus.
+    abort_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Lu {
@@ -127,9 +135,11 @@ impl Lu {
                 prevent: HashSet::new(),
                 mode: ModeState::default(),
                 copies: VecDeque::new(),
+                aborted: VecDeque::new(),
             }),
             pr_out: tokio::sync::Mutex::new(()),
             ranges: RangeLock::default(),
+            abort_epoch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -575,7 +585,7 @@ impl<S: IoServer> ScsiTarget<S> {
             .and_then(|m| m.get(&lun).copied())
     }
 
-    fn lu(&self, disk: DiskId) -> Option<Arc<Lu>> {
+    pub(crate) fn lu(&self, disk: DiskId) -> Option<Arc<Lu>> {
         if let Some(lu) = self.lus.read().get(&disk) {
             return Some(Arc::clone(lu));
         }
@@ -677,8 +687,19 @@ impl<S: IoServer> ScsiTarget<S> {
         }
 
         let data_out = task.data_out;
-        self.dispatch(&lu, &nexus, &k, c, data_out, task.data_in_len, task.lun)
-            .await
+        let epoch = lu.abort_epoch.load(Ordering::Acquire);
+        let out = self
+            .dispatch(&lu, &nexus, &k, c, data_out, task.data_in_len, task.lun)
+            .await;
+        if lu.abort_epoch.load(Ordering::Acquire) != epoch && !matches!(c, Cdb::PrOut { .. }) {
+            // PREEMPT AND ABORT from another nexus ran meanwhile: if it
+            // preempted this one, the task ends as aborted (TAS is set).
+            let st = lu.state.lock();
+            if st.aborted.iter().any(|(e, n)| *e > epoch && n == &k) {
+                return ScsiOutcome::status_only(status::TASK_ABORTED);
+            }
+        }
+        out
     }
 
     /// Records a nexus for target-wide unit attentions (first contact).
@@ -1013,7 +1034,7 @@ impl<S: IoServer> ScsiTarget<S> {
                     return ScsiOutcome::good();
                 };
                 let fua = rw.fua || !mode.wce;
-                match self.write(lu, rw.lba, b, fua).await {
+                match self.write(lu, k, rw.lba, b, fua).await {
                     Ok(_) => ScsiOutcome::good(),
                     Err(o) => o,
                 }
@@ -1028,7 +1049,7 @@ impl<S: IoServer> ScsiTarget<S> {
                 let Some(b) = data_out else {
                     return ScsiOutcome::good();
                 };
-                let written = match self.write(lu, rw.lba, b, true).await {
+                let written = match self.write(lu, k, rw.lba, b, true).await {
                     Ok(w) => w,
                     Err(o) => return o,
                 };
@@ -1264,12 +1285,18 @@ impl<S: IoServer> ScsiTarget<S> {
     async fn write(
         &self,
         lu: &Lu,
+        k: &NexusKey,
         lba: u64,
         b: Buffer,
         fua: bool,
     ) -> Result<Option<Buffer>, ScsiOutcome> {
         let end = lba + (b.len() as u64 >> BLOCK_SHIFT);
         let _g = lu.ranges.lock(lba, end, false).await;
+        // The reservation may have changed while the write waited for its
+        // range (a PREEMPT from another nexus): check again before writing.
+        if pr::conflicts_port(&lu.state.lock().pr, &k.port, k.rtp, Access::Write) {
+            return Err(ScsiOutcome::reservation_conflict());
+        }
         self.server
             .submit(IoRequest::write(lu.disk, lba << BLOCK_SHIFT, b, fua))
             .await
@@ -1562,6 +1589,20 @@ impl<S: IoServer> ScsiTarget<S> {
         for (n, s) in change.unit_attentions {
             st.queue_ua(&NexusKey::from_pr(&n), s);
         }
+        if !change.aborted.is_empty() {
+            let e = lu.abort_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+            for n in change
+                .aborted
+                .iter()
+                .map(NexusKey::from_pr)
+                .filter(|n| n != k)
+            {
+                if st.aborted.len() == ABORTED_MAX {
+                    st.aborted.pop_front();
+                }
+                st.aborted.push_back((e, n));
+            }
+        }
         ScsiOutcome::good()
     }
 
@@ -1645,7 +1686,7 @@ impl<S: IoServer> ScsiTarget<S> {
                         break 'segs;
                     }
                 };
-                if let Err(o) = self.write(dl, s.dst_lba + pos, b, false).await {
+                if let Err(o) = self.write(dl, k, s.dst_lba + pos, b, false).await {
                     ok = false;
                     failure = Some(o);
                     break 'segs;

@@ -1964,3 +1964,41 @@ async fn deleted_volume_is_gone() {
     let o = t.read10(&n, 1, 0, 1).await;
     assert_eq!(o.ksa(), (key::ILLEGAL_REQUEST, 0x25, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
+    let t = Arc::new(setup());
+    let a = nexus(INIT, 1);
+    let b = nexus(INIT, 2);
+    t.ready(&a, 0).await;
+    t.ready(&b, 0).await;
+    assert!(t.pr_out(&a, 0, 0, 0, 0xA).await.good());
+    assert!(t.pr_out(&b, 0, 0, 0, 0xB).await.good());
+    assert!(
+        t.pr_out(&b, 1, 5, 0xB, 0).await.good(),
+        "WE registrants only"
+    );
+    // Hold the range so b's write stays in flight.
+    let lu = t.t.lu(1).unwrap();
+    let guard = lu.ranges.lock(0, 8, true).await;
+    let t2 = Arc::clone(&t);
+    let b2 = Arc::clone(&b);
+    let write = tokio::spawn(async move { t2.write10(&b2, 0, 0, &[9; 512]).await.status });
+    while lu.ranges.holders() < 1 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    // a preempts b's registration and reservation, aborting its tasks.
+    assert!(t.pr_out(&a, 5, 1, 0xA, 0xB).await.good());
+    drop(guard);
+    assert_eq!(write.await.unwrap(), status::TASK_ABORTED);
+    assert_eq!(
+        t.read10(&a, 0, 0, 1).await.data,
+        vec![0; 512],
+        "nothing written"
+    );
+    let o = t.cmd(&b, 0, &[0, 0, 0, 0, 0, 0], None, 0).await;
+    assert_eq!(o.ksa(), (key::UNIT_ATTENTION, 0x2A, 0x05));
+    // a's own tasks are unaffected.
+    assert!(t.write10(&a, 0, 0, &[1; 512]).await.good());
+}
