@@ -929,11 +929,9 @@ impl<S: IoServer> ScsiTarget<S> {
                 self.sync_data(r, alloc_len, data_in_len)
             }
             Cdb::RequestSense { desc: d, alloc_len } => {
-                let s = {
-                    let mut st = lu.state.lock();
-                    st.ua.get_mut(k).and_then(|q| q.pop_front())
-                }
-                .unwrap_or(Sense::new(key::NO_SENSE, 0, 0));
+                let s = self
+                    .take_ua(lu, nexus, k)
+                    .unwrap_or(Sense::new(key::NO_SENSE, 0, 0));
                 self.data_in(&s.encode(d), alloc_len.min(data_in_len))
             }
             Cdb::ReportLuns { select, alloc_len } => {
