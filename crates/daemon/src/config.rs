@@ -21,6 +21,7 @@ pub struct DaemonConfig {
     pub data_dir: PathBuf,
     pub admin: AdminConfig,
     pub nbd: NbdConfig,
+    pub iscsi: IscsiConfig,
     pub buffers: BufferConfig,
     pub backend: BackendConfig,
 }
@@ -39,6 +40,18 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct NbdConfig {
     pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IscsiConfig {
+    /// Serve iSCSI at all (the configuration's portal setting, made with
+    /// `sanvirt iscsi portal set`, takes precedence over this file).
+    pub enabled: bool,
+    /// Target portal; loopback by default.
+    pub listen: SocketAddr,
+    /// The target's iSCSI name. Default: `iqn.2026-11.dev.sanvirt:node<N>`.
+    pub target_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -74,6 +87,7 @@ impl Default for DaemonConfig {
             data_dir: PathBuf::from("data"),
             admin: AdminConfig::default(),
             nbd: NbdConfig::default(),
+            iscsi: IscsiConfig::default(),
             buffers: BufferConfig::default(),
             backend: BackendConfig::default(),
         }
@@ -93,6 +107,16 @@ impl Default for NbdConfig {
     fn default() -> Self {
         NbdConfig {
             listen: "127.0.0.1:10809".parse().expect("literal address"),
+        }
+    }
+}
+
+impl Default for IscsiConfig {
+    fn default() -> Self {
+        IscsiConfig {
+            enabled: true,
+            listen: "127.0.0.1:3260".parse().expect("literal address"),
+            target_name: None,
         }
     }
 }
@@ -163,6 +187,11 @@ impl DaemonConfig {
                 "backend.engine must be \"auto\", \"threads\" or \"uring\", not {:?}",
                 self.backend.engine
             );
+        }
+        if let Some(name) = &self.iscsi.target_name {
+            if !sanvirt_iscsi::config::valid_name(name) {
+                bail!("iscsi.target_name {name:?} is not a valid iSCSI name (iqn./eui./naa. form, lowercase)");
+            }
         }
         if !(1..=256).contains(&self.backend.threads) {
             bail!("backend.threads must be between 1 and 256");

@@ -1,4 +1,5 @@
 //! `--demo`: a file-backed pool and a striped volume on a fresh machine,
+//! mapped to a demo host for iSCSI,
 //! made through the same commands an administrator would send. Idempotent:
 //! whatever already exists is left alone.
 
@@ -12,6 +13,10 @@ use crate::node::Node;
 pub const DEMO_MDISKS: usize = 4;
 pub const DEMO_MDISK_BYTES: u64 = 1 << 30;
 pub const DEMO_VOLUME_BYTES: u64 = 2 << 30;
+/// The demo host and its initiator: `iscsi-ls -s -i <this> iscsi://…` sees
+/// the demo volume at LUN 0.
+pub const DEMO_HOST: &str = "demo-client";
+pub const DEMO_INITIATOR: &str = "iqn.2026-11.dev.sanvirt:demo-client";
 
 pub fn provision(node: &Node, data_dir: &Path) -> anyhow::Result<()> {
     let dir = data_dir.join("mdisks");
@@ -55,6 +60,21 @@ pub fn provision(node: &Node, data_dir: &Path) -> anyhow::Result<()> {
             layout: VolumeLayout::Striped,
             mdisks: vec![],
             thin: None,
+        })?;
+    }
+    if !node.state().hosts.contains_key(DEMO_HOST) {
+        node.submit(Command::CreateHost {
+            name: DEMO_HOST.into(),
+            initiators: vec![DEMO_INITIATOR.into()],
+        })?;
+    }
+    let state = node.state();
+    let demo_id = state.volumes["demo"].id;
+    if !state.hosts[DEMO_HOST].luns.values().any(|&v| v == demo_id) {
+        node.submit(Command::MapVolume {
+            volume: "demo".into(),
+            host: DEMO_HOST.into(),
+            lun: Some(0),
         })?;
     }
     Ok(())

@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod node;
 mod probe;
+mod scsi;
 mod token;
 
 use std::net::SocketAddr;
@@ -29,8 +30,12 @@ struct Args {
     /// Overrides `admin.listen`.
     #[arg(long)]
     admin_listen: Option<SocketAddr>,
+    /// Overrides `iscsi.listen`.
+    #[arg(long)]
+    iscsi_listen: Option<SocketAddr>,
     /// On first start, create four 1 GiB sparse files under the data
-    /// directory, pool them and serve a striped 2 GiB volume named `demo`.
+    /// directory, pool them and serve a striped 2 GiB volume named `demo`
+    /// (over NBD, and over iSCSI to the host `demo-client`).
     #[arg(long)]
     demo: bool,
 }
@@ -63,6 +68,9 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(a) = args.admin_listen {
         cfg.admin.listen = a;
+    }
+    if let Some(a) = args.iscsi_listen {
+        cfg.iscsi.listen = a;
     }
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)

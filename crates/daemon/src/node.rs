@@ -19,22 +19,41 @@ use sanvirt_backend::{BackEnd, BackEndConfig, CacheMode, EngineKind};
 use sanvirt_buffer::BufferPool;
 use sanvirt_config::journal::{Store, SubmitError};
 use sanvirt_config::{Command, ConfigError, Outcome, State};
+use sanvirt_facility::fanout::FanOut;
 use sanvirt_facility::{IoRequest, IoServer};
+use sanvirt_iscsi::IscsiFrontEnd;
 use sanvirt_nbd::{NbdConfig, NbdFrontEnd};
+use sanvirt_scsi::{ScsiTarget, TargetIdentity};
+use sanvirt_thin::Thin;
 use sanvirt_virt::Virtualization;
 
 use crate::config::DaemonConfig;
+use crate::scsi::{access_map, ConfigAuth, ConfigPrStore};
 
-/// The stack of this build: NBD front end → virtualization → back end.
-pub type Stack = NbdFrontEnd<Virtualization<BackEnd>>;
+/// The facilities under the front ends: thin provisioning → virtualization
+/// → back end, shared by every front end through a [`FanOut`].
+pub type Server = FanOut<Thin<Virtualization<BackEnd>>>;
+/// The NBD front end of this build.
+pub type Stack = NbdFrontEnd<Server>;
+/// The iSCSI front end of this build, over the SCSI logical units.
+pub type Iscsi = IscsiFrontEnd<Server>;
+
+/// IEEE company id in the volumes' NAA identifiers: a locally administered
+/// value (the 0x02 bit of the first octet set), since sanvirt has no OUI.
+pub const NAA_COMPANY_ID: u32 = 0x0A_53_56;
 
 pub struct Node {
     cfg: DaemonConfig,
     store: Mutex<Store>,
     virt: Virtualization<BackEnd>,
+    thin: Thin<Virtualization<BackEnd>>,
+    scsi: Arc<ScsiTarget<Server>>,
+    auth: Arc<ConfigAuth>,
     pool: Arc<BufferPool>,
     started: Instant,
     nbd_portal: SocketAddr,
+    #[allow(dead_code)] // shown in the node status once the admin view carries it
+    iscsi_portal: Option<SocketAddr>,
 }
 
 impl Node {
@@ -52,7 +71,14 @@ impl Node {
                 tracing::warn!(mdisk = entry.id, %err, "mdisk could not be opened; it is offline");
             }
         }
+        // Thin first, so a new thin volume is never announced as plain.
+        self.thin.reconfigure(state);
         self.virt.reconfigure(state);
+        self.auth.update(state);
+        for v in state.volumes.values() {
+            self.scsi.set_reservations(v.id, v.reservations.clone());
+        }
+        self.scsi.set_access(access_map(state));
     }
 }
 
@@ -153,10 +179,12 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     })
     .context("cannot start the back end")?;
     tracing::info!(engine = ?backend.engine(), note = backend.engine_note(), "back end ready");
-    let virt = Virtualization::new_on_node(backend, cfg.node_id);
     let pool = BufferPool::new(cfg.buffers.pages, cfg.buffers.iobs);
+    let virt = Virtualization::new_on_node(backend, cfg.node_id);
+    let thin = Thin::new(virt.clone(), Arc::clone(&pool));
+    let server: Server = FanOut::new(thin.clone());
     let nbd: Arc<Stack> = NbdFrontEnd::try_new(
-        virt.clone(),
+        server.clone(),
         Arc::clone(&pool),
         NbdConfig {
             node: cfg.node_id,
@@ -174,13 +202,54 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     let nbd_portal = nbd_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
-    let node = Arc::new(Node {
+    // The iSCSI portal: the configuration's setting, else the file's.
+    let (iscsi_on, iscsi_listen) = match &store.state().iscsi_portal {
+        Some(p) => (
+            p.enabled,
+            p.listen.parse::<SocketAddr>().with_context(|| {
+                format!("configured iSCSI portal {:?} is not ip:port", p.listen)
+            })?,
+        ),
+        None => (cfg.iscsi.enabled, cfg.iscsi.listen),
+    };
+    let iscsi_listener = if iscsi_on {
+        Some(
+            tokio::net::TcpListener::bind(iscsi_listen)
+                .await
+                .with_context(|| format!("cannot listen for iSCSI on {iscsi_listen}"))?,
+        )
+    } else {
+        None
+    };
+    let iscsi_portal = match &iscsi_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
+
+    let identity = TargetIdentity {
+        vendor: "SANVIRT".into(),
+        product: "sanvirt volume".into(),
+        revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
+        naa_company_id: NAA_COMPANY_ID,
+        cluster_uid: crate::token::load_or_create_uid(&cfg.data_dir.join("cluster-uid"))?,
+    };
+    let auth = Arc::new(ConfigAuth::default());
+    let node = Arc::new_cyclic(|me| Node {
         cfg: cfg.clone(),
         store: Mutex::new(store),
+        scsi: ScsiTarget::new(
+            server.clone(),
+            Arc::clone(&pool),
+            identity,
+            Arc::new(ConfigPrStore { node: me.clone() }),
+        ),
+        auth: Arc::clone(&auth),
         virt,
+        thin,
         pool,
         started: Instant::now(),
         nbd_portal,
+        iscsi_portal,
     });
     {
         let store = node.store.lock();
@@ -228,7 +297,42 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
         let nbd = Arc::clone(&nbd);
         tokio::spawn(async move { nbd.serve(nbd_listener).await })
     };
-    print_banner(&cfg, nbd_portal, admin_addr, &node.state());
+    let iscsi = match iscsi_listener {
+        Some(listener) => {
+            let target_name = cfg
+                .iscsi
+                .target_name
+                .clone()
+                .unwrap_or_else(|| sanvirt_iscsi::config::default_target_name(cfg.node_id));
+            let fe: Arc<Iscsi> = IscsiFrontEnd::try_new(
+                server.clone(),
+                Arc::clone(&node.pool),
+                sanvirt_iscsi::IscsiConfig {
+                    node: cfg.node_id,
+                    target_name,
+                    auth: auth.clone(),
+                    ..sanvirt_iscsi::IscsiConfig::default()
+                },
+                Arc::clone(&node.scsi),
+            )
+            .context("invalid iSCSI configuration")?;
+            let task = {
+                let fe = Arc::clone(&fe);
+                tokio::spawn(async move { fe.serve(listener).await })
+            };
+            Some((fe, task))
+        }
+        None => None,
+    };
+    print_banner(
+        &cfg,
+        nbd_portal,
+        iscsi
+            .as_ref()
+            .map(|(fe, _)| (fe.config().target_name.clone(), iscsi_portal)),
+        admin_addr,
+        &node.state(),
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -238,6 +342,10 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     nbd.shutdown();
+    if let Some((fe, task)) = iscsi {
+        fe.shutdown();
+        let _ = task.await;
+    }
     // Requests in flight finish (bounded by the front end's shutdown grace)
     // before the final flush, so the flush covers every acknowledged write.
     if !nbd_task.is_finished() {
@@ -255,13 +363,29 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_banner(cfg: &DaemonConfig, nbd: SocketAddr, admin: SocketAddr, state: &State) {
+fn print_banner(
+    cfg: &DaemonConfig,
+    nbd: SocketAddr,
+    iscsi: Option<(String, Option<SocketAddr>)>,
+    admin: SocketAddr,
+    state: &State,
+) {
     println!("sanvirtd: node {} ready", cfg.node_id);
     println!(
         "  admin API  http://{admin}  (token in {})",
         cfg.token_path().display()
     );
     println!("  NBD portal nbd://{nbd}/<volume>");
+    if let Some((name, Some(portal))) = &iscsi {
+        println!("  iSCSI      target {name} at {portal}");
+        for h in state.hosts.values() {
+            if let Some(i) = h.initiators.first() {
+                if !h.luns.is_empty() {
+                    println!("  host {:<14} iscsi-ls -s -i {i} iscsi://{portal}", h.name);
+                }
+            }
+        }
+    }
     for v in state.volumes.values() {
         println!(
             "  volume {:<12} {:>10} MiB   qemu-img info nbd://{nbd}/{}",
@@ -278,7 +402,7 @@ fn print_banner(cfg: &DaemonConfig, nbd: SocketAddr, admin: SocketAddr, state: &
 #[cfg(test)]
 mod tests {
     //! The whole stack in one process, driven by a real client: host data
-    //! cross NBD → virtualization → back end and back without one
+    //! cross NBD → fan-out → thin → virtualization → back end and back without one
     //! memory-to-memory copy (the buffer pool counts every copy).
 
     use super::*;
@@ -335,10 +459,12 @@ mod tests {
             .map(|m| (m.id, PathBuf::from(&m.path)))
             .collect();
         virt.server().reconcile(&want);
-        virt.reconfigure(store.state());
         let pool = BufferPool::new(8192, 4096);
+        let thin = Thin::new(virt.clone(), Arc::clone(&pool));
+        thin.reconfigure(store.state());
+        virt.reconfigure(store.state());
         let nbd: Arc<Stack> =
-            NbdFrontEnd::new(virt.clone(), Arc::clone(&pool), NbdConfig::default());
+            NbdFrontEnd::new(FanOut::new(thin), Arc::clone(&pool), NbdConfig::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = {

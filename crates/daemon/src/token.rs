@@ -41,6 +41,18 @@ pub fn load_or_create(path: &Path) -> anyhow::Result<String> {
     }
 }
 
+/// A random 64-bit identity created once and kept in `path` (same format
+/// and care as the token: random hex, mode 0600, written atomically). The
+/// SCSI front ends derive every volume's NAA identifier from it. (With the
+/// cluster it moves into the replicated configuration, so every node reports
+/// the same identifiers.)
+pub fn load_or_create_uid(path: &Path) -> anyhow::Result<u64> {
+    let t = load_or_create(path)?;
+    t.get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .with_context(|| format!("{} does not start with 16 hex digits", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,7 @@
 //! The README's quick start: `sanvirtd --demo` in an empty directory, with no
-//! configuration file, serves a 2 GiB striped volume `demo` over NBD; a
-//! restart finds it again and changes nothing.
+//! configuration file, serves a 2 GiB striped volume `demo` over NBD and
+//! over iSCSI (to the demo host's initiator, and to nobody else); a restart
+//! finds it again and changes nothing.
 
 mod common;
 use common::*;
@@ -8,7 +9,7 @@ use common::*;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn start(dir: &std::path::Path, nbd: u16, admin: u16) -> std::process::Child {
+fn start(dir: &std::path::Path, nbd: u16, admin: u16, iscsi: u16) -> std::process::Child {
     let child = Command::new(bin("sanvirtd"))
         .current_dir(dir)
         .args([
@@ -17,6 +18,8 @@ fn start(dir: &std::path::Path, nbd: u16, admin: u16) -> std::process::Child {
             &format!("127.0.0.1:{nbd}"),
             "--admin-listen",
             &format!("127.0.0.1:{admin}"),
+            "--iscsi-listen",
+            &format!("127.0.0.1:{iscsi}"),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -34,8 +37,9 @@ fn start(dir: &std::path::Path, nbd: u16, admin: u16) -> std::process::Child {
 fn demo_serves_a_striped_volume_and_is_idempotent() {
     require("qemu-img");
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
-    let (nbd, admin) = (free_port(), free_port());
-    let mut child = start(dir.path(), nbd, admin);
+    require("iscsi-ls");
+    let (nbd, admin, iscsi) = (free_port(), free_port(), free_port());
+    let mut child = start(dir.path(), nbd, admin, iscsi);
     let uri = format!("nbd://127.0.0.1:{nbd}/demo");
     let info: serde_json::Value =
         serde_json::from_str(&run("qemu-img", &["info", "--output=json", &uri])).unwrap();
@@ -53,7 +57,37 @@ fn demo_serves_a_striped_volume_and_is_idempotent() {
     let _ = child.kill();
     let _ = child.wait();
 
-    let mut child = start(dir.path(), nbd, admin);
+    let mut child = start(dir.path(), nbd, admin, iscsi);
+    // The README's iSCSI line: the demo host's initiator sees the volume at
+    // LUN 0 (2 GiB); an initiator on no host sees the target but no LUN.
+    let portal = format!("iscsi://127.0.0.1:{iscsi}");
+    let ls = run(
+        "iscsi-ls",
+        &["-s", "-i", "iqn.2026-11.dev.sanvirt:demo-client", &portal],
+    );
+    assert!(ls.contains("Target:iqn.2026-11.dev.sanvirt:node1"), "{ls}");
+    assert!(ls.contains("Lun:0") && ls.contains("DIRECT_ACCESS"), "{ls}");
+    let other = run(
+        "iscsi-ls",
+        &["-s", "-i", "iqn.2026-11.dev.example:stranger", &portal],
+    );
+    assert!(
+        other.contains("Target:iqn.2026-11.dev.sanvirt:node1"),
+        "{other}"
+    );
+    assert!(
+        !other.contains("Lun:"),
+        "an unmapped initiator sees no LUN: {other}"
+    );
+    let cap = run(
+        "iscsi-readcapacity16",
+        &[
+            "-i",
+            "iqn.2026-11.dev.sanvirt:demo-client",
+            &format!("{portal}/iqn.2026-11.dev.sanvirt:node1/0"),
+        ],
+    );
+    assert!(cap.contains("Total size:2147483648"), "{cap}");
     let out = run(
         "qemu-io",
         &["-f", "raw", "-c", "read -P 0x5d 100M 1M", &uri],

@@ -53,6 +53,7 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub nbd_port: u16,
     pub admin_port: u16,
+    pub iscsi_port: u16,
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
     pub io_mode: &'static str,
@@ -72,6 +73,7 @@ impl Daemon {
             dir,
             nbd_port: free_port(),
             admin_port: free_port(),
+            iscsi_port: free_port(),
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             io_mode,
@@ -98,10 +100,11 @@ impl Daemon {
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n",
+                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n",
                 self.data_dir(),
                 self.admin_port,
                 self.nbd_port,
+                self.iscsi_port,
                 self.io_mode
             ),
         )
@@ -133,6 +136,7 @@ impl Daemon {
             }
             if std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
+                && std::net::TcpStream::connect(("127.0.0.1", self.iscsi_port)).is_ok()
             {
                 return;
             }
