@@ -285,6 +285,10 @@ pub fn parse(cdb: &[u8]) -> Result<Cdb, Sense> {
         return Err(Sense::invalid_opcode());
     }
     let c = &cdb[..need];
+    // CONTROL byte: NACA=1 asks for ACA, which is not supported (SAM-5).
+    if c[need - 1] & 0x04 != 0 {
+        return Err(Sense::invalid_cdb(need as u16 - 1, Some(2)));
+    }
     use op::*;
     Ok(match opcode {
         TEST_UNIT_READY => Cdb::TestUnitReady,
@@ -1024,6 +1028,14 @@ mod tests {
         assert_eq!((s.key, s.asc), (5, 0x20));
         let s = parse(&[0x28, 0, 0]).unwrap_err(); // too short
         assert_eq!((s.key, s.asc), (5, 0x20));
+    }
+
+    #[test]
+    fn naca_is_rejected() {
+        let s = parse(&[0x00, 0, 0, 0, 0, 0x04]).unwrap_err();
+        assert_eq!((s.asc, s.field_pointer.unwrap().byte), (0x24, 5));
+        let s = parse(&[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0x04]).unwrap_err();
+        assert_eq!(s.field_pointer.unwrap().byte, 9);
     }
 
     #[test]
