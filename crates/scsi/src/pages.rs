@@ -4,7 +4,7 @@
 //! description, so they are tested without a target.
 
 use crate::cdb::{
-    self, OpInfo, BLOCK_SHIFT, BLOCK_SIZE, CAW_BLOCKS_MAX, SUPPORTED, TRANSFER_BLOCKS_MAX,
+    OpInfo, BLOCK_SHIFT, BLOCK_SIZE, CAW_BLOCKS_MAX, SUPPORTED, TRANSFER_BLOCKS_MAX,
     UNMAP_BLOCKS_MAX, UNMAP_DESCRIPTORS_MAX, WRITE_SAME_BLOCKS_MAX,
 };
 use crate::params::{
@@ -582,12 +582,6 @@ pub fn encode_lun(lun: u64) -> [u8; 8] {
         b[0..2].copy_from_slice(&(0x4000 | l).to_be_bytes());
     }
     b
-}
-
-/// Maps the standard's `cdb` module for callers that only need the opcode
-/// table (kept here so the page builders and the table stay in step).
-pub fn supported_opcode(opcode: u8) -> bool {
-    cdb::SUPPORTED.iter().any(|o| o.opcode == opcode)
 }
 
 #[cfg(test)]

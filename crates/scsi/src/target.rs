@@ -689,7 +689,7 @@ impl<S: IoServer> ScsiTarget<S> {
         let data_out = task.data_out;
         let epoch = lu.abort_epoch.load(Ordering::Acquire);
         let out = self
-            .dispatch(&lu, &nexus, &k, c, data_out, task.data_in_len, task.lun)
+            .dispatch(&lu, &nexus, &k, c, data_out, task.data_in_len)
             .await;
         if lu.abort_epoch.load(Ordering::Acquire) != epoch && !matches!(c, Cdb::PrOut { .. }) {
             // PREEMPT AND ABORT from another nexus ran meanwhile: if it
@@ -782,7 +782,6 @@ impl<S: IoServer> ScsiTarget<S> {
         self.data_in(&pages::report_luns(&luns), alloc_len)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn dispatch(
         &self,
         lu: &Arc<Lu>,
@@ -791,7 +790,6 @@ impl<S: IoServer> ScsiTarget<S> {
         c: Cdb,
         data_out: Option<Buffer>,
         data_in_len: u32,
-        lun: u64,
     ) -> ScsiOutcome {
         let (desc, online, stopped, mode) = {
             let st = lu.state.lock();
@@ -1155,10 +1153,6 @@ impl<S: IoServer> ScsiTarget<S> {
                 if lba >= blocks {
                     return ScsiOutcome::check(Sense::lba_out_of_range());
                 }
-                if alloc_len < 24 && alloc_len != 0 {
-                    // Room for at least one descriptor is needed (SBC-3 allows
-                    // truncation, but no initiator asks for less).
-                }
                 let len = ((blocks - lba) << BLOCK_SHIFT).min(1 << 30);
                 match self
                     .server
@@ -1221,7 +1215,7 @@ impl<S: IoServer> ScsiTarget<S> {
                 self.pr_out(lu, k, sa, scope, pr_type, param_len, data_out)
                     .await
             }
-            Cdb::ExtendedCopy { .. } => self.extended_copy(lu, nexus, k, lun, data_out).await,
+            Cdb::ExtendedCopy { .. } => self.extended_copy(lu, nexus, k, data_out).await,
             Cdb::ReceiveCopyResults {
                 sa,
                 list_id,
@@ -1578,7 +1572,8 @@ impl<S: IoServer> ScsiTarget<S> {
         };
         if let Err(e) = self.pr_store.persist(lu.disk, next.clone()).await {
             tracing::warn!(disk = lu.disk, error = %e, "persistent reservation not persisted");
-            // INSUFFICIENT RESOURCES? No: the change is refused as a target failure.
+            // The state machine refused or could not journal the change:
+            // nothing changes and the initiator sees a target failure.
             return ScsiOutcome::check(Sense::new(key::HARDWARE_ERROR, 0x44, 0x00));
         }
         self.pr_config.lock().insert(lu.disk, next.clone());
@@ -1609,7 +1604,6 @@ impl<S: IoServer> ScsiTarget<S> {
         lu: &Lu,
         nexus: &Nexus,
         k: &NexusKey,
-        _lun: u64,
         data: Option<Buffer>,
     ) -> ScsiOutcome {
         let bytes = data.map(|d| d.to_vec()).unwrap_or_default();
