@@ -21,8 +21,12 @@ pub const UNMAP_BLOCKS_MAX: u32 = 1 << 20;
 pub const UNMAP_DESCRIPTORS_MAX: u32 = 256;
 /// Largest WRITE SAME in blocks (VPD B0h).
 pub const WRITE_SAME_BLOCKS_MAX: u64 = 1 << 22;
-/// Longest parameter list accepted by the commands that take one.
+/// Longest parameter list accepted by the commands that take one (PERSISTENT
+/// RESERVE OUT and EXTENDED COPY could otherwise ask for 4 GiB of Data-Out).
 pub const PARAM_LIST_LEN_MAX: u32 = 1 << 16;
+const _: () = assert!(PARAM_LIST_LEN_MAX as usize >= crate::params::XCOPY_DESC_LIST_LEN_MAX + 16);
+const _: () =
+    assert!((CAW_BLOCKS_MAX as u64) << (BLOCK_SHIFT + 1) <= sanvirt_facility::REQUEST_BYTES_MAX);
 
 /// Fields of the READ/WRITE family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -585,6 +589,32 @@ impl Cdb {
             | Cdb::PrOut { param_len, .. }
             | Cdb::ExtendedCopy { param_len } => param_len as u64,
             _ => 0,
+        }
+    }
+
+    /// The blocks a medium-access command addresses, `(lba, blocks)`, for
+    /// the checks that must come before any data moves.
+    pub fn block_range(&self) -> Option<(u64, u32)> {
+        match *self {
+            Cdb::Read(rw)
+            | Cdb::Write(rw)
+            | Cdb::OrWrite(rw)
+            | Cdb::CompareAndWrite(rw)
+            | Cdb::Verify { rw, .. }
+            | Cdb::WriteAndVerify { rw, .. } => Some((rw.lba, rw.blocks)),
+            _ => None,
+        }
+    }
+
+    /// Checks a parameter list length against [`PARAM_LIST_LEN_MAX`].
+    pub fn check_param_len(&self) -> Result<(), Sense> {
+        match *self {
+            Cdb::PrOut { param_len, .. } | Cdb::ExtendedCopy { param_len }
+                if param_len > PARAM_LIST_LEN_MAX =>
+            {
+                Err(Sense::param_list_length())
+            }
+            _ => Ok(()),
         }
     }
 

@@ -565,10 +565,43 @@ impl<S: IoServer> ScsiTarget<S> {
     /// (except WRITE SAME and COMPARE AND WRITE, which require the exact size).
     pub fn data_out_len(&self, nexus: &Nexus, lun: u64, cdb: &[u8]) -> Result<u32, ScsiOutcome> {
         let c = cdb::parse(cdb).map_err(ScsiOutcome::check)?;
-        if self.mapped(nexus, lun).is_none() && c.data_out_len() > 0 {
+        if c.data_out_len() == 0 {
+            return Ok(0);
+        }
+        let Some(lu) = self.mapped(nexus, lun).and_then(|d| self.lu(d)) else {
             return Err(ScsiOutcome::check(Sense::lun_not_supported()));
+        };
+        // Bound the Data-Out a transport will solicit: the same range and
+        // length checks `execute` makes, in the same order.
+        let checked = c.check_param_len().and_then(|()| match c.block_range() {
+            Some((lba, blocks)) => Self::check_blocks(&c, lba, blocks, lu.desc().blocks()),
+            None => Ok(()),
+        });
+        if let Err(s) = checked {
+            // The command ends here; a pending unit attention is what it
+            // reports then (SAM-5 5.14), as `execute` would.
+            let k = key_of(nexus);
+            return Err(ScsiOutcome::check(
+                self.take_ua(&lu, nexus, &k).unwrap_or(s),
+            ));
         }
         u32::try_from(c.data_out_len()).map_err(|_| ScsiOutcome::check(Sense::invalid_cdb(0, None)))
+    }
+
+    /// LBA range, then transfer length limits, of a medium-access command.
+    fn check_blocks(c: &Cdb, lba: u64, blocks: u32, capacity: u64) -> Result<(), Sense> {
+        if lba.checked_add(blocks as u64).is_none_or(|e| e > capacity) {
+            return Err(Sense::lba_out_of_range());
+        }
+        let (max, field) = match c {
+            Cdb::CompareAndWrite(_) => (cdb::CAW_BLOCKS_MAX as u32, 13),
+            Cdb::OrWrite(_) => (cdb::TRANSFER_BLOCKS_MAX, 10),
+            _ => (cdb::TRANSFER_BLOCKS_MAX, 7),
+        };
+        if blocks > max {
+            return Err(Sense::invalid_cdb(field, None));
+        }
+        Ok(())
     }
 
     /// Data-In bytes the CDB itself allows (transfer or allocation length),
@@ -868,6 +901,9 @@ impl<S: IoServer> ScsiTarget<S> {
             )));
         }
 
+        if let Err(s) = c.check_param_len() {
+            return ScsiOutcome::check(s);
+        }
         let mut c = c;
         let need_out = c.data_out_len();
         let data_out = match (need_out, data_out) {

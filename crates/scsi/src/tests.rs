@@ -2170,3 +2170,52 @@ async fn get_lba_status_reports_deallocated_ranges() {
         .await;
     assert_eq!(o.data.len(), 24);
 }
+
+#[test]
+fn data_out_len_is_bounded_before_any_data_moves() {
+    let t = setup();
+    let n = nexus(INIT, 1);
+    // 2 GiB of WRITE(16) at LBA 0 of a 4 MiB volume: out of range first,
+    // after the power-on unit attention of a new nexus.
+    let mut c = [0u8; 16];
+    c[0] = 0x8A;
+    c[10..14].copy_from_slice(&(4u32 << 20).to_be_bytes());
+    let e = t.t.data_out_len(&n, 0, &c).unwrap_err();
+    assert_eq!(e.sense.map(|s| s.asc), Some(0x29));
+    let e = t.t.data_out_len(&n, 0, &c).unwrap_err();
+    assert_eq!(e.sense.map(|s| s.asc), Some(0x21));
+    // PR OUT asking for 4 GiB of parameters.
+    let e =
+        t.t.data_out_len(&n, 0, &[0x5F, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0])
+            .unwrap_err();
+    assert_eq!(e.sense.map(|s| s.asc), Some(0x1A));
+    let mut x = [0u8; 16];
+    x[0] = 0x83;
+    x[10..14].copy_from_slice(&u32::MAX.to_be_bytes());
+    assert!(t.t.data_out_len(&n, 0, &x).is_err());
+}
+
+#[tokio::test]
+async fn transfer_longer_than_the_maximum_is_an_invalid_field() {
+    let pool = BufferPool::new(1024, 256);
+    let t = ScsiTarget::new(
+        MemDisks::new(&[(1, 64 << 20)]),
+        Arc::clone(&pool),
+        identity(),
+        Arc::new(MemPr::default()) as Arc<dyn PrStore>,
+    );
+    t.set_access(access(&[(INIT, &[(0, 1)])]));
+    let n = nexus(INIT, 1);
+    let mut c = [0u8; 16];
+    c[0] = 0x8A;
+    c[10..14].copy_from_slice(&(cdb::TRANSFER_BLOCKS_MAX + 1).to_be_bytes());
+    let e = t.data_out_len(&n, 0, &c).unwrap_err();
+    assert_eq!(e.sense.map(|s| s.asc), Some(0x29), "unit attention first");
+    let e = t.data_out_len(&n, 0, &c).unwrap_err();
+    assert_eq!(
+        e.sense.map(|s| (s.asc, s.field_pointer.unwrap().byte)),
+        Some((0x24, 7))
+    );
+    c[10..14].copy_from_slice(&cdb::TRANSFER_BLOCKS_MAX.to_be_bytes());
+    assert_eq!(t.data_out_len(&n, 0, &c).ok(), Some(32 << 20));
+}
