@@ -41,7 +41,12 @@
 //!   unless the logical unit's control mode page has D_SENSE set (then
 //!   descriptor format). Encoding fixed format unconditionally fails
 //!   libiscsi's ModeSense6.Control-D_SENSE.
-//! * **Data-Out.** `data_out_len` is the length the CDB implies. Hand
+//! * **Data-Out.** `data_out_len` is the length the CDB implies, already
+//!   checked: a command that would fail on its LBA range, transfer length
+//!   (at most `cdb::TRANSFER_BLOCKS_MAX` blocks) or parameter list length
+//!   (at most `cdb::PARAM_LIST_LEN_MAX`) gets its outcome here (a pending
+//!   unit attention first), so no transport solicits gigabytes for a command
+//!   that cannot run. Send that outcome without collecting Data-Out. Hand
 //!   `execute` all the Data-Out the initiator sent (up to its expected
 //!   transfer length), not a copy cut to `data_out_len`: a command given less
 //!   than it needs fails with INVALID FIELD IN COMMAND INFORMATION UNIT and
