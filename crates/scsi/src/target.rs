@@ -746,7 +746,8 @@ impl<S: IoServer> ScsiTarget<S> {
     fn take_ua(&self, lu: &Lu, nexus: &Nexus, k: &NexusKey) -> Option<Sense> {
         {
             let mut st = lu.state.lock();
-            if st.seen.insert(k.clone()) {
+            if !st.seen.contains(k) {
+                st.seen.insert(k.clone());
                 // First contact: POWER ON, RESET takes precedence over
                 // anything queued for the nexus before (SAM-5 5.14).
                 drop(st);
@@ -774,7 +775,7 @@ impl<S: IoServer> ScsiTarget<S> {
     fn execute_unmapped(&self, task: &ScsiTask, cdb_bytes: &[u8]) -> ScsiOutcome {
         match cdb::parse(cdb_bytes) {
             Ok(Cdb::ReportLuns { select, alloc_len }) => {
-                self.report_luns(&task.nexus, select, alloc_len)
+                self.report_luns(&task.nexus, select, alloc_len.min(task.data_in_len))
             }
             Ok(Cdb::Inquiry {
                 evpd: false,
