@@ -234,15 +234,24 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
         cluster_uid: crate::token::load_or_create_uid(&cfg.data_dir.join("cluster-uid"))?,
     };
     let auth = Arc::new(ConfigAuth::default());
+    let scsi_pool = Arc::clone(&pool);
+    let scsi_target = |me: &std::sync::Weak<Node>| {
+        let t = ScsiTarget::new(
+            server.clone(),
+            scsi_pool,
+            identity.clone(),
+            Arc::new(ConfigPrStore { node: me.clone() }),
+        );
+        // One logical block per physical block in READ CAPACITY (16), and
+        // so no 4 KiB alignment hint: libiscsi's GetLBAStatus.UnmapSingle
+        // mixes up LBAs when LBPPBE > 0 (docs/scsi.md).
+        t.set_report_physical_blocks(false);
+        t
+    };
     let node = Arc::new_cyclic(|me| Node {
         cfg: cfg.clone(),
         store: Mutex::new(store),
-        scsi: ScsiTarget::new(
-            server.clone(),
-            Arc::clone(&pool),
-            identity,
-            Arc::new(ConfigPrStore { node: me.clone() }),
-        ),
+        scsi: scsi_target(me),
         auth: Arc::clone(&auth),
         virt,
         thin,

@@ -6,8 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -163,86 +162,5 @@ pub fn text(o: &Output) -> String {
 
 // ------------------------------------------------------------ raw client
 
-/// A minimal initiator speaking PDUs over a blocking socket.
-pub struct Raw {
-    pub s: TcpStream,
-    pub cmd_sn: u32,
-    pub exp_stat_sn: u32,
-    pub itt: u32,
-}
-
-pub fn login_text(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let mut v = Vec::new();
-    for (k, val) in pairs {
-        v.extend_from_slice(k.as_bytes());
-        v.push(b'=');
-        v.extend_from_slice(val.as_bytes());
-        v.push(0);
-    }
-    v
-}
-
-pub fn pad(v: &mut Vec<u8>) {
-    while v.len() % 4 != 0 {
-        v.push(0);
-    }
-}
-
-impl Raw {
-    pub fn connect(addr: std::net::SocketAddr) -> Raw {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Raw {
-            s,
-            cmd_sn: 1,
-            exp_stat_sn: 0,
-            itt: 1,
-        }
-    }
-
-    pub fn send(&mut self, bhs: &[u8; 48], data: &[u8]) {
-        let mut v = bhs.to_vec();
-        v[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
-        v.extend_from_slice(data);
-        pad(&mut v);
-        self.s.write_all(&v).expect("send");
-    }
-
-    /// Reads one PDU: (BHS, data). None on EOF or timeout.
-    pub fn recv(&mut self) -> Option<([u8; 48], Vec<u8>)> {
-        let mut h = [0u8; 48];
-        self.s.read_exact(&mut h).ok()?;
-        let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
-        let mut d = vec![0u8; len.div_ceil(4) * 4];
-        self.s.read_exact(&mut d).ok()?;
-        d.truncate(len);
-        if h[0] & 0x3f != 0x20 || u32::from_be_bytes(h[16..20].try_into().unwrap()) != 0xffff_ffff {
-            self.exp_stat_sn = u32::from_be_bytes(h[24..28].try_into().unwrap()).wrapping_add(1);
-        }
-        Some((h, d))
-    }
-
-    /// Logs in (no authentication, straight to full feature phase).
-    pub fn login(&mut self, initiator: &str, target: &str, extra: &[(&str, &str)]) -> [u8; 48] {
-        let mut b = [0u8; 48];
-        b[0] = 0x43;
-        b[1] = 0x80 | (1 << 2) | 3; // T, CSG=1, NSG=3
-        b[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 7]);
-        b[16..20].copy_from_slice(&self.itt.to_be_bytes());
-        b[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
-        let mut pairs = vec![
-            ("InitiatorName", initiator),
-            ("TargetName", target),
-            ("SessionType", "Normal"),
-        ];
-        pairs.extend_from_slice(extra);
-        self.send(&b, &login_text(&pairs));
-        let (h, _) = self.recv().expect("login response");
-        h
-    }
-
-    pub fn next_itt(&mut self) -> u32 {
-        self.itt += 1;
-        self.itt
-    }
-}
+#[allow(unused_imports)]
+pub use sanvirt_iscsi::testing::{login_text, pad, Raw};
