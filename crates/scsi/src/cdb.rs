@@ -158,6 +158,13 @@ pub enum Cdb {
         list_id: u8,
         alloc_len: u32,
     },
+    /// READ DEFECT DATA (10) / (12): the requested lists and format.
+    ReadDefectData {
+        twelve: bool,
+        req: u8,
+        format: u8,
+        alloc_len: u32,
+    },
 }
 
 pub mod op {
@@ -179,6 +186,7 @@ pub mod op {
     pub const VERIFY_10: u8 = 0x2F;
     pub const PRE_FETCH_10: u8 = 0x34;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
@@ -205,6 +213,7 @@ pub mod op {
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_AND_VERIFY_12: u8 = 0xAE;
     pub const VERIFY_12: u8 = 0xAF;
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 
     /// SERVICE ACTION IN (16) service actions.
     pub const SAI_READ_CAPACITY_16: u8 = 0x10;
@@ -560,6 +569,18 @@ pub fn parse(cdb: &[u8]) -> Result<Cdb, Sense> {
                 alloc_len: be32(&c[10..14]),
             }
         }
+        READ_DEFECT_DATA_10 => Cdb::ReadDefectData {
+            twelve: false,
+            req: (c[2] >> 3) & 3,
+            format: c[2] & 7,
+            alloc_len: be16(&c[7..9]),
+        },
+        READ_DEFECT_DATA_12 => Cdb::ReadDefectData {
+            twelve: true,
+            req: (c[1] >> 3) & 3,
+            format: c[1] & 7,
+            alloc_len: be32(&c[6..10]),
+        },
         _ => return Err(Sense::invalid_opcode()),
     })
 }
@@ -634,7 +655,8 @@ impl Cdb {
             | Cdb::ReportTmf { alloc_len, .. }
             | Cdb::ReportTpg { alloc_len }
             | Cdb::PrIn { alloc_len, .. }
-            | Cdb::ReceiveCopyResults { alloc_len, .. } => alloc_len as u64,
+            | Cdb::ReceiveCopyResults { alloc_len, .. }
+            | Cdb::ReadDefectData { alloc_len, .. } => alloc_len as u64,
             Cdb::ReadCapacity10 => 8,
             _ => 0,
         }
@@ -741,6 +763,11 @@ pub const SUPPORTED: &[OpInfo] = &[
         opcode: op::SYNCHRONIZE_CACHE_10,
         sa: None,
         usage: &[0x35, 0x02, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, 0x07],
+    },
+    OpInfo {
+        opcode: op::READ_DEFECT_DATA_10,
+        sa: None,
+        usage: &[0x37, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0x07],
     },
     OpInfo {
         opcode: op::WRITE_SAME_10,
@@ -988,6 +1015,11 @@ pub const SUPPORTED: &[OpInfo] = &[
         usage: &[
             0xAF, 0x16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07,
         ],
+    },
+    OpInfo {
+        opcode: op::READ_DEFECT_DATA_12,
+        sa: None,
+        usage: &[0xB7, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07],
     },
 ];
 

@@ -561,6 +561,17 @@ pub fn lba_status(lba: u64, runs: &[(u64, bool)], alloc_len: u32) -> Vec<u8> {
     d
 }
 
+/// READ DEFECT DATA (SBC-3 5.12, 5.13): the requested lists, valid and
+/// empty (a volume has no defects of its own).
+pub fn read_defect_data(twelve: bool, req: u8, format: u8) -> Vec<u8> {
+    let flags = (req << 3) | (format & 7);
+    if twelve {
+        vec![0, flags, 0, 0, 0, 0, 0, 0]
+    } else {
+        vec![0, flags, 0, 0]
+    }
+}
+
 /// REPORT LUNS data (SPC-4 6.33), single-level LUN addressing.
 pub fn report_luns(luns: &[u64]) -> Vec<u8> {
     let mut d = vec![0u8; 8];

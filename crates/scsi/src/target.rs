@@ -229,6 +229,7 @@ fn access_of(c: &Cdb) -> Access {
         | Cdb::Verify { .. }
         | Cdb::PreFetch { .. }
         | Cdb::GetLbaStatus { .. }
+        | Cdb::ReadDefectData { .. }
         | Cdb::ModeSense { .. } => Access::Read,
         _ => Access::Write,
     }
@@ -1253,6 +1254,15 @@ impl<S: IoServer> ScsiTarget<S> {
                     .await
             }
             Cdb::ExtendedCopy { .. } => self.extended_copy(lu, nexus, k, data_out).await,
+            Cdb::ReadDefectData {
+                twelve,
+                req,
+                format,
+                alloc_len,
+            } => self.data_in(
+                &pages::read_defect_data(twelve, req, format),
+                alloc_len.min(data_in_len),
+            ),
             Cdb::ReceiveCopyResults {
                 sa,
                 list_id,

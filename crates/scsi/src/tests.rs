@@ -2219,3 +2219,25 @@ async fn transfer_longer_than_the_maximum_is_an_invalid_field() {
     c[10..14].copy_from_slice(&cdb::TRANSFER_BLOCKS_MAX.to_be_bytes());
     assert_eq!(t.data_out_len(&n, 0, &c).ok(), Some(32 << 20));
 }
+
+#[tokio::test]
+async fn read_defect_data_lists_are_empty() {
+    let t = setup();
+    let n = nexus(INIT, 1);
+    t.ready(&n, 0).await;
+    let o = t
+        .cmd(&n, 0, &[0x37, 0, 0x18 | 5, 0, 0, 0, 0, 0, 32, 0], None, 32)
+        .await;
+    assert!(o.good());
+    assert_eq!(o.data, vec![0, 0x18 | 5, 0, 0]);
+    let o = t
+        .cmd(
+            &n,
+            0,
+            &[0xB7, 0x08 | 4, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+            None,
+            32,
+        )
+        .await;
+    assert_eq!(o.data, vec![0, 0x08 | 4, 0, 0, 0, 0, 0, 0]);
+}
