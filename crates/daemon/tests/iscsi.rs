@@ -120,6 +120,13 @@ fn skip_explained(test: &str) -> bool {
         "WriteAtomic16.", // WRITE ATOMIC (16) is not implemented
         "ReadDefectData", // no defect lists on a virtual disk
         "ReadOnly.",      // needs a read-only logical unit
+        // "LBPPB < 2": these need several logical blocks per physical
+        // block, which the daemon does not report (see node.rs).
+        "WriteSame10.UnmapUnaligned",
+        "WriteSame16.UnmapUnaligned",
+        "WriteSame10.InvalidDataOutSize",
+        "WriteSame16.InvalidDataOutSize",
+        "CompareAndWrite.InvalidDataOutSize",
     ]
     .iter()
     .any(|p| test.starts_with(p))
@@ -156,7 +163,9 @@ fn iscsi_test_cu_passes_through_the_daemon() {
     let url = format!("iscsi://127.0.0.1:{}/{TARGET}/0", d.iscsi_port);
     let started = Instant::now();
     let o = run_limited(
-        Command::new("iscsi-test-cu").args(["--dataloss", &url, &url]),
+        // The ALL family holds every test once (230 in libiscsi 1.19); the
+        // SCSI and iSCSI families repeat subsets of it.
+        Command::new("iscsi-test-cu").args(["--dataloss", "-t", "ALL", &url, &url]),
         Duration::from_secs(900),
     );
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -275,13 +284,39 @@ fn hosts_chap_mapping_and_reservations() {
         t.contains("Lun:0"),
         "host b now sees the volume at the lowest free LUN: {t}"
     );
+    // An initiator on no host cannot read or write LUN 0 either:
+    // CHECK CONDITION, ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED.
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], d.iscsi_port));
+    let mut r = Raw::connect(addr);
+    let h = r.login(
+        stranger,
+        TARGET,
+        &[("ImmediateData", "Yes"), ("InitialR2T", "No")],
+    );
+    assert_eq!(&h[36..38], &[0, 0], "an initiator on no host may log in");
+    let read10 = [0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0];
+    let write10 = [0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    for (what, cdb, out, inlen) in [
+        ("READ(10)", &read10, &[][..], 4096u32),
+        ("WRITE(10)", &write10, &[0xEEu8; 512][..], 0),
+    ] {
+        let (st, data, sense) = r.scsi(0, cdb, out, inlen);
+        assert_eq!(st, 2, "{what} by a stranger");
+        assert!(data.is_empty(), "{what}: no data for a stranger");
+        assert_eq!(
+            sense.get(2).map(|k| k & 0x0f),
+            Some(0x05),
+            "{what}: {sense:?}"
+        );
+        assert_eq!(sense.get(12), Some(&0x25), "{what}: {sense:?}");
+    }
+    drop(r);
     // Secrets never come back through the CLI.
     let shown = d.ok(&["--json", "host", "list"]);
     assert!(!shown.contains("s3cret"), "{shown}");
 
     // Persistent reservations: REGISTER through host b, then kill -9; the
     // key is still registered after the restart.
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], d.iscsi_port));
     let login = |r: &mut Raw| {
         let h = r.login(b, TARGET, &[("ImmediateData", "Yes"), ("InitialR2T", "No")]);
         assert_eq!(&h[36..38], &[0, 0], "login status");
@@ -309,4 +344,70 @@ fn hosts_chap_mapping_and_reservations() {
     assert!(generation >= 1);
     assert_eq!(len, 8, "one key registered");
     assert_eq!(u64::from_be_bytes(data[8..16].try_into().unwrap()), key);
+}
+
+/// QEMU's own iSCSI initiator (libiscsi inside qemu-img) moves data in and
+/// out of a volume intact, across extent and mdisk boundaries.
+#[test]
+fn qemu_img_convert_and_compare_through_iscsi() {
+    require("qemu-img");
+    let d = Daemon::start();
+    d.pool_of_four(64, "1MiB");
+    d.ok(&[
+        "volume", "create", "--name", "q", "--pool", "p0", "--size", "32MiB",
+    ]);
+    // qemu-img's initiator name when it runs outside a VM.
+    d.ok(&[
+        "host",
+        "create",
+        "qemu",
+        "--initiator",
+        "iqn.2008-11.org.linux-kvm",
+    ]);
+    d.ok(&["volume", "map", "q", "--host", "qemu", "--lun", "0"]);
+    let src = d.path("src.img");
+    let mut bytes = vec![0u8; 32 << 20];
+    let mut x: u32 = 0x1234_5678;
+    for (i, b) in bytes.iter_mut().enumerate() {
+        // Patterned data with a hole of zeros in the middle.
+        if (12 << 20..14 << 20).contains(&i) {
+            continue;
+        }
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        *b = x as u8;
+    }
+    std::fs::write(&src, &bytes).unwrap();
+    let url = format!("iscsi://127.0.0.1:{}/{TARGET}/0", d.iscsi_port);
+    let limit = Duration::from_secs(120);
+    let ok = |args: &[&str]| {
+        let o = run_limited(Command::new("qemu-img").args(args), limit);
+        assert!(
+            o.status.success(),
+            "qemu-img {args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    ok(&["convert", "-n", "-f", "raw", "-O", "raw", &src, &url]);
+    let same = ok(&["compare", "-f", "raw", "-F", "raw", &src, &url]);
+    assert!(same.contains("identical"), "{same}");
+    let back = d.path("back.img");
+    ok(&["convert", "-f", "raw", "-O", "raw", &url, &back]);
+    assert!(
+        std::fs::read(&back).unwrap() == bytes,
+        "read back through iSCSI"
+    );
+    // A changed byte is noticed.
+    ok(&["convert", "-n", "-f", "raw", "-O", "raw", &back, &url]);
+    let mut one = bytes.clone();
+    one[20 << 20] ^= 0xff;
+    std::fs::write(&src, &one).unwrap();
+    let o = run_limited(
+        Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &src, &url]),
+        limit,
+    );
+    assert_eq!(o.status.code(), Some(1), "compare finds the difference");
 }
