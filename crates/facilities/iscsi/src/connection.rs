@@ -586,8 +586,8 @@ where
             data_in_len: if t.write { 0 } else { t.edtl },
         };
         t.state = TState::Running;
-        let fut = (self.exec)(self.target, task);
-        self.slab.insert(i, fut);
+        let (exec, target) = (&self.exec, self.target);
+        self.slab.insert_with(i, || exec(target, task));
     }
 
     // ------------------------------------------------------------ staging

