@@ -656,9 +656,7 @@ pub fn sn_le(a: u32, b: u32) -> bool {
 
 /// The CRC32C digest of `parts` (header and data digests, §11.1).
 pub fn crc32c_of<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u32 {
-    parts
-        .into_iter()
-        .fold(0u32, crc32c::crc32c_append)
+    parts.into_iter().fold(0u32, crc32c::crc32c_append)
 }
 
 /// A digest on the wire: the CRC32C value least significant byte first (the

@@ -4,9 +4,9 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use sanvirt_facility::IoServer;
 
@@ -84,7 +84,6 @@ impl<S: IoServer, T: ScsiPort> Drop for RunningServer<S, T> {
         }
     }
 }
-
 
 /// A minimal initiator speaking PDUs over a blocking socket, for tests that
 /// need to send exactly what they want (malformed PDUs, raw CDBs).
@@ -193,10 +192,18 @@ impl Raw {
             b[1] |= 0x20;
         }
         // Single-level LUN, peripheral addressing (LUN < 256) or flat.
-        let l = if lun < 256 { lun << 48 } else { (0x4000 | lun) << 48 };
+        let l = if lun < 256 {
+            lun << 48
+        } else {
+            (0x4000 | lun) << 48
+        };
         b[8..16].copy_from_slice(&l.to_be_bytes());
         b[16..20].copy_from_slice(&itt.to_be_bytes());
-        let expected = if data_out.is_empty() { data_in_len } else { data_out.len() as u32 };
+        let expected = if data_out.is_empty() {
+            data_in_len
+        } else {
+            data_out.len() as u32
+        };
         b[20..24].copy_from_slice(&expected.to_be_bytes());
         b[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
         b[28..32].copy_from_slice(&self.exp_stat_sn.to_be_bytes());
