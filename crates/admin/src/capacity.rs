@@ -164,6 +164,8 @@ pub fn status_view(state: &State, node: NodeStatus) -> StatusView {
         version: node.version,
         uptime_s: node.uptime_s,
         nbd_portal: node.nbd_portal,
+        iscsi_portal: node.iscsi_portal,
+        iscsi_target: node.iscsi_target,
         applied: state.applied,
         mdisk_count: state.mdisks.len() as u64,
         pool_count: state.pools.len() as u64,

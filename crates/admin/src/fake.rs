@@ -116,6 +116,8 @@ impl AdminService for FakeService {
             version: "0.0.0-fake".into(),
             uptime_s: self.started.elapsed().as_secs(),
             nbd_portal: Some("127.0.0.1:10809".into()),
+            iscsi_portal: Some("127.0.0.1:3260".into()),
+            iscsi_target: Some("iqn.2026-11.dev.sanvirt:node1".into()),
             mdisks,
         }
     }

@@ -53,6 +53,12 @@ pub struct NodeStatus {
     pub uptime_s: u64,
     /// Address of the NBD target (`host:port`), if it is serving.
     pub nbd_portal: Option<String>,
+    /// Address of the iSCSI target portal (`host:port`), if it is serving.
+    #[serde(default)]
+    pub iscsi_portal: Option<String>,
+    /// The iSCSI target's name, if it is serving.
+    #[serde(default)]
+    pub iscsi_target: Option<String>,
     /// The back end's view of every configured mdisk.
     pub mdisks: Vec<MdiskStatus>,
 }

@@ -808,6 +808,8 @@ async fn status_reports_node_and_disk_paths() {
     let s = &r.json;
     assert_eq!(s["node_id"], 1);
     assert_eq!(s["nbd_portal"], "127.0.0.1:10809");
+    assert_eq!(s["iscsi_portal"], "127.0.0.1:3260");
+    assert_eq!(s["iscsi_target"], "iqn.2026-11.dev.sanvirt:node1");
     assert_eq!(
         (s["mdisk_count"].as_u64(), s["capacity_bytes"].as_u64()),
         (Some(2), Some(2 << 30))

@@ -356,6 +356,9 @@ pub struct StatusView {
     pub version: String,
     pub uptime_s: u64,
     pub nbd_portal: Option<String>,
+    /// iSCSI target portal (`host:port`) and target name, if serving.
+    pub iscsi_portal: Option<String>,
+    pub iscsi_target: Option<String>,
     /// Sequence number of the last applied configuration command.
     pub applied: u64,
     pub mdisk_count: u64,

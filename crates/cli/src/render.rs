@@ -152,6 +152,8 @@ pub fn status(s: &StatusView) -> String {
         ("version", s.version.clone()),
         ("uptime", uptime(s.uptime_s)),
         ("nbd portal", or_dash(s.nbd_portal.as_deref())),
+        ("iscsi portal", or_dash(s.iscsi_portal.as_deref())),
+        ("iscsi target", or_dash(s.iscsi_target.as_deref())),
         ("commands applied", s.applied.to_string()),
         (
             "objects",

@@ -52,8 +52,8 @@ pub struct Node {
     pool: Arc<BufferPool>,
     started: Instant,
     nbd_portal: SocketAddr,
-    #[allow(dead_code)] // shown in the node status once the admin view carries it
     iscsi_portal: Option<SocketAddr>,
+    iscsi_target: String,
 }
 
 impl Node {
@@ -146,6 +146,8 @@ impl AdminService for Node {
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: self.started.elapsed().as_secs(),
             nbd_portal: Some(self.nbd_portal.to_string()),
+            iscsi_portal: self.iscsi_portal.map(|a| a.to_string()),
+            iscsi_target: self.iscsi_portal.map(|_| self.iscsi_target.clone()),
             mdisks,
         }
     }
@@ -259,6 +261,11 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
         started: Instant::now(),
         nbd_portal,
         iscsi_portal,
+        iscsi_target: cfg
+            .iscsi
+            .target_name
+            .clone()
+            .unwrap_or_else(|| sanvirt_iscsi::config::default_target_name(cfg.node_id)),
     });
     {
         let store = node.store.lock();
@@ -308,11 +315,7 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     };
     let iscsi = match iscsi_listener {
         Some(listener) => {
-            let target_name = cfg
-                .iscsi
-                .target_name
-                .clone()
-                .unwrap_or_else(|| sanvirt_iscsi::config::default_target_name(cfg.node_id));
+            let target_name = node.iscsi_target.clone();
             let fe: Arc<Iscsi> = IscsiFrontEnd::try_new(
                 server.clone(),
                 Arc::clone(&node.pool),

@@ -103,6 +103,15 @@ fn demo_serves_a_striped_volume_and_is_idempotent() {
         list.status.success(),
         "the CLI finds ./data/api-token by default"
     );
+    let status = Command::new(bin("sanvirt"))
+        .current_dir(dir.path())
+        .env("SANVIRT_API", format!("http://127.0.0.1:{admin}"))
+        .args(["--json", "status"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["iscsi_portal"], format!("127.0.0.1:{iscsi}"));
+    assert_eq!(status["iscsi_target"], "iqn.2026-11.dev.sanvirt:node1");
     let vols: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(
         vols.as_array().unwrap().len(),
