@@ -35,6 +35,7 @@ pub use sanvirt_buffer::{Buffer, BufferError, BufferPool, PAGE_SIZE};
 pub mod conformance;
 pub mod fanout;
 pub mod scaffold;
+pub mod slab;
 
 /// Identifies a disk at one interface of the stack: a front-end disk (volume)
 /// between the front ends and the virtualization facility, a back-end disk
