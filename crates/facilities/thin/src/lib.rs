@@ -411,10 +411,18 @@ impl<S: IoServer> Inner<S> {
     }
 
     /// The opened volume, opening (or formatting) it first if needed.
+    ///
+    /// Once open this is a lookup. Opening reads and checks the whole grain
+    /// map; that state machine lives in its own allocation, so it does not
+    /// weigh on every request's future (see `sanvirt_facility::slab`).
     async fn open(&self, d: &ThinDisk) -> Result<Arc<Vol>, IoError> {
-        if let Some(v) = d.vol.get() {
-            return Ok(Arc::clone(v));
+        match d.vol.get() {
+            Some(v) => Ok(Arc::clone(v)),
+            None => Box::pin(self.open_slow(d)).await,
         }
+    }
+
+    async fn open_slow(&self, d: &ThinDisk) -> Result<Arc<Vol>, IoError> {
         let _one = d.opening.lock().await;
         if let Some(v) = d.vol.get() {
             return Ok(Arc::clone(v));
@@ -478,13 +486,13 @@ impl<S: IoServer> Inner<S> {
             });
         }
         match req.op {
-            IoOp::Flush => v.flush(&self.server).await.map(|_| None),
+            // Flush and discard boxed: see `open`.
+            IoOp::Flush => Box::pin(v.flush(&self.server)).await.map(|_| None),
             _ if req.len == 0 => Ok(req.buf),
             IoOp::Read => v.read(&self.server, req).await,
             IoOp::Write => v.write(&self.server, req).await,
             IoOp::Unmap | IoOp::WriteZeroes => {
-                v.discard(&self.server, req.op, req.offset, req.len, req.flags)
-                    .await
+                Box::pin(v.discard(&self.server, req.op, req.offset, req.len, req.flags)).await
             }
         }
     }

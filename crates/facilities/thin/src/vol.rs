@@ -462,7 +462,7 @@ impl Vol {
             )));
         }
         let sbs = read(server, pool, disk, 0, 2 * page).await?;
-        let mut slots = [[0u8; META_PAGE_BYTES]; 2];
+        let mut slots = vec![[0u8; META_PAGE_BYTES]; 2];
         sbs.copy_to_slice(0, &mut slots[0]);
         sbs.copy_to_slice(META_PAGE_BYTES, &mut slots[1]);
         drop(sbs);
@@ -517,7 +517,7 @@ impl Vol {
         // Map pages covering the virtual size, both slots, in batches.
         let pages_needed = virtual_grains.div_ceil(MAP_ENTRIES_PER_PAGE);
         let mut k = 0u64;
-        let mut pair = [[0u8; META_PAGE_BYTES]; 2];
+        let mut pair = vec![[0u8; META_PAGE_BYTES]; 2];
         while k < pages_needed {
             let n = (pages_needed - k).min(OPEN_READ_PAGES_MAX);
             let buf = read(
@@ -679,7 +679,9 @@ impl Vol {
                         .await;
                 }
                 ReadPlan::Runs(runs, _io) => {
-                    return transfer(
+                    // Boxed, like every path below the direct one: the
+                    // common request's future stays small.
+                    return Box::pin(transfer(
                         server,
                         self.disk,
                         IoOp::Read,
@@ -688,7 +690,7 @@ impl Vol {
                         buf,
                         &runs,
                         async { Ok(()) },
-                    )
+                    ))
                     .await
                     .map(Some);
                 }
@@ -763,7 +765,7 @@ impl Vol {
                 WritePlan::NoSpace => return Err(IoError::NoSpace { disk: self.disk }),
                 WritePlan::Reclaim => {
                     reclaim_tries += 1;
-                    self.flush(server).await?;
+                    Box::pin(self.flush(server)).await?;
                 }
                 WritePlan::Direct(p0, durable, io) => {
                     // Overwrite of one run: the same buffer, no allocation.
@@ -779,23 +781,22 @@ impl Vol {
                         .await;
                     drop(io);
                     if out.is_ok() && flags.fua && !durable {
-                        self.flush(server).await?;
+                        Box::pin(self.flush(server)).await?;
                     }
                     return out;
                 }
                 WritePlan::Allocate(phys, io, can_write_zeroes) => {
-                    return self
-                        .write_allocated(
-                            server,
-                            phys,
-                            io,
-                            can_write_zeroes,
-                            offset,
-                            len,
-                            flags,
-                            buf,
-                        )
-                        .await;
+                    return Box::pin(self.write_allocated(
+                        server,
+                        phys,
+                        io,
+                        can_write_zeroes,
+                        offset,
+                        len,
+                        flags,
+                        buf,
+                    ))
+                    .await;
                 }
             }
         }

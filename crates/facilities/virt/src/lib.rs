@@ -378,6 +378,11 @@ impl<S: IoServer> IoServer for Virtualization<S> {
         if req.op == IoOp::Flush {
             return inner.flush(&v, req.flags).await;
         }
+        // The paths below the fast one (a request split across mdisks,
+        // unmap and write-zeroes over many pieces) already allocate for
+        // their piece lists; their state machines are boxed too, so that
+        // the common request's future stays small (see
+        // `sanvirt_facility::slab`).
         if req.len == 0 {
             return Ok(req.buf);
         }
@@ -399,12 +404,8 @@ impl<S: IoServer> IoServer for Virtualization<S> {
                 .map_err(|e| inner.map_err(volume, &first, e));
         }
         match req.op {
-            IoOp::Read | IoOp::Write => inner.submit_split(&v, req).await,
-            op => {
-                inner
-                    .submit_ranges(&v, op, req.offset, req.len, req.flags)
-                    .await
-            }
+            IoOp::Read | IoOp::Write => Box::pin(inner.submit_split(&v, req)).await,
+            op => Box::pin(inner.submit_ranges(&v, op, req.offset, req.len, req.flags)).await,
         }
     }
 
