@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout, Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -120,6 +120,8 @@ pub enum NetError {
     Closed { addr: String, reason: String },
     #[error("request does not encode: {0}")]
     Encode(String),
+    #[error("request of {len} bytes exceeds the frame limit of {FRAME_BYTES_MAX}")]
+    TooLarge { len: usize },
     #[error("more than {PEERS_MAX} peers")]
     TooManyPeers,
 }
@@ -133,6 +135,7 @@ impl NetError {
             NetError::Isolated
                 | NetError::Connect { .. }
                 | NetError::Encode(_)
+                | NetError::TooLarge { .. }
                 | NetError::TooManyPeers
         )
     }
@@ -299,8 +302,10 @@ impl<T: Transport> Net<T> {
             .await
             .map_err(|_| conn.shared.closed_error())?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame =
-            frame::encode(&RequestFrame { id, body: req }).map_err(|e| NetError::Encode(e.to_string()))?;
+        let frame = frame::encode(&RequestFrame { id, body: req }).map_err(|e| match e {
+            FrameError::TooLarge { len } => NetError::TooLarge { len },
+            e => NetError::Encode(e.to_string()),
+        })?;
         let (tx, rx) = oneshot::channel();
         {
             // Registered under the `closed` check so a concurrent close
@@ -649,9 +654,15 @@ impl<T: Transport> RaftNetwork<TypeConfig> for RaftPeer<T> {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RaftRpcError> {
+        let entries = rpc.entries.len() as u64;
         let req = Request::AppendEntries(rpc);
         match self.net.call(&self.addr, &req, option.hard_ttl()).await {
             Ok(Reply::AppendEntries(Ok(r))) => Ok(r),
+            // Several large commands in one batch: openraft retries with
+            // fewer entries (one entry always fits: ENTRY_BYTES_MAX).
+            Err(NetError::TooLarge { .. }) if entries > 1 => Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(entries / 2),
+            )),
             Ok(Reply::AppendEntries(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(other) => Err(self.unexpected(other)),
             Err(e) => Err(self.transport_error(e, RPCTypes::AppendEntries)),
