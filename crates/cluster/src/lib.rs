@@ -17,6 +17,8 @@
 //! `docs/failure-model.md`.
 
 pub mod lease;
+pub mod store;
 pub mod types;
 
+pub use lease::Lease;
 pub use types::*;
