@@ -244,11 +244,6 @@ impl BossLeases {
         b.grants.clear();
     }
 
-    /// The term this node is boss of, if any.
-    pub fn term(&self) -> Option<u64> {
-        self.lock().boss_since.map(|(t, _)| t)
-    }
-
     /// Records a grant to `node` made at `now` in `term`, after a quorum
     /// confirmed this node as boss of `term`. Returns false (and records
     /// nothing) if this node is no longer boss of that term.

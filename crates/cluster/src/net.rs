@@ -35,7 +35,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::{AbortHandle, JoinSet};
 
 use crate::{Member, NodeId, TypeConfig};
-use frame::{FrameError, FRAME_BYTES_MAX};
+use frame::FrameError;
+pub use frame::FRAME_BYTES_MAX;
 pub use msg::*;
 
 /// Requests in flight on one connection, each way. A caller beyond it waits
