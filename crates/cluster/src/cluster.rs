@@ -36,12 +36,10 @@ use tokio::time::Instant;
 use crate::gate::{CallGate, GateError, IoModules};
 use crate::lease::{renew_loop, BossLeases, Lease, Renew, RENEWALS_PER_LEASE};
 use crate::net::{
-    Forwarded, Handler, HelloReply, LeaseGrant, Net, RaftNet, Refusal, Reply, Request,
-    Server, TokioTransport, Transport, FRAME_BYTES_MAX,
+    Forwarded, Handler, HelloReply, LeaseGrant, Net, RaftNet, Refusal, Reply, Request, Server,
+    TokioTransport, Transport, FRAME_BYTES_MAX,
 };
-use crate::store::{
-    ClusterDb, Identity, LogStore, StateMachineStore, StoreError, ENTRY_BYTES_MAX,
-};
+use crate::store::{ClusterDb, Identity, LogStore, StateMachineStore, StoreError, ENTRY_BYTES_MAX};
 use crate::{Member, NodeId, TypeConfig};
 
 /// Entries in one AppendEntries: a batch of the largest entries still fits
@@ -156,7 +154,11 @@ impl ClusterConfig {
         Duration::from_millis(self.election_timeout_ms * PROPOSE_TIMEOUT_ELECTIONS)
     }
 
-    fn raft_config(&self, node: NodeId, cluster_uid: &str) -> Result<openraft::Config, ClusterError> {
+    fn raft_config(
+        &self,
+        node: NodeId,
+        cluster_uid: &str,
+    ) -> Result<openraft::Config, ClusterError> {
         let slot = self.election_timeout_ms / (2 * ELECTION_SLOTS);
         let min = self.election_timeout_ms + (node.saturating_sub(1) % ELECTION_SLOTS) * slot;
         openraft::Config {
@@ -335,7 +337,10 @@ impl Cluster<TokioTransport> {
     /// Opens the node's cluster database and starts serving the cluster RPC
     /// on `cfg.listen`: as the member its database names, or uninitialised
     /// (answering `Hello` and `Join` only) when it has no identity yet.
-    pub async fn start(cfg: ClusterConfig, io: Arc<dyn IoModules>) -> Result<Cluster, ClusterError> {
+    pub async fn start(
+        cfg: ClusterConfig,
+        io: Arc<dyn IoModules>,
+    ) -> Result<Cluster, ClusterError> {
         Cluster::start_with(cfg, io, TokioTransport).await
     }
 }
@@ -365,14 +370,15 @@ impl<T: Transport> Cluster<T> {
             inner: Arc::downgrade(&inner),
         });
         let listen = inner.cfg.listen;
-        let server = inner
-            .net
-            .serve(listen, handler)
-            .await
-            .map_err(|source| ClusterError::Listen {
-                addr: listen,
-                source,
-            })?;
+        let server =
+            inner
+                .net
+                .serve(listen, handler)
+                .await
+                .map_err(|source| ClusterError::Listen {
+                    addr: listen,
+                    source,
+                })?;
         let cluster = Cluster {
             inner,
             server: Some(server),
@@ -397,7 +403,11 @@ impl<T: Transport> Cluster<T> {
     /// configuration's first node; `import` (a standalone node's
     /// configuration) becomes the cluster's. Retryable: a node that created
     /// its raft log but never applied its `CreateCluster` may create again.
-    pub async fn create(&self, cluster_name: &str, import: Option<State>) -> Result<(), ConfigError> {
+    pub async fn create(
+        &self,
+        cluster_name: &str,
+        import: Option<State>,
+    ) -> Result<(), ConfigError> {
         let inner = &self.inner;
         let _setup = inner.setup.lock().await;
         let running = match inner.running() {
@@ -429,7 +439,11 @@ impl<T: Transport> Cluster<T> {
                 };
                 // Checked before anything is written, so a refused create
                 // leaves the node uninitialised.
-                State::default().validate(&create_command(&identity, &inner.cfg, import.clone()))?;
+                State::default().validate(&create_command(
+                    &identity,
+                    &inner.cfg,
+                    import.clone(),
+                ))?;
                 inner
                     .db
                     .set_identity(&identity)
@@ -475,7 +489,11 @@ impl<T: Transport> Cluster<T> {
     pub async fn add_node(&self, cluster_addr: &str) -> Result<(NodeId, String), ConfigError> {
         let inner = &self.inner;
         let running = inner.running().ok_or(ConfigError::NotInCluster)?;
-        let hello = match inner.net.call(cluster_addr, &Request::Hello, HANDSHAKE_TIMEOUT).await {
+        let hello = match inner
+            .net
+            .call(cluster_addr, &Request::Hello, HANDSHAKE_TIMEOUT)
+            .await
+        {
             Ok(Reply::Hello(h)) => h,
             Ok(other) => return Err(unavailable(format!("{cluster_addr} answered {other:?}"))),
             Err(e) => return Err(unavailable(format!("cannot reach the new node: {e}"))),
@@ -503,7 +521,9 @@ impl<T: Transport> Cluster<T> {
         match inner.net.call(cluster_addr, &join, HANDSHAKE_TIMEOUT).await {
             Ok(Reply::Join(Ok(()))) => {}
             // The boss tells it again while reconciling.
-            other => tracing::warn!(node = id, reply = ?other, "join not confirmed; the boss retries"),
+            other => {
+                tracing::warn!(node = id, reply = ?other, "join not confirmed; the boss retries")
+            }
         }
         let deadline = Instant::now() + MEMBERSHIP_TIMEOUT;
         inner
@@ -531,7 +551,9 @@ impl<T: Transport> Cluster<T> {
             .values()
             .find(|n| n.name == name)
             .map(|n| n.id);
-        inner.propose(Command::RemoveNode { name: name.into() }).await?;
+        inner
+            .propose(Command::RemoveNode { name: name.into() })
+            .await?;
         if let Some(id) = id {
             let deadline = Instant::now() + MEMBERSHIP_TIMEOUT;
             inner
@@ -619,7 +641,10 @@ fn create_command(identity: &Identity, cfg: &ClusterConfig, import: Option<State
 
 impl<T: Transport> Inner<T> {
     fn running(&self) -> Option<Arc<Running>> {
-        self.running.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.running
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn member(&self) -> Member {
@@ -648,7 +673,10 @@ impl<T: Transport> Inner<T> {
     }
 
     /// Starts the raft node for `identity` and the tasks that go with it.
-    async fn start_raft(self: &Arc<Self>, identity: Identity) -> Result<Arc<Running>, ClusterError> {
+    async fn start_raft(
+        self: &Arc<Self>,
+        identity: Identity,
+    ) -> Result<Arc<Running>, ClusterError> {
         let id = identity.node_id;
         let config = self.cfg.raft_config(id, &identity.cluster_uid)?;
         let sm = StateMachineStore::new(self.db.clone())?;
@@ -656,9 +684,15 @@ impl<T: Transport> Inner<T> {
             net: self.net.clone(),
             id,
         };
-        let raft = Raft::new(id, Arc::new(config), network, LogStore::new(self.db.clone()), sm.clone())
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let raft = Raft::new(
+            id,
+            Arc::new(config),
+            network,
+            LogStore::new(self.db.clone()),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let gate = CallGate::new(id, self.lease.clone(), self.db.clone(), self.io.clone())?;
         let running = Arc::new(Running { identity, raft, sm });
         *self.running.write().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
@@ -682,7 +716,9 @@ impl<T: Transport> Inner<T> {
         let (applied, index) = loop {
             let now = Instant::now();
             if now >= deadline {
-                return Err(no_quorum(format!("not committed within {timeout:?}: {last}")));
+                return Err(no_quorum(format!(
+                    "not committed within {timeout:?}: {last}"
+                )));
             }
             let (leader, _, addr) = running.leader_addr();
             match leader {
@@ -708,7 +744,9 @@ impl<T: Transport> Inner<T> {
                     };
                     let req = Request::Forward(cmd.clone());
                     match self.net.call(&addr, &req, deadline - now).await {
-                        Ok(Reply::Forward(Ok(Forwarded { applied, index }))) => break (applied, index),
+                        Ok(Reply::Forward(Ok(Forwarded { applied, index }))) => {
+                            break (applied, index)
+                        }
                         Ok(Reply::Forward(Err(Refusal::NoQuorum { reason }))) => {
                             return Err(no_quorum(reason))
                         }
@@ -727,9 +765,15 @@ impl<T: Transport> Inner<T> {
 
     /// Waits until this node applied `index` (so the caller reads its own
     /// write from [`Cluster::state`]).
-    async fn wait_applied(&self, running: &Running, index: u64, deadline: Instant) -> Result<(), ConfigError> {
+    async fn wait_applied(
+        &self,
+        running: &Running,
+        index: u64,
+        deadline: Instant,
+    ) -> Result<(), ConfigError> {
         let mut applied = running.sm.applied();
-        let reached = tokio::time::timeout_at(deadline, applied.wait_for(|v| v.index >= index)).await;
+        let reached =
+            tokio::time::timeout_at(deadline, applied.wait_for(|v| v.index >= index)).await;
         match reached {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(unavailable("the state machine stopped")),
@@ -785,7 +829,8 @@ impl<T: Transport> Inner<T> {
                 reason: format!("node {node} is not a member"),
             });
         }
-        let confirm = tokio::time::timeout(self.cfg.renew_interval(), r.raft.ensure_linearizable()).await;
+        let confirm =
+            tokio::time::timeout(self.cfg.renew_interval(), r.raft.ensure_linearizable()).await;
         match confirm {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -835,7 +880,12 @@ impl<T: Transport> Inner<T> {
         }
     }
 
-    async fn join(self: &Arc<Self>, cluster_uid: String, cluster_name: String, node_id: NodeId) -> Result<(), Refusal> {
+    async fn join(
+        self: &Arc<Self>,
+        cluster_uid: String,
+        cluster_name: String,
+        node_id: NodeId,
+    ) -> Result<(), Refusal> {
         let _setup = self.setup.lock().await;
         if let Some(r) = self.running() {
             // A repeated join (the boss retries) is fine.
@@ -941,7 +991,11 @@ impl<T: Transport> Inner<T> {
             })
             .collect();
         let change_timeout = self.cfg.propose_timeout();
-        let log_change = |what: &str, res: Result<Result<_, RaftError<NodeId, ClientWriteError<NodeId, Member>>>, _>| {
+        let log_change = |what: &str,
+                          res: Result<
+            Result<_, RaftError<NodeId, ClientWriteError<NodeId, Member>>>,
+            _,
+        >| {
             match res {
                 Ok(Ok(_)) => tracing::info!("membership: {what}"),
                 Ok(Err(e)) => tracing::info!(error = %e, "membership: {what} failed"),
@@ -950,7 +1004,11 @@ impl<T: Transport> Inner<T> {
         };
 
         if let Some((id, member)) = desired.iter().find(|(id, _)| !known.contains(id)) {
-            let res = tokio::time::timeout(change_timeout, r.raft.add_learner(*id, member.clone(), false)).await;
+            let res = tokio::time::timeout(
+                change_timeout,
+                r.raft.add_learner(*id, member.clone(), false),
+            )
+            .await;
             log_change(&format!("add learner {id}"), res);
             return;
         }
@@ -970,21 +1028,33 @@ impl<T: Transport> Inner<T> {
             .copied()
             .collect();
         if !target.is_empty() && target != voters {
-            let res = tokio::time::timeout(change_timeout, r.raft.change_membership(target.clone(), false)).await;
+            let res = tokio::time::timeout(
+                change_timeout,
+                r.raft.change_membership(target.clone(), false),
+            )
+            .await;
             log_change(&format!("voters {voters:?} -> {target:?}"), res);
             return;
         }
 
-        let gone: BTreeSet<NodeId> = known.iter().filter(|id| !desired.contains_key(id)).copied().collect();
+        let gone: BTreeSet<NodeId> = known
+            .iter()
+            .filter(|id| !desired.contains_key(id))
+            .copied()
+            .collect();
         if !gone.is_empty() {
             let change = ChangeMembers::RemoveNodes(gone.clone());
-            let res = tokio::time::timeout(change_timeout, r.raft.change_membership(change, false)).await;
+            let res =
+                tokio::time::timeout(change_timeout, r.raft.change_membership(change, false)).await;
             log_change(&format!("remove {gone:?}"), res);
             return;
         }
 
         // Learners that do not catch up may never have been told to join.
-        for (id, member) in desired.iter().filter(|(id, _)| !voters.contains(id) && !caught_up(id)) {
+        for (id, member) in desired
+            .iter()
+            .filter(|(id, _)| !voters.contains(id) && !caught_up(id))
+        {
             self.ensure_joined(r, *id, &member.cluster_addr).await;
         }
     }
@@ -1001,7 +1071,10 @@ impl<T: Transport> Inner<T> {
                 let res = self.net.call(addr, &join, timeout).await;
                 tracing::info!(node = id, %addr, reply = ?res, "told an added node to join");
             }
-            Ok(Reply::Hello(h)) if h.cluster_uid.as_ref() != Some(&r.identity.cluster_uid) || h.node_id != Some(id) => {
+            Ok(Reply::Hello(h))
+                if h.cluster_uid.as_ref() != Some(&r.identity.cluster_uid)
+                    || h.node_id != Some(id) =>
+            {
                 tracing::warn!(
                     node = id,
                     %addr,
@@ -1103,7 +1176,12 @@ impl<T: Transport> Renew for Renewer<T> {
             Some(l) => {
                 let addr = addr.ok_or_else(|| format!("address of boss {l} unknown"))?;
                 let req = Request::LeaseRenew { node: r.id(), term };
-                match self.inner.net.call(&addr, &req, self.inner.cfg.renew_interval()).await {
+                match self
+                    .inner
+                    .net
+                    .call(&addr, &req, self.inner.cfg.renew_interval())
+                    .await
+                {
                     Ok(Reply::LeaseRenew(Ok(_))) => Ok(()),
                     Ok(Reply::LeaseRenew(Err(e))) => Err(format!("boss {l}: {e}")),
                     Ok(other) => Err(format!("boss {l} answered {other:?}")),
@@ -1144,7 +1222,9 @@ impl<T: Transport> Handler for Rpc<T> {
                 Some(r) => Reply::InstallSnapshot(r.raft.install_snapshot(rpc).await),
                 None => not_in_cluster(),
             },
-            Request::LeaseRenew { node, term } => Reply::LeaseRenew(inner.grant_lease(node, term).await),
+            Request::LeaseRenew { node, term } => {
+                Reply::LeaseRenew(inner.grant_lease(node, term).await)
+            }
             Request::Forward(cmd) => Reply::Forward(inner.forwarded(cmd).await),
             Request::Hello => Reply::Hello(inner.hello()),
             Request::Join {

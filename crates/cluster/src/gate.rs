@@ -79,7 +79,8 @@ pub fn responses(prev: Option<&State>, next: &Arc<State>) -> Vec<(Destination, R
     };
     let before = prev.map(online).unwrap_or_default();
     let after = online(next);
-    let ids: std::collections::BTreeSet<NodeId> = before.keys().chain(after.keys()).copied().collect();
+    let ids: std::collections::BTreeSet<NodeId> =
+        before.keys().chain(after.keys()).copied().collect();
     for id in ids {
         let was = before.get(&id).copied().unwrap_or(false);
         let is = after.get(&id).copied().unwrap_or(false);

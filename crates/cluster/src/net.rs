@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, Timeout,
+    Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RPCTypes, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -281,7 +282,12 @@ impl<T: Transport> Net<T> {
 
     /// Sends `req` to `addr` and waits at most `timeout` for its reply,
     /// connecting first if needed.
-    pub async fn call(&self, addr: &str, req: &Request, timeout: Duration) -> Result<Reply, NetError> {
+    pub async fn call(
+        &self,
+        addr: &str,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Reply, NetError> {
         if self.is_isolated() {
             return Err(NetError::Isolated);
         }
@@ -368,10 +374,13 @@ impl<T: Transport> Net<T> {
             addr: addr.to_string(),
             reason,
         };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, self.inner.transport.connect(addr.to_string()))
-            .await
-            .map_err(|_| connect_err(format!("no answer in {CONNECT_TIMEOUT:?}")))?
-            .map_err(|e| connect_err(e.to_string()))?;
+        let stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            self.inner.transport.connect(addr.to_string()),
+        )
+        .await
+        .map_err(|_| connect_err(format!("no answer in {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| connect_err(e.to_string()))?;
         let (r, w) = tokio::io::split(stream);
         let shared = Arc::new(ConnShared {
             addr: addr.to_string(),
@@ -486,7 +495,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     Err(ReadError::Truncated)
                 };
             }
-            debug_assert!(self.buf.len() <= frame::FRAME_HEADER_BYTES + FRAME_BYTES_MAX + READ_CHUNK_BYTES);
+            debug_assert!(
+                self.buf.len() <= frame::FRAME_HEADER_BYTES + FRAME_BYTES_MAX + READ_CHUNK_BYTES
+            );
         }
     }
 }
@@ -644,7 +655,10 @@ impl<T: Transport> RaftPeer<T> {
     }
 
     fn unexpected<E: std::error::Error>(&self, reply: Reply) -> RaftRpcError<E> {
-        let e = io::Error::other(format!("unexpected reply from node {}: {reply:?}", self.target));
+        let e = io::Error::other(format!(
+            "unexpected reply from node {}: {reply:?}",
+            self.target
+        ));
         RPCError::Network(NetworkError::new(&e))
     }
 }
@@ -664,7 +678,9 @@ impl<T: Transport> RaftNetwork<TypeConfig> for RaftPeer<T> {
             Err(NetError::TooLarge { .. }) if entries > 1 => Err(RPCError::PayloadTooLarge(
                 PayloadTooLarge::new_entries_hint(entries / 2),
             )),
-            Ok(Reply::AppendEntries(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            Ok(Reply::AppendEntries(Err(e))) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
             Ok(other) => Err(self.unexpected(other)),
             Err(e) => Err(self.transport_error(e, RPCTypes::AppendEntries)),
         }

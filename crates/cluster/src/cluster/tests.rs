@@ -42,7 +42,12 @@ impl IoModules for Recorder {
 
 impl Recorder {
     fn first(&self, f: impl Fn(&Response) -> bool) -> Option<Instant> {
-        self.got.lock().unwrap().iter().find(|(_, r)| f(r)).map(|(t, _)| *t)
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, r)| f(r))
+            .map(|(t, _)| *t)
     }
     fn last_lease_event(&self) -> Option<Response> {
         self.got
@@ -137,7 +142,9 @@ impl TestNode {
                     self.cluster = Some(c);
                     return;
                 }
-                Err(ClusterError::Store(StoreError::Locked { .. })) if Instant::now() < deadline => {
+                Err(ClusterError::Store(StoreError::Locked { .. }))
+                    if Instant::now() < deadline =>
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Err(e) => panic!("restart: {e}"),
@@ -190,9 +197,11 @@ fn leader(nodes: &[TestNode]) -> Option<usize> {
         .map(|n| n.cluster.as_ref().and_then(|c| c.status().leader))
         .collect();
     let l = ids.iter().flatten().next().copied()?;
-    nodes
-        .iter()
-        .position(|n| n.cluster.as_ref().is_some_and(|c| c.status().node_id == Some(l)))
+    nodes.iter().position(|n| {
+        n.cluster
+            .as_ref()
+            .is_some_and(|c| c.status().node_id == Some(l))
+    })
 }
 
 async fn same_state(nodes: &[&TestNode]) {
@@ -237,9 +246,18 @@ async fn three_nodes_agree_on_every_proposal_in_order() {
 
     let st = nodes[l].c().status();
     assert_eq!(st.members.len(), 3);
-    assert_eq!(st.members.iter().filter(|m| m.role == Role::Boss).count(), 1);
-    assert!(st.members.iter().all(|m| matches!(m.role, Role::Boss | Role::Voter)));
-    assert!(st.members.iter().all(|m| m.lease_remaining_ms.is_some()), "{st:?}");
+    assert_eq!(
+        st.members.iter().filter(|m| m.role == Role::Boss).count(),
+        1
+    );
+    assert!(st
+        .members
+        .iter()
+        .all(|m| matches!(m.role, Role::Boss | Role::Voter)));
+    assert!(
+        st.members.iter().all(|m| m.lease_remaining_ms.is_some()),
+        "{st:?}"
+    );
     assert!(st.quorum);
     let fst = nodes[follower].c().status();
     assert_eq!(fst.leader, st.leader);
@@ -303,18 +321,31 @@ async fn boss_failover_and_rejoin() {
     let elected = stopped.elapsed();
     // Followers notice after an election timeout (at most 1.5×) and elect
     // in one or a few rounds.
-    assert!(elected < Duration::from_millis(ELECTION_MS * 10), "{elected:?}");
+    assert!(
+        elected < Duration::from_millis(ELECTION_MS * 10),
+        "{elected:?}"
+    );
 
     for (k, n) in nodes.iter().enumerate().filter(|(k, _)| *k != old) {
         n.c().propose(pool(&format!("during-{k}"))).await.unwrap();
     }
 
     nodes[old].restart().await;
-    nodes[old].c().propose(pool("from-the-restarted")).await.unwrap();
+    nodes[old]
+        .c()
+        .propose(pool("from-the-restarted"))
+        .await
+        .unwrap();
     let all: Vec<&TestNode> = nodes.iter().collect();
     same_state(&all).await;
     let s = nodes[old].c().state();
-    for p in ["before", "during-0", "during-1", "during-2", "from-the-restarted"] {
+    for p in [
+        "before",
+        "during-0",
+        "during-1",
+        "during-2",
+        "from-the-restarted",
+    ] {
         assert_eq!(s.pools.contains_key(p), p != format!("during-{old}"), "{p}");
     }
     stop_all(&mut nodes).await;
@@ -348,12 +379,22 @@ async fn cut_off_node_loses_its_lease_before_the_boss_declares_it_offline() {
     assert!(!nodes[f].c().lease().held());
 
     eventually("the boss's NodeOffline", || {
-        nodes[b].io.first(|r| *r == Response::NodeOffline(f_id)).is_some()
+        nodes[b]
+            .io
+            .first(|r| *r == Response::NodeOffline(f_id))
+            .is_some()
     })
     .await;
-    let offline = nodes[b].io.first(|r| *r == Response::NodeOffline(f_id)).unwrap();
+    let offline = nodes[b]
+        .io
+        .first(|r| *r == Response::NodeOffline(f_id))
+        .unwrap();
     assert!(lost < offline, "offline declared before the lease ran out");
-    assert!(offline - cut >= crate::lease::lease_with_drift(Duration::from_millis(LEASE_MS)) - Duration::from_millis(LEASE_MS));
+    assert!(
+        offline - cut
+            >= crate::lease::lease_with_drift(Duration::from_millis(LEASE_MS))
+                - Duration::from_millis(LEASE_MS)
+    );
     assert_eq!(*nodes[b].io.held_at_offline.lock().unwrap(), [false]);
     assert!(!nodes[b].c().state().nodes[&f_id].online);
     // The others kept their leases throughout.
@@ -361,14 +402,20 @@ async fn cut_off_node_loses_its_lease_before_the_boss_declares_it_offline() {
 
     nodes[f].c().set_isolated(false);
     eventually("online again", || {
-        nodes.iter().all(|n| n.c().state().nodes.get(&f_id).is_some_and(|m| m.online))
+        nodes
+            .iter()
+            .all(|n| n.c().state().nodes.get(&f_id).is_some_and(|m| m.online))
     })
     .await;
     eventually("the follower's gate open again", || {
-        nodes[f].io.last_lease_event() == Some(Response::LeaseRegained) && nodes[f].c().lease().held()
+        nodes[f].io.last_lease_event() == Some(Response::LeaseRegained)
+            && nodes[f].c().lease().held()
     })
     .await;
-    assert!(nodes[b].io.first(|r| *r == Response::NodeOnline(f_id)).is_some());
+    assert!(nodes[b]
+        .io
+        .first(|r| *r == Response::NodeOnline(f_id))
+        .is_some());
     stop_all(&mut nodes).await;
 }
 
@@ -380,22 +427,34 @@ async fn gate_delivers_at_most_once_across_a_restart() {
         n.c().propose(pool(&format!("p{i}"))).await.unwrap();
     }
     let last = n.c().state().applied;
-    eventually("every entry delivered", || n.io.configurations().last() == Some(&last)).await;
+    eventually("every entry delivered", || {
+        n.io.configurations().last() == Some(&last)
+    })
+    .await;
     let before = n.io.configurations();
     assert!(before.windows(2).all(|w| w[0] < w[1]), "{before:?}");
 
     n.stop().await;
     n.io.clear();
     n.restart().await;
-    eventually("the gate open again", || n.io.last_lease_event() == Some(Response::LeaseRegained)).await;
+    eventually("the gate open again", || {
+        n.io.last_lease_event() == Some(Response::LeaseRegained)
+    })
+    .await;
     n.c().propose(pool("after")).await.unwrap();
     let after_index = n.c().state().applied;
-    eventually("the new entry delivered", || n.io.configurations().last() == Some(&after_index)).await;
+    eventually("the new entry delivered", || {
+        n.io.configurations().last() == Some(&after_index)
+    })
+    .await;
     let after = n.io.configurations();
     // The hand-over of the whole state, at least as new as before the
     // restart, then only entries never delivered before.
     assert!(after[0] >= last, "{after:?}");
-    assert!(after[1..].iter().all(|i| *i > last), "{after:?} after {before:?}");
+    assert!(
+        after[1..].iter().all(|i| *i > last),
+        "{after:?} after {before:?}"
+    );
     assert!(after[1..].windows(2).all(|w| w[0] < w[1]), "{after:?}");
     n.stop().await;
 }
@@ -404,23 +463,30 @@ async fn gate_delivers_at_most_once_across_a_restart() {
 async fn minority_cannot_propose_and_loses_its_lease() {
     let mut nodes = three_nodes().await;
     let survivor = leader(&nodes).unwrap();
-    for k in 0..3 {
+    for (k, n) in nodes.iter_mut().enumerate() {
         if k != survivor {
-            nodes[k].stop().await;
+            n.stop().await;
         }
     }
     let t = Instant::now();
     let r = nodes[survivor].c().propose(pool("lonely")).await;
     assert!(matches!(r, Err(ConfigError::NoQuorum { .. })), "{r:?}");
-    let bound = Duration::from_millis(ELECTION_MS * PROPOSE_TIMEOUT_ELECTIONS) + Duration::from_millis(500);
+    let bound =
+        Duration::from_millis(ELECTION_MS * PROPOSE_TIMEOUT_ELECTIONS) + Duration::from_millis(500);
     assert!(t.elapsed() <= bound, "{:?}", t.elapsed());
-    eventually("the survivor's lease lapses", || !nodes[survivor].c().lease().held()).await;
+    eventually("the survivor's lease lapses", || {
+        !nodes[survivor].c().lease().held()
+    })
+    .await;
     assert!(
         t.elapsed() <= Duration::from_millis(LEASE_MS) + bound,
         "{:?}",
         t.elapsed()
     );
-    eventually("LeaseLost", || nodes[survivor].io.last_lease_event() == Some(Response::LeaseLost)).await;
+    eventually("LeaseLost", || {
+        nodes[survivor].io.last_lease_event() == Some(Response::LeaseLost)
+    })
+    .await;
     assert!(!nodes[survivor].c().status().quorum);
     stop_all(&mut nodes).await;
 }
@@ -435,14 +501,21 @@ async fn uninitialised_node_answers_hello_only() {
         ConfigError::NotInCluster
     );
     let net = Net::new(TokioTransport);
-    match net.call(a.addr(), &Request::Hello, HANDSHAKE_TIMEOUT).await.unwrap() {
+    match net
+        .call(a.addr(), &Request::Hello, HANDSHAKE_TIMEOUT)
+        .await
+        .unwrap()
+    {
         Reply::Hello(h) => {
             assert_eq!(h.spec.name, "a");
             assert_eq!(h.cluster_uid, None);
         }
         other => panic!("{other:?}"),
     }
-    let vote = Request::Vote(openraft::raft::VoteRequest::new(openraft::Vote::new(1, 1), None));
+    let vote = Request::Vote(openraft::raft::VoteRequest::new(
+        openraft::Vote::new(1, 1),
+        None,
+    ));
     let r = net.call(a.addr(), &vote, HANDSHAKE_TIMEOUT).await.unwrap();
     assert!(matches!(r, Reply::Refused(Refusal::NotInCluster)), "{r:?}");
     // A refused create leaves it uninitialised.

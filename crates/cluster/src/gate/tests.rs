@@ -124,14 +124,20 @@ fn at_most_once_across_a_replay() {
     // The gate opens on its first view: the whole state.
     assert_eq!(
         io.take(),
-        vec![Response::LeaseRegained, Response::Configuration(state(1, &[]))]
+        vec![
+            Response::LeaseRegained,
+            Response::Configuration(state(1, &[]))
+        ]
     );
     for i in 2..=5 {
         let offline: &[NodeId] = if i == 4 { &[3] } else { &[] };
         gate.on_applied(i, &state(i, offline)).unwrap();
     }
     let first: Vec<Response> = io.take();
-    assert_eq!(first.iter().filter_map(config_at).collect::<Vec<_>>(), [2, 3, 4, 5]);
+    assert_eq!(
+        first.iter().filter_map(config_at).collect::<Vec<_>>(),
+        [2, 3, 4, 5]
+    );
     assert!(first.contains(&Response::NodeOffline(3)));
     assert!(first.contains(&Response::NodeOnline(3)));
     assert_eq!(wm.get().unwrap(), 5);
@@ -153,12 +159,18 @@ fn at_most_once_across_a_replay() {
     // again.
     assert_eq!(
         io.take(),
-        vec![Response::LeaseRegained, Response::Configuration(state(5, &[]))]
+        vec![
+            Response::LeaseRegained,
+            Response::Configuration(state(5, &[]))
+        ]
     );
     gate.on_applied(6, &state(6, &[2])).unwrap();
     assert_eq!(
         io.take(),
-        vec![Response::Configuration(state(6, &[2])), Response::NodeOffline(2)]
+        vec![
+            Response::Configuration(state(6, &[2])),
+            Response::NodeOffline(2)
+        ]
     );
     assert_eq!(wm.get().unwrap(), 6);
 }
@@ -180,7 +192,10 @@ fn blocked_without_lease_then_whole_state_on_regaining() {
     gate.on_lease().unwrap();
     assert_eq!(
         io.take(),
-        vec![Response::LeaseRegained, Response::Configuration(state(2, &[3]))]
+        vec![
+            Response::LeaseRegained,
+            Response::Configuration(state(2, &[3]))
+        ]
     );
     assert_eq!(wm.get().unwrap(), 2);
 
@@ -203,7 +218,10 @@ fn offline_member_is_blocked_despite_lease() {
     gate.on_applied(2, &state(2, &[])).unwrap();
     assert_eq!(
         io.take(),
-        vec![Response::LeaseRegained, Response::Configuration(state(2, &[]))]
+        vec![
+            Response::LeaseRegained,
+            Response::Configuration(state(2, &[]))
+        ]
     );
     // Declared offline while holding a lease: shut.
     gate.on_applied(3, &state(3, &[3])).unwrap();

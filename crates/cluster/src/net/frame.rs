@@ -99,7 +99,10 @@ mod tests {
         let f = encode(&vec![1u32, 2, 3]).unwrap();
         let (payload, used) = decode(&f).unwrap().unwrap();
         assert_eq!(used, f.len());
-        assert_eq!(serde_json::from_slice::<Vec<u32>>(payload).unwrap(), [1, 2, 3]);
+        assert_eq!(
+            serde_json::from_slice::<Vec<u32>>(payload).unwrap(),
+            [1, 2, 3]
+        );
     }
 
     proptest! {

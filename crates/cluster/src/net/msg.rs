@@ -35,7 +35,10 @@ pub enum Request {
     /// Asks the boss for a lease. `term` is the term in which the node saw
     /// the receiver as boss (the boss refuses a renewal addressed to an
     /// earlier boss of its own term's successors: see `lease.rs`).
-    LeaseRenew { node: NodeId, term: u64 },
+    LeaseRenew {
+        node: NodeId,
+        term: u64,
+    },
     /// A follower's configuration command, for the boss to put in the log.
     Forward(Command),
     /// Who are you? Answered by every node, in a cluster or not.
@@ -68,7 +71,9 @@ impl Request {
 pub enum Reply {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
     LeaseRenew(Result<LeaseGrant, Refusal>),
     Forward(Result<Forwarded, Refusal>),
     Hello(HelloReply),
@@ -113,7 +118,10 @@ pub enum Refusal {
     #[error("this node is not in a cluster")]
     NotInCluster,
     #[error("this node already belongs to cluster {cluster_uid} as node {node_id}")]
-    AlreadyMember { cluster_uid: String, node_id: NodeId },
+    AlreadyMember {
+        cluster_uid: String,
+        node_id: NodeId,
+    },
     #[error("{reason}")]
     Failed { reason: String },
 }

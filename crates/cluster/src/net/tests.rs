@@ -96,7 +96,9 @@ async fn timeout_frees_the_slot_and_reconnects_after_restart() {
     let sock = server.local_addr();
     drop(server);
     drop(snet);
-    let r = client.call(&addr, &renew(0, 1), Duration::from_secs(1)).await;
+    let r = client
+        .call(&addr, &renew(0, 1), Duration::from_secs(1))
+        .await;
     assert!(r.is_err(), "{r:?}");
 
     // Back on the same port: the next request reconnects.
@@ -127,7 +129,10 @@ async fn connect_failure_is_not_sent() {
 /// Reads until the server closes the connection; fails if it answers.
 async fn expect_closed(s: &mut tokio::net::TcpStream) {
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(T, s.read(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(T, s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "server answered a malformed frame");
 }
 
@@ -142,7 +147,9 @@ async fn malformed_frames_close_the_connection_only() {
 
     // JSON, but not a request.
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    s.write_all(&frame::encode(&vec![1, 2, 3]).unwrap()).await.unwrap();
+    s.write_all(&frame::encode(&vec![1, 2, 3]).unwrap())
+        .await
+        .unwrap();
     expect_closed(&mut s).await;
 
     // A length over the limit: refused from the header alone.
@@ -158,7 +165,10 @@ async fn malformed_frames_close_the_connection_only() {
     // The server still serves well-formed clients.
     let client = Net::new(TokioTransport);
     let r = client.call(&addr, &renew(0, 7), T).await;
-    assert!(matches!(r, Ok(Reply::LeaseRenew(Ok(LeaseGrant { term: 7 })))), "{r:?}");
+    assert!(
+        matches!(r, Ok(Reply::LeaseRenew(Ok(LeaseGrant { term: 7 })))),
+        "{r:?}"
+    );
 }
 
 #[tokio::test]
@@ -193,7 +203,9 @@ async fn isolation_cuts_both_ways() {
     client.set_isolated(false);
 
     snet.set_isolated(true);
-    let r = client.call(&addr, &renew(0, 1), Duration::from_millis(500)).await;
+    let r = client
+        .call(&addr, &renew(0, 1), Duration::from_millis(500))
+        .await;
     assert!(r.is_err(), "{r:?}");
     snet.set_isolated(false);
     let mut ok = false;
