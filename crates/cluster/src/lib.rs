@@ -16,9 +16,14 @@
 //! `docs/cluster.md`; the rules for quorum and tie-break in
 //! `docs/failure-model.md`.
 
+pub mod cluster;
+pub mod gate;
 pub mod lease;
+pub mod net;
 pub mod store;
 pub mod types;
 
+pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStatus, MemberStatus, Role};
+pub use gate::{IoModules, Response};
 pub use lease::Lease;
 pub use types::*;

@@ -121,6 +121,7 @@ fn commands() -> Vec<Command> {
             layout: VolumeLayout::Striped,
             mdisks: vec![],
             thin: None,
+            io_group: None,
         },
         // Refused: larger than the pool.
         Command::CreateVolume {
@@ -130,6 +131,7 @@ fn commands() -> Vec<Command> {
             layout: VolumeLayout::Striped,
             mdisks: vec![],
             thin: None,
+            io_group: None,
         },
         // Refused: no such pool.
         Command::DeletePool {
