@@ -16,6 +16,7 @@
 //! `docs/cluster.md`; the rules for quorum and tie-break in
 //! `docs/failure-model.md`.
 
+pub mod store;
 pub mod types;
 
 pub use types::*;
