@@ -225,6 +225,7 @@ mod tests {
                 layout: VolumeLayout::Sequential,
                 mdisks: vec![],
                 thin: None,
+                io_group: None,
             },
         );
         apply(
@@ -233,6 +234,7 @@ mod tests {
                 name: "img".into(),
                 pool: "p0".into(),
                 mdisk: "c".into(),
+                io_group: None,
             },
         );
         let p = pool_view(&s, "p0").expect("pool");

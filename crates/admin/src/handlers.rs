@@ -550,6 +550,7 @@ pub async fn create_volume(
                 real_size_bytes: t.real_size_bytes,
                 grain_kib: t.grain_kib.unwrap_or(THIN_GRAIN_KIB_DEFAULT),
             }),
+            io_group: None,
         },
     )
     .await?;
@@ -579,6 +580,7 @@ pub async fn create_image_volume(
             name: req.name,
             pool: req.pool,
             mdisk: req.mdisk,
+            io_group: None,
         },
     )
     .await?;

@@ -996,11 +996,13 @@ fn command_schema_mirror_serializes_like_the_command() {
             layout: VolumeLayout::Sequential,
             mdisks: vec![s("m")],
             thin: None,
+            io_group: None,
         },
         Command::CreateImageVolume {
             name: s("v"),
             pool: s("p"),
             mdisk: s("m"),
+            io_group: None,
         },
         Command::ExpandVolume {
             name: s("v"),

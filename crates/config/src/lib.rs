@@ -230,6 +230,88 @@ pub struct IscsiPortal {
     pub enabled: bool,
 }
 
+/// A node's id in the cluster: allocated by the state machine from
+/// `State::next_node_id` (the first node is 1), never reused.
+pub type NodeId = u64;
+
+/// Most nodes that serve I/O (witnesses not counted): four I/O groups.
+pub const NODES_MAX: usize = 8;
+/// Most witness nodes (the tie-breaker of a two-node cluster).
+pub const WITNESSES_MAX: usize = 1;
+/// Nodes per I/O group (the cache pair).
+pub const IO_GROUP_NODES_MAX: usize = 2;
+/// I/O groups are numbered `0..IO_GROUPS_MAX`.
+pub const IO_GROUPS_MAX: u32 = (NODES_MAX / IO_GROUP_NODES_MAX) as u32;
+/// Longest cluster uid.
+pub const CLUSTER_UID_BYTES_MAX: usize = 64;
+/// Longest node address (`host:port`).
+pub const NODE_ADDRESS_BYTES_MAX: usize = 255;
+
+const _: () = assert!(NODES_MAX % IO_GROUP_NODES_MAX == 0);
+const _: () = assert!(IO_GROUPS_MAX >= 1);
+
+/// How I/O group `g` is shown: `io_grp0`, `io_grp1`, ...
+pub fn io_group_name(g: u32) -> String {
+    format!("io_grp{g}")
+}
+
+/// The cluster this state belongs to.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// An object name (see `check_name`).
+    pub name: String,
+    /// Chosen once at creation by the proposer (random), so two clusters of
+    /// the same name are told apart: `[A-Za-z0-9-]`, 1 to
+    /// [`CLUSTER_UID_BYTES_MAX`] bytes.
+    pub uid: String,
+}
+
+/// A node as proposed by [`Command::CreateCluster`] and [`Command::AddNode`].
+/// Addresses are `host:port` (`[v6]:port` for IPv6).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// Unique in the cluster.
+    pub name: String,
+    /// Its cluster RPC listener; unique in the cluster.
+    pub cluster_addr: String,
+    /// Its admin REST API.
+    pub admin_addr: String,
+    /// Where hosts reach its NBD server (none for a witness).
+    #[serde(default)]
+    pub nbd_portal: Option<String>,
+    /// Where hosts reach its iSCSI target (none for a witness).
+    #[serde(default)]
+    pub iscsi_portal: Option<String>,
+    /// A witness votes but serves no I/O and is in no I/O group.
+    #[serde(default)]
+    pub witness: bool,
+}
+
+/// A member of the cluster.
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
+    pub id: NodeId,
+    pub name: String,
+    pub cluster_addr: String,
+    pub admin_addr: String,
+    #[serde(default)]
+    pub nbd_portal: Option<String>,
+    #[serde(default)]
+    pub iscsi_portal: Option<String>,
+    #[serde(default)]
+    pub witness: bool,
+    /// `None` for a witness; otherwise one of at most
+    /// [`IO_GROUP_NODES_MAX`] nodes of the group.
+    pub io_group: Option<u32>,
+    /// Set by the boss's node events ([`Command::SetNodeOnline`]): `false`
+    /// once the node's lease has lapsed, `true` when it renews again.
+    pub online: bool,
+}
+
 /// Every configuration change. Serialized with an externally tagged `op`
 /// field so the journal, the REST API and the CLI's `--json` share one form.
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -287,13 +369,20 @@ pub enum Command {
         mdisks: Vec<String>,
         #[serde(default)]
         thin: Option<ThinParams>,
+        /// The I/O group that serves the volume; `None`: the group (with
+        /// nodes) that has the fewest volumes. Outside a cluster only 0.
+        #[serde(default)]
+        io_group: Option<u32>,
     },
     /// Image mode: a volume that is exactly one unmanaged mdisk, data kept as
-    /// is. The mdisk joins the pool in image mode.
+    /// is. The mdisk joins the pool in image mode. `io_group` as for
+    /// `CreateVolume`.
     CreateImageVolume {
         name: String,
         pool: String,
         mdisk: String,
+        #[serde(default)]
+        io_group: Option<u32>,
     },
     /// Grows a volume to `new_size_bytes`, adding extents with the volume's
     /// layout. A thin volume grows its virtual size only (no extents).
@@ -361,6 +450,44 @@ pub enum Command {
         volume_id: ObjectId,
         state: PrState,
     },
+    /// Makes this configuration a cluster of one node, `node`, which gets id
+    /// 1, I/O group 0 and is online. Only while there is no cluster.
+    /// `import` is a standalone node's configuration (no cluster of its own,
+    /// refused while this state has objects): its mdisks, pools, volumes,
+    /// hosts and portal become this state's. Without it the objects already
+    /// here stay. Either way every volume is then in I/O group 0, preferred
+    /// on node 1.
+    CreateCluster {
+        name: String,
+        uid: String,
+        node: NodeSpec,
+        #[serde(default)]
+        #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+        import: Option<Box<State>>,
+    },
+    /// A new member; its id and I/O group (the lowest group with room, none
+    /// for a witness) are in the outcome and in `State::nodes`.
+    AddNode {
+        node: NodeSpec,
+    },
+    /// Forgets a member. The volumes preferred on it move to its partner in
+    /// the I/O group. Refused for the last node that serves I/O, and for the
+    /// only node of an I/O group that has volumes.
+    RemoveNode {
+        name: String,
+    },
+    /// The boss's node event: the node's lease lapsed (`false`) or it
+    /// renewed again (`true`).
+    SetNodeOnline {
+        #[cfg_attr(feature = "openapi", schema(value_type = u64))]
+        node: NodeId,
+        online: bool,
+    },
+    /// The node of the volume's I/O group that serves it by preference.
+    SetPreferredNode {
+        volume: String,
+        node: String,
+    },
 }
 
 /// What an applied command produced (for the caller's reply).
@@ -378,6 +505,55 @@ pub enum Outcome {
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
     *t == T::default()
+}
+
+/// Maps keyed by integers. JSON writes the keys as strings, and a `State`
+/// carried in a `Command` (`CreateCluster::import`; internally tagged, so
+/// serde buffers it) reaches the map with string keys that the integer key
+/// type refuses. This accepts both; the written form is unchanged.
+mod u64_keys {
+    use std::collections::BTreeMap;
+    use std::fmt;
+
+    use serde::de::{self, Deserialize, Deserializer, Visitor};
+
+    #[derive(PartialEq, Eq, PartialOrd, Ord)]
+    struct Key(u64);
+
+    struct KeyVisitor;
+
+    impl Visitor<'_> for KeyVisitor {
+        type Value = Key;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an unsigned integer or a string of one")
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<Key, E> {
+            Ok(Key(v))
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+            v.parse()
+                .map(Key)
+                .map_err(|_| E::invalid_value(de::Unexpected::Str(v), &self))
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Key {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+            d.deserialize_any(KeyVisitor)
+        }
+    }
+
+    pub fn deserialize<'de, D, V>(d: D) -> Result<BTreeMap<u64, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        V: Deserialize<'de>,
+    {
+        let m = BTreeMap::<Key, V>::deserialize(d)?;
+        Ok(m.into_iter().map(|(k, v)| (k.0, v)).collect())
+    }
 }
 
 /// Why a command was refused. Every variant says what to do about it; the
@@ -412,9 +588,23 @@ pub enum ConfigError {
     /// configuration changes until it is restarted, which recovers.
     #[error("configuration store failed: {reason}")]
     StoreFailed { reason: String },
+    /// The cluster cannot commit changes: too few voting members are
+    /// reachable. Changes are accepted again once a majority is back.
+    #[error("the cluster has no quorum: {reason}")]
+    NoQuorum { reason: String },
+    /// A cluster command reached a node that is in no cluster.
+    #[error(
+        "this node is not a member of a cluster: create one ('sanvirt cluster create') or add \
+         it to one ('sanvirt node add' on a member)"
+    )]
+    NotInCluster,
+    /// The cluster layer could not take the request (no leader yet, the
+    /// leader unreachable, shutting down); retrying later can succeed.
+    #[error("the cluster is unavailable: {reason}")]
+    ClusterUnavailable { reason: String },
 }
 
-/// The whole configuration of a node (later: of the cluster).
+/// The whole configuration of a standalone node or of a cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
     /// Sequence number of the last applied command (the journal's record
@@ -432,6 +622,19 @@ pub struct State {
     /// `None`: the daemon's configuration file decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iscsi_portal: Option<IscsiPortal>,
+    /// `None` for a standalone node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterInfo>,
+    /// The members, by id (empty without a cluster).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "u64_keys::deserialize"
+    )]
+    pub nodes: BTreeMap<NodeId, Node>,
+    /// The next node id to hand out (0 also means 1).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub next_node_id: NodeId,
 }
 
 /// A host (server) and what it may see.
@@ -446,7 +649,7 @@ pub struct Host {
     pub chap: Option<ChapSettings>,
     /// LUN → volume id. Ids, not names, so renaming a volume keeps its
     /// mappings; a volume appears at most once.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "u64_keys::deserialize")]
     pub luns: BTreeMap<u64, ObjectId>,
 }
 
@@ -511,4 +714,11 @@ pub struct Volume {
     /// they survive restarts; removed with the volume.
     #[serde(default, skip_serializing_if = "is_default")]
     pub reservations: PrState,
+    /// The I/O group that serves the volume (0 outside a cluster).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub io_group: u32,
+    /// The node of `io_group` that serves it by preference (`None` outside
+    /// a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preferred_node: Option<NodeId>,
 }

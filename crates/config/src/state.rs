@@ -29,6 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::*;
 
+mod cluster;
+use cluster::IoPlacement;
+pub use cluster::{check_address, check_cluster_uid, check_node_spec};
+
 /// The change a validated command will make, computed by `prepare`.
 enum Prepared {
     AddMdisk {
@@ -50,11 +54,13 @@ enum Prepared {
     CreateVolume {
         id: ObjectId,
         alloc: Allocation,
+        placement: IoPlacement,
     },
     CreateImageVolume {
         id: ObjectId,
         size_bytes: u64,
         extents: Vec<PhysExtent>,
+        placement: IoPlacement,
     },
     ExpandVolume {
         alloc: Allocation,
@@ -79,6 +85,20 @@ enum Prepared {
     SetIscsiPortal,
     SetReservations {
         volume: String,
+    },
+    CreateCluster,
+    AddNode {
+        id: NodeId,
+        io_group: Option<u32>,
+    },
+    RemoveNode {
+        id: NodeId,
+        /// The other node of its I/O group, which takes its volumes.
+        partner: Option<NodeId>,
+    },
+    SetNodeOnline,
+    SetPreferredNode {
+        node: NodeId,
     },
     /// A rename to the current name, or an expand to the current size.
     Nothing,
@@ -632,7 +652,7 @@ impl State {
         if let Some(p) = &self.iscsi_portal {
             check_portal(p).map_err(|e| e.to_string())?;
         }
-        Ok(())
+        self.check_cluster_invariants()
     }
 
     /// Ids start at 1; `next_id` is the next one to hand out (0 in a fresh
@@ -890,10 +910,12 @@ impl State {
                 layout,
                 mdisks,
                 thin,
+                io_group,
             } => {
                 self.check_new_name("volume", name, |n| self.volumes.contains_key(n))?;
                 let p = self.pool_of(pool)?;
                 check_volume_size("size_bytes", *size_bytes)?;
+                let placement = self.place_volume(*io_group)?;
                 let count = match thin {
                     None => size_bytes.div_ceil(p.extent_bytes()),
                     Some(t) => check_thin(t, *size_bytes, p)?.real_size_bytes / p.extent_bytes(),
@@ -904,12 +926,19 @@ impl State {
                 Ok(Prepared::CreateVolume {
                     id: self.peek_id(),
                     alloc,
+                    placement,
                 })
             }
-            Command::CreateImageVolume { name, pool, mdisk } => {
+            Command::CreateImageVolume {
+                name,
+                pool,
+                mdisk,
+                io_group,
+            } => {
                 self.check_new_name("volume", name, |n| self.volumes.contains_key(n))?;
                 let p = self.pool_of(pool)?;
                 let m = self.mdisk(mdisk)?;
+                let placement = self.place_volume(*io_group)?;
                 match &m.mode {
                     MdiskMode::Unmanaged => {}
                     MdiskMode::Managed { pool: other } | MdiskMode::Image { pool: other, .. } => {
@@ -951,6 +980,7 @@ impl State {
                     id: self.peek_id(),
                     size_bytes,
                     extents,
+                    placement,
                 })
             }
             Command::ExpandVolume {
@@ -1188,6 +1218,28 @@ impl State {
                 Ok(Prepared::SetReservations {
                     volume: v.name.clone(),
                 })
+            }
+            Command::CreateCluster {
+                name,
+                uid,
+                node,
+                import,
+            } => self.prepare_create_cluster(name, uid, node, import.as_deref()),
+            Command::AddNode { node } => self.prepare_add_node(node),
+            Command::RemoveNode { name } => self.prepare_remove_node(name),
+            Command::SetNodeOnline { node, online } => {
+                self.check_in_cluster()?;
+                let n = self
+                    .nodes
+                    .get(node)
+                    .ok_or_else(|| not_found("node id", &node.to_string()))?;
+                if n.online == *online {
+                    return Ok(Prepared::Nothing);
+                }
+                Ok(Prepared::SetNodeOnline)
+            }
+            Command::SetPreferredNode { volume, node } => {
+                self.prepare_set_preferred_node(volume, node)
             }
         }
     }
@@ -1439,8 +1491,13 @@ impl State {
                     layout,
                     mdisks,
                     thin,
+                    io_group: _,
                 },
-                Prepared::CreateVolume { id, alloc },
+                Prepared::CreateVolume {
+                    id,
+                    alloc,
+                    placement,
+                },
             ) => {
                 let taken = self.take_id();
                 debug_assert_eq!(taken, id);
@@ -1462,6 +1519,8 @@ impl State {
                         extents,
                         thin,
                         reservations: PrState::default(),
+                        io_group: placement.io_group,
+                        preferred_node: placement.preferred_node,
                     },
                 );
                 Outcome::Created {
@@ -1470,11 +1529,14 @@ impl State {
                 }
             }
             (
-                Command::CreateImageVolume { name, pool, mdisk },
+                Command::CreateImageVolume {
+                    name, pool, mdisk, ..
+                },
                 Prepared::CreateImageVolume {
                     id,
                     size_bytes,
                     extents,
+                    placement,
                 },
             ) => {
                 let taken = self.take_id();
@@ -1501,6 +1563,8 @@ impl State {
                         extents,
                         thin: None,
                         reservations: PrState::default(),
+                        io_group: placement.io_group,
+                        preferred_node: placement.preferred_node,
                     },
                 );
                 Outcome::Created {
@@ -1618,6 +1682,32 @@ impl State {
                     .get_mut(&volume)
                     .expect("prepared")
                     .reservations = state.clone();
+                Outcome::Done
+            }
+            (
+                Command::CreateCluster {
+                    name,
+                    uid,
+                    node,
+                    import,
+                },
+                Prepared::CreateCluster,
+            ) => self.commit_create_cluster(name, uid, node, import.as_deref()),
+            (Command::AddNode { node }, Prepared::AddNode { id, io_group }) => {
+                self.commit_add_node(node, id, io_group)
+            }
+            (Command::RemoveNode { .. }, Prepared::RemoveNode { id, partner }) => {
+                self.commit_remove_node(id, partner)
+            }
+            (Command::SetNodeOnline { node, online }, Prepared::SetNodeOnline) => {
+                self.nodes.get_mut(node).expect("prepared").online = *online;
+                Outcome::Done
+            }
+            (Command::SetPreferredNode { volume, .. }, Prepared::SetPreferredNode { node }) => {
+                self.volumes
+                    .get_mut(volume)
+                    .expect("prepared")
+                    .preferred_node = Some(node);
                 Outcome::Done
             }
             (cmd, _) => unreachable!("prepare returned a plan for another command than {cmd:?}"),

@@ -60,6 +60,7 @@ pub fn provision(node: &Node, data_dir: &Path) -> anyhow::Result<()> {
             layout: VolumeLayout::Striped,
             mdisks: vec![],
             thin: None,
+            io_group: None,
         })?;
     }
     if !node.state().hosts.contains_key(DEMO_HOST) {

@@ -479,6 +479,7 @@ mod tests {
             layout: VolumeLayout::Striped,
             mdisks: vec![],
             thin: None,
+            io_group: None,
         });
         for c in &cmds {
             store.submit(c).unwrap();

@@ -38,6 +38,7 @@ fn session() -> Vec<Command> {
             },
             mdisks: vec![],
             thin: None,
+            io_group: None,
         });
     }
     v.push(Command::ExpandVolume {

@@ -50,6 +50,7 @@ fn vol(name: &str, p: &str, size: u64, layout: VolumeLayout, mdisks: &[&str]) ->
         layout,
         mdisks: mdisks.iter().map(|s| s.to_string()).collect(),
         thin: None,
+        io_group: None,
     }
 }
 
@@ -363,6 +364,7 @@ fn image_mode_volume_is_its_mdisk() {
             name: "v".into(),
             pool: "p".into(),
             mdisk: "img".into(),
+            io_group: None,
         },
     );
     let v = &s.volumes["v"];
@@ -475,6 +477,7 @@ fn renames_update_every_reference() {
             name: "iv".into(),
             pool: "p0".into(),
             mdisk: "img".into(),
+            io_group: None,
         },
     );
     ok(
@@ -617,6 +620,7 @@ fn thin_vol(name: &str, p: &str, size: u64, real: u64, grain_kib: u32) -> Comman
             real_size_bytes: real,
             grain_kib,
         }),
+        io_group: None,
     }
 }
 
@@ -718,9 +722,21 @@ fn setup() -> Vec<Command> {
     v
 }
 
+/// Before the random part: nothing, the storage `setup`, or the setup in
+/// a cluster of two nodes (one I/O group) and a witness.
 fn commands() -> impl Strategy<Value = Vec<Command>> {
-    (any::<bool>(), proptest::collection::vec(command(), 1..120)).prop_map(|(pre, cmds)| {
-        let mut v = if pre { setup() } else { Vec::new() };
+    (0..3u8, proptest::collection::vec(command(), 1..120)).prop_map(|(pre, cmds)| {
+        let mut v = match pre {
+            0 => Vec::new(),
+            1 => setup(),
+            _ => {
+                let mut v = setup();
+                v.push(create_cluster("c0", node_spec(0), None));
+                v.push(add_node(node_spec(1)));
+                v.push(add_node(witness_spec(9)));
+                v
+            }
+        };
         v.extend(cmds);
         v
     })
@@ -730,6 +746,78 @@ fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         6 => storage_command(),
         4 => host_command(),
+        3 => cluster_command(),
+    ]
+}
+
+fn io_group() -> impl Strategy<Value = Option<u32>> {
+    prop_oneof![
+        6 => Just(None),
+        2 => (0..3u32).prop_map(Some),
+        1 => Just(Some(IO_GROUPS_MAX)),
+    ]
+}
+
+/// Nodes n0..n9 at addresses that sometimes collide, now and then a
+/// witness or a bad address.
+fn node_spec_strategy() -> impl Strategy<Value = NodeSpec> {
+    (
+        0..10u8,
+        0..10u8,
+        0..12u8,
+        prop_oneof![8 => Just(false), 1 => Just(true)],
+    )
+        .prop_map(|(name, addr, admin, witness)| NodeSpec {
+            name: format!("n{name}"),
+            cluster_addr: format!("10.0.0.{addr}:7100"),
+            admin_addr: match admin {
+                10 => "nowhere".into(),
+                11 => "10.0.0.1:0".into(),
+                a => format!("10.0.0.{a}:7200"),
+            },
+            nbd_portal: None,
+            iscsi_portal: (!witness && name % 2 == 0).then(|| format!("10.0.1.{name}:3260")),
+            witness,
+        })
+}
+
+fn import_strategy() -> impl Strategy<Value = Option<Box<State>>> {
+    let mut storage = State::default();
+    for c in setup() {
+        storage.apply(&c).unwrap();
+    }
+    let mut clustered = State::default();
+    clustered
+        .apply(&create_cluster("other", node_spec(0), None))
+        .unwrap();
+    prop_oneof![
+        6 => Just(None),
+        2 => Just(Some(Box::new(storage))),
+        1 => Just(Some(Box::default())),
+        1 => Just(Some(Box::new(clustered))),
+    ]
+}
+
+fn cluster_command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        1 => (
+            name_of("c"),
+            prop_oneof![8 => Just("c0ffee-1".to_string()), 1 => Just("bad uid".to_string())],
+            node_spec_strategy(),
+            import_strategy(),
+        )
+            .prop_map(|(name, uid, node, import)| Command::CreateCluster {
+                name,
+                uid,
+                node,
+                import,
+            }),
+        4 => node_spec_strategy().prop_map(|node| Command::AddNode { node }),
+        2 => (0..10u8).prop_map(|i| Command::RemoveNode { name: format!("n{i}") }),
+        3 => (0..8u64, any::<bool>())
+            .prop_map(|(node, online)| Command::SetNodeOnline { node, online }),
+        3 => (name_of("v"), (0..10u8).prop_map(|i| format!("n{i}")))
+            .prop_map(|(volume, node)| Command::SetPreferredNode { volume, node }),
     ]
 }
 
@@ -871,17 +959,24 @@ fn storage_command() -> impl Strategy<Value = Command> {
                         grain_kib,
                     })),
             ],
+            io_group(),
         )
-            .prop_map(|(name, pool, size_bytes, layout, mdisks, thin)| Command::CreateVolume {
+            .prop_map(|(name, pool, size_bytes, layout, mdisks, thin, io_group)| Command::CreateVolume {
                 name,
                 pool,
                 size_bytes,
                 layout,
                 mdisks,
                 thin,
+                io_group,
             }),
-        1 => (name_of("v"), name_of("p"), name_of("m"))
-            .prop_map(|(name, pool, mdisk)| Command::CreateImageVolume { name, pool, mdisk }),
+        1 => (name_of("v"), name_of("p"), name_of("m"), io_group())
+            .prop_map(|(name, pool, mdisk, io_group)| Command::CreateImageVolume {
+                name,
+                pool,
+                mdisk,
+                io_group,
+            }),
         2 => (name_of("v"), size())
             .prop_map(|(name, new_size_bytes)| Command::ExpandVolume { name, new_size_bytes }),
         2 => name_of("v").prop_map(|name| Command::DeleteVolume { name }),
@@ -1235,7 +1330,7 @@ fn random_sequences_reach_every_command() {
     let mut runner = TestRunner::deterministic();
     let mut accepted = BTreeSet::new();
     let mut refused = BTreeSet::new();
-    for _ in 0..128 {
+    for _ in 0..256 {
         let cmds = commands().new_tree(&mut runner).unwrap().current();
         let mut s = State::default();
         for c in &cmds {
@@ -1263,8 +1358,543 @@ fn random_sequences_reach_every_command() {
         "create_volume",
         "expand_volume",
         "delete_volume",
+        "create_cluster",
+        "add_node",
+        "remove_node",
+        "set_node_online",
+        "set_preferred_node",
     ] {
         assert!(accepted.contains(op), "{op} never accepted");
         assert!(refused.contains(op), "{op} never refused");
     }
+}
+
+// ---- cluster: nodes, I/O groups, preferred nodes ---------------------------
+
+/// Node `n{i}` at 10.0.0.{i}, serving I/O.
+fn node_spec(i: u8) -> NodeSpec {
+    NodeSpec {
+        name: format!("n{i}"),
+        cluster_addr: format!("10.0.0.{i}:7100"),
+        admin_addr: format!("10.0.0.{i}:7200"),
+        nbd_portal: Some(format!("10.0.1.{i}:10809")),
+        iscsi_portal: Some(format!("10.0.1.{i}:3260")),
+        witness: false,
+    }
+}
+
+fn witness_spec(i: u8) -> NodeSpec {
+    NodeSpec {
+        name: format!("w{i}"),
+        cluster_addr: format!("10.0.0.{i}:7100"),
+        admin_addr: format!("10.0.0.{i}:7200"),
+        nbd_portal: None,
+        iscsi_portal: None,
+        witness: true,
+    }
+}
+
+fn create_cluster(name: &str, node: NodeSpec, import: Option<State>) -> Command {
+    Command::CreateCluster {
+        name: name.into(),
+        uid: "6f1c2b1e-0d5a-4c2e-9b7a-2f0e8c1d3a4b".into(),
+        node,
+        import: import.map(Box::new),
+    }
+}
+
+fn add_node(node: NodeSpec) -> Command {
+    Command::AddNode { node }
+}
+
+fn online(node: NodeId, online: bool) -> Command {
+    Command::SetNodeOnline { node, online }
+}
+
+fn prefer(volume: &str, node: &str) -> Command {
+    Command::SetPreferredNode {
+        volume: volume.into(),
+        node: node.into(),
+    }
+}
+
+fn vol_in(name: &str, io_group: Option<u32>) -> Command {
+    Command::CreateVolume {
+        name: name.into(),
+        pool: "p0".into(),
+        size_bytes: MIB,
+        layout: VolumeLayout::Striped,
+        mdisks: vec![],
+        thin: None,
+        io_group,
+    }
+}
+
+/// `(io_group, preferred node)` of volume `v`.
+fn served(s: &State, v: &str) -> (u32, Option<NodeId>) {
+    (s.volumes[v].io_group, s.volumes[v].preferred_node)
+}
+
+/// A cluster over `with_volumes(0)` with nodes n1..=n{count}, all online.
+fn cluster_of(count: u8) -> State {
+    let mut s = with_volumes(0);
+    ok(&mut s, create_cluster("c", node_spec(1), None));
+    for i in 2..=count {
+        ok(&mut s, add_node(node_spec(i)));
+        ok(&mut s, online(NodeId::from(i), true));
+    }
+    s
+}
+
+#[test]
+fn create_cluster_makes_node_one() {
+    let mut s = State::default();
+    assert_eq!(
+        ok(&mut s, create_cluster("prod", node_spec(1), None)),
+        Outcome::Created {
+            id: 1,
+            name: "n1".into()
+        }
+    );
+    assert_eq!(
+        s.cluster,
+        Some(ClusterInfo {
+            name: "prod".into(),
+            uid: "6f1c2b1e-0d5a-4c2e-9b7a-2f0e8c1d3a4b".into()
+        })
+    );
+    assert_eq!(
+        s.nodes[&1],
+        Node {
+            id: 1,
+            name: "n1".into(),
+            cluster_addr: "10.0.0.1:7100".into(),
+            admin_addr: "10.0.0.1:7200".into(),
+            nbd_portal: Some("10.0.1.1:10809".into()),
+            iscsi_portal: Some("10.0.1.1:3260".into()),
+            witness: false,
+            io_group: Some(0),
+            online: true,
+        }
+    );
+    assert_eq!(s.next_node_id, 2);
+    let e = err(&mut s, create_cluster("other", node_spec(2), None));
+    assert_eq!(e.to_string(), "cluster 'prod' already exists");
+}
+
+#[test]
+fn create_cluster_checks_its_arguments() {
+    let mut s = with_volumes(1);
+    let e = err(&mut s, create_cluster("-x", node_spec(1), None));
+    assert!(matches!(e, ConfigError::InvalidName { .. }), "{e}");
+    let e = err(
+        &mut s,
+        Command::CreateCluster {
+            name: "c".into(),
+            uid: "not a uid".into(),
+            node: node_spec(1),
+            import: None,
+        },
+    );
+    assert!(e.to_string().contains("a cluster uid has"), "{e}");
+    let e = err(&mut s, create_cluster("c", witness_spec(1), None));
+    assert!(e.to_string().contains("add the witness afterwards"), "{e}");
+    let mut bad = node_spec(1);
+    bad.cluster_addr = "10.0.0.1".into();
+    let e = err(&mut s, create_cluster("c", bad, None));
+    assert_eq!(
+        e.to_string(),
+        "invalid cluster_addr: '10.0.0.1' is not host:port: the port is missing (for example \
+         10.0.0.1:7100, node1.example.com:7100 or [fd00::1]:7100)"
+    );
+    let mut bad = node_spec(1);
+    bad.name = "n 1".into();
+    err(&mut s, create_cluster("c", bad, None));
+}
+
+#[test]
+fn create_cluster_without_import_keeps_the_objects_here() {
+    let mut s = with_volumes(2);
+    ok(&mut s, host("h", &[IQN_A]));
+    ok(&mut s, map("v0", "h", None));
+    let before = s.clone();
+    ok(&mut s, create_cluster("c", node_spec(1), None));
+    assert_eq!(served(&s, "v0"), (0, Some(1)));
+    assert_eq!(served(&s, "v1"), (0, Some(1)));
+    assert_eq!(
+        (&s.mdisks, &s.pools, &s.hosts),
+        (&before.mdisks, &before.pools, &before.hosts)
+    );
+    assert_eq!(s.next_id, before.next_id);
+}
+
+#[test]
+fn create_cluster_imports_a_standalone_configuration() {
+    let mut standalone = with_volumes(2);
+    ok(&mut standalone, host("h", &[IQN_A]));
+    ok(&mut standalone, map("v1", "h", Some(7)));
+    ok(
+        &mut standalone,
+        Command::SetIscsiPortal {
+            portal: Some(IscsiPortal {
+                listen: "0.0.0.0:3260".into(),
+                enabled: true,
+            }),
+        },
+    );
+    standalone.applied = 42;
+    let mut s = State::default();
+    ok(
+        &mut s,
+        create_cluster("c", node_spec(1), Some(standalone.clone())),
+    );
+    assert_eq!(s.mdisks, standalone.mdisks);
+    assert_eq!(s.pools, standalone.pools);
+    assert_eq!(s.hosts, standalone.hosts);
+    assert_eq!(s.iscsi_portal, standalone.iscsi_portal);
+    assert_eq!(s.next_id, standalone.next_id);
+    assert_eq!(s.applied, 0, "applied is the log's, not the import's");
+    for (name, v) in &s.volumes {
+        let mut want = standalone.volumes[name].clone();
+        want.preferred_node = Some(1);
+        assert_eq!(v, &want);
+    }
+    // Ids continue after the imported ones.
+    let next = standalone.next_id;
+    assert_eq!(
+        ok(&mut s, vol_in("v2", None)),
+        Outcome::Created {
+            id: next,
+            name: "v2".into()
+        }
+    );
+}
+
+#[test]
+fn create_cluster_refuses_bad_imports() {
+    let mut clustered = State::default();
+    ok(&mut clustered, create_cluster("old", node_spec(1), None));
+    let mut s = State::default();
+    let e = err(&mut s, create_cluster("c", node_spec(1), Some(clustered)));
+    assert!(e.to_string().contains("belongs to cluster 'old'"), "{e}");
+    // An import replaces the objects; it does not merge them.
+    let mut here = with_volumes(0);
+    let e = err(
+        &mut here,
+        create_cluster("c", node_spec(1), Some(with_volumes(1))),
+    );
+    assert!(e.to_string().contains("already has objects"), "{e}");
+    // An inconsistent configuration is refused with the reason.
+    let mut broken = with_volumes(1);
+    broken.volumes.get_mut("v0").unwrap().pool = "nope".into();
+    let e = err(&mut s, create_cluster("c", node_spec(1), Some(broken)));
+    assert!(
+        e.to_string()
+            .contains("inconsistent: volume 'v0': no pool 'nope'"),
+        "{e}"
+    );
+    // An empty one is fine.
+    ok(
+        &mut s,
+        create_cluster("c", node_spec(1), Some(State::default())),
+    );
+}
+
+#[test]
+fn nodes_fill_io_groups_in_pairs() {
+    let mut s = State::default();
+    let e = err(&mut s, add_node(node_spec(2)));
+    assert_eq!(e, ConfigError::NotInCluster);
+    ok(&mut s, create_cluster("c", node_spec(1), None));
+    let mut groups = vec![s.nodes[&1].io_group];
+    for i in 2..=8u8 {
+        assert_eq!(
+            ok(&mut s, add_node(node_spec(i))),
+            Outcome::Created {
+                id: NodeId::from(i),
+                name: format!("n{i}")
+            }
+        );
+        groups.push(s.nodes[&NodeId::from(i)].io_group);
+    }
+    assert_eq!(
+        groups,
+        [0, 0, 1, 1, 2, 2, 3, 3].map(Some).to_vec(),
+        "groups are pairs, lowest first"
+    );
+    // A new node is offline until its first lease.
+    assert!(!s.nodes[&2].online);
+    let e = err(&mut s, add_node(node_spec(9)));
+    assert!(
+        e.to_string().contains("at most 8 nodes that serve I/O"),
+        "{e}"
+    );
+    // The witness is not counted and joins no group.
+    ok(&mut s, add_node(witness_spec(20)));
+    assert_eq!(s.nodes[&9].io_group, None);
+    let e = err(&mut s, add_node(witness_spec(21)));
+    assert!(e.to_string().contains("at most 1 witness ('w20')"), "{e}");
+    assert_eq!(s.io_groups(), BTreeSet::from([0, 1, 2, 3]));
+}
+
+#[test]
+fn add_node_checks_name_address_and_portals() {
+    let mut s = cluster_of(1);
+    let e = err(&mut s, add_node(node_spec(1)));
+    assert_eq!(e.to_string(), "node 'n1' already exists");
+    let mut same_addr = node_spec(2);
+    same_addr.cluster_addr = "10.0.0.1:7100".into();
+    let e = err(&mut s, add_node(same_addr));
+    assert_eq!(
+        e.to_string(),
+        "cluster_addr '10.0.0.1:7100' is in use: node 'n1' has it"
+    );
+    let mut w = witness_spec(3);
+    w.iscsi_portal = Some("10.0.1.3:3260".into());
+    let e = err(&mut s, add_node(w));
+    assert!(e.to_string().contains("a witness serves no I/O"), "{e}");
+    let mut bad = node_spec(2);
+    bad.admin_addr = "[fd00::1:7200".into();
+    err(&mut s, add_node(bad));
+    let mut v6 = node_spec(2);
+    v6.admin_addr = "[fd00::2]:7200".into();
+    v6.cluster_addr = "node2.example.com:7100".into();
+    ok(&mut s, add_node(v6));
+}
+
+#[test]
+fn addresses_are_checked() {
+    for good in [
+        "10.0.0.1:7100",
+        "[::1]:1",
+        "node-1.example.com:65535",
+        "n_1:80",
+    ] {
+        check_address("a", good).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    for bad in [
+        "",
+        "10.0.0.1",
+        ":7100",
+        "10.0.0.1:0",
+        "10.0.0.1:65536",
+        "10.0.0.1:x",
+        "::1:7100",
+        "[::1:7100",
+        "[nope]:7100",
+        "-a:7100",
+        "a b:7100",
+        &format!("{}:1", "a".repeat(NODE_ADDRESS_BYTES_MAX)),
+    ] {
+        assert!(check_address("a", bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn remove_node_hands_its_volumes_to_the_partner() {
+    let mut s = cluster_of(3);
+    ok(&mut s, vol_in("a", Some(0)));
+    ok(&mut s, vol_in("b", Some(0)));
+    ok(&mut s, vol_in("c", Some(1)));
+    assert_eq!(served(&s, "a"), (0, Some(1)));
+    assert_eq!(served(&s, "b"), (0, Some(2)));
+    assert_eq!(served(&s, "c"), (1, Some(3)));
+    ok(&mut s, Command::RemoveNode { name: "n1".into() });
+    assert_eq!(served(&s, "a"), (0, Some(2)));
+    assert_eq!(served(&s, "b"), (0, Some(2)));
+    // n3 is io_grp1's only node and it serves 'c'.
+    let e = err(&mut s, Command::RemoveNode { name: "n3".into() });
+    assert_eq!(
+        e.to_string(),
+        "node 'n3' is in use: it is the only node of io_grp1, which serves volumes 'c'; \
+         delete them first"
+    );
+    let e = err(&mut s, Command::RemoveNode { name: "n1".into() });
+    assert_eq!(e.to_string(), "node 'n1' does not exist");
+    // The next node fills the hole in io_grp0; ids are not reused.
+    ok(&mut s, add_node(node_spec(4)));
+    assert_eq!(s.nodes[&4].io_group, Some(0));
+    assert!(!s.nodes.contains_key(&1));
+    ok(&mut s, Command::DeleteVolume { name: "c".into() });
+    ok(&mut s, Command::RemoveNode { name: "n3".into() });
+    assert_eq!(s.io_groups(), BTreeSet::from([0]));
+}
+
+#[test]
+fn the_last_serving_node_stays() {
+    let mut s = cluster_of(2);
+    ok(&mut s, add_node(witness_spec(9)));
+    ok(&mut s, Command::RemoveNode { name: "n2".into() });
+    let e = err(&mut s, Command::RemoveNode { name: "n1".into() });
+    assert!(e.to_string().contains("last node that serves I/O"), "{e}");
+    // A witness may go.
+    ok(&mut s, Command::RemoveNode { name: "w9".into() });
+    assert_eq!(s.nodes.keys().copied().collect::<Vec<_>>(), [1]);
+    let mut standalone = State::default();
+    let e = err(&mut standalone, Command::RemoveNode { name: "n1".into() });
+    assert_eq!(e, ConfigError::NotInCluster);
+}
+
+#[test]
+fn new_volumes_go_to_the_emptiest_group_and_its_least_loaded_node() {
+    let mut s = cluster_of(4);
+    ok(&mut s, add_node(witness_spec(9)));
+    for v in ["a", "b", "c", "d", "e"] {
+        ok(&mut s, vol_in(v, None));
+    }
+    assert_eq!(
+        ["a", "b", "c", "d", "e"].map(|v| served(&s, v)),
+        [
+            (0, Some(1)),
+            (1, Some(3)),
+            (0, Some(2)),
+            (1, Some(4)),
+            (0, Some(1))
+        ]
+    );
+    // An offline node gets no new preferred volumes while its partner is up.
+    ok(&mut s, online(2, false));
+    ok(&mut s, vol_in("f", Some(0)));
+    assert_eq!(served(&s, "f"), (0, Some(1)));
+    // With both offline the least loaded of them is chosen.
+    ok(&mut s, online(1, false));
+    ok(&mut s, vol_in("g", Some(0)));
+    assert_eq!(served(&s, "g"), (0, Some(2)));
+    let e = err(&mut s, vol_in("h", Some(2)));
+    assert_eq!(
+        e.to_string(),
+        "invalid io_group: io_grp2 has no nodes; use one of io_grp0, io_grp1"
+    );
+    // Image-mode volumes are placed the same way.
+    ok(&mut s, add_mdisk("img", 3 * MIB));
+    ok(
+        &mut s,
+        Command::CreateImageVolume {
+            name: "i".into(),
+            pool: "p0".into(),
+            mdisk: "img".into(),
+            io_group: Some(1),
+        },
+    );
+    assert_eq!(served(&s, "i"), (1, Some(3)));
+}
+
+#[test]
+fn standalone_volumes_are_in_group_zero() {
+    let mut s = with_volumes(0);
+    ok(&mut s, vol_in("a", None));
+    ok(&mut s, vol_in("b", Some(0)));
+    assert_eq!(served(&s, "a"), (0, None));
+    assert_eq!(served(&s, "b"), (0, None));
+    let e = err(&mut s, vol_in("c", Some(1)));
+    assert!(e.to_string().contains("not in a cluster"), "{e}");
+}
+
+#[test]
+fn preferred_node_is_set_within_the_group() {
+    let mut s = cluster_of(3);
+    ok(&mut s, add_node(witness_spec(9)));
+    ok(&mut s, vol_in("a", Some(0)));
+    assert_eq!(served(&s, "a"), (0, Some(1)));
+    ok(&mut s, prefer("a", "n2"));
+    assert_eq!(served(&s, "a"), (0, Some(2)));
+    let before = s.clone();
+    ok(&mut s, prefer("a", "n2"));
+    assert_eq!(s, before, "no change");
+    let e = err(&mut s, prefer("a", "n3"));
+    assert_eq!(
+        e.to_string(),
+        "invalid node: node 'n3' is in io_grp1, volume 'a' in io_grp0; choose a node of \
+         io_grp0: 'n1', 'n2'"
+    );
+    let e = err(&mut s, prefer("a", "w9"));
+    assert!(
+        e.to_string().contains("is a witness and serves no I/O"),
+        "{e}"
+    );
+    assert!(matches!(
+        err(&mut s, prefer("a", "nope")),
+        ConfigError::NotFound { .. }
+    ));
+    assert!(matches!(
+        err(&mut s, prefer("nope", "n1")),
+        ConfigError::NotFound { .. }
+    ));
+    let mut standalone = with_volumes(1);
+    assert_eq!(
+        err(&mut standalone, prefer("v0", "n1")),
+        ConfigError::NotInCluster
+    );
+}
+
+#[test]
+fn node_events_set_online() {
+    let mut s = cluster_of(2);
+    ok(&mut s, online(2, false));
+    assert!(!s.nodes[&2].online);
+    let before = s.clone();
+    ok(&mut s, online(2, false));
+    assert_eq!(s, before);
+    ok(&mut s, online(2, true));
+    assert!(s.nodes[&2].online);
+    let e = err(&mut s, online(7, true));
+    assert_eq!(e.to_string(), "node id '7' does not exist");
+    assert_eq!(
+        err(&mut State::default(), online(1, true)),
+        ConfigError::NotInCluster
+    );
+}
+
+#[test]
+fn cluster_errors_say_what_to_do() {
+    assert_eq!(
+        ConfigError::NoQuorum {
+            reason: "2 of 3 voters unreachable".into()
+        }
+        .to_string(),
+        "the cluster has no quorum: 2 of 3 voters unreachable"
+    );
+    assert!(ConfigError::NotInCluster
+        .to_string()
+        .contains("create one ('sanvirt cluster create')"));
+    assert_eq!(
+        ConfigError::ClusterUnavailable {
+            reason: "no leader".into()
+        }
+        .to_string(),
+        "the cluster is unavailable: no leader"
+    );
+    assert_eq!(
+        serde_json::to_value(ConfigError::NotInCluster).unwrap(),
+        serde_json::json!({"kind": "not_in_cluster"})
+    );
+}
+
+#[test]
+fn old_volumes_and_commands_load_in_group_zero() {
+    let old = r#"{"applied":3,"next_id":4,"mdisks":{"m":{"id":2,"name":"m","path":"/dev/m","capacity_bytes":4194304,"mode":{"mode":"managed","pool":"p"},"extents_total":4,"extents_free":[1,2,3]}},"pools":{"p":{"id":1,"name":"p","extent_size_mib":1,"mdisks":["m"]}},"volumes":{"v":{"id":3,"name":"v","pool":"p","size_bytes":1048576,"layout":"striped","mdisks":[],"extents":[{"mdisk":2,"index":0}]}}}"#;
+    let s: State = serde_json::from_str(old).unwrap();
+    assert_eq!(served(&s, "v"), (0, None));
+    assert!(s.cluster.is_none() && s.nodes.is_empty() && s.next_node_id == 0);
+    s.check_invariants().unwrap();
+    assert_eq!(serde_json::to_string(&s).unwrap(), old);
+    let c: Command =
+        serde_json::from_str(r#"{"op":"create_image_volume","name":"v","pool":"p","mdisk":"m"}"#)
+            .unwrap();
+    assert!(matches!(
+        c,
+        Command::CreateImageVolume { io_group: None, .. }
+    ));
+}
+
+#[test]
+fn a_cluster_state_round_trips() {
+    let mut s = cluster_of(2);
+    ok(&mut s, add_node(witness_spec(9)));
+    ok(&mut s, vol_in("a", None));
+    let j = serde_json::to_string(&s).unwrap();
+    assert_eq!(serde_json::from_str::<State>(&j).unwrap(), s);
+    let c = create_cluster("c", node_spec(1), Some(with_volumes(1)));
+    let j = serde_json::to_string(&c).unwrap();
+    assert_eq!(serde_json::from_str::<Command>(&j).unwrap(), c);
 }

@@ -129,6 +129,7 @@ impl Rig {
             layout,
             mdisks: vec![],
             thin: None,
+            io_group: None,
         })
     }
 
@@ -225,6 +226,7 @@ async fn conformance_image_mode() {
         name: "v".into(),
         pool: "p".into(),
         mdisk: "legacy".into(),
+        io_group: None,
     });
     assert_eq!(
         r.virt.disk_info(v).unwrap().size_bytes,
@@ -252,6 +254,7 @@ async fn image_mode_keeps_data_in_place() {
         name: "v".into(),
         pool: "p".into(),
         mdisk: "legacy".into(),
+        io_group: None,
     });
     assert_eq!(r.read(v, 0, data.len()).await, data);
     r.take_requests();
@@ -531,6 +534,7 @@ async fn mdisk_offline_takes_its_volumes_offline() {
         layout: VolumeLayout::Striped,
         mdisks: vec![],
         thin: None,
+        io_group: None,
     });
     let b = r.apply(Command::CreateVolume {
         name: "b".into(),
@@ -539,6 +543,7 @@ async fn mdisk_offline_takes_its_volumes_offline() {
         layout: VolumeLayout::Sequential,
         mdisks: vec!["m0".into()],
         thin: None,
+        io_group: None,
     });
     let c = r.apply(Command::CreateVolume {
         name: "c".into(),
@@ -547,6 +552,7 @@ async fn mdisk_offline_takes_its_volumes_offline() {
         layout: VolumeLayout::Sequential,
         mdisks: vec!["m3".into()],
         thin: None,
+        io_group: None,
     });
     front(&r.log);
     let m3 = r.mdisk("m3");
@@ -664,6 +670,7 @@ async fn volume_on_an_mdisk_the_back_end_lacks_is_offline() {
         layout: VolumeLayout::Striped,
         mdisks: vec!["here".into()],
         thin: None,
+        io_group: None,
     });
     r.write(only_here, 0, &[3u8; 512]).await;
     // The back end announcing the mdisk brings the volume online.
@@ -789,6 +796,7 @@ mod model {
                 layout,
                 mdisks: vec![],
                 thin: None,
+                io_group: None,
             };
             let v = match r.state.apply(&cmd) {
                 Ok(sanvirt_config::Outcome::Created { id, .. }) => id,
@@ -877,6 +885,7 @@ async fn thin_volume_is_served_at_its_real_capacity() {
             real_size_bytes: 3 * MIB - 4096,
             grain_kib: 64,
         }),
+        io_group: None,
     });
     let spec = r.state.volumes["t"].thin.expect("thin");
     assert_eq!(spec.real_size_bytes, 3 * MIB, "rounded up to extents");

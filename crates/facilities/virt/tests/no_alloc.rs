@@ -60,6 +60,7 @@ fn fast_path_does_not_allocate() {
         layout: VolumeLayout::Striped,
         mdisks: vec![],
         thin: None,
+        io_group: None,
     });
     for c in &cmds {
         state.apply(c).unwrap();
