@@ -127,6 +127,7 @@ fn commands() -> Vec<Command> {
             layout: VolumeLayout::Striped,
             mdisks: vec![],
             thin: None,
+            io_group: None,
         },
         // Refused: larger than the pool.
         Command::CreateVolume {
@@ -136,6 +137,7 @@ fn commands() -> Vec<Command> {
             layout: VolumeLayout::Striped,
             mdisks: vec![],
             thin: None,
+            io_group: None,
         },
         // Refused: no such pool.
         Command::DeletePool {
