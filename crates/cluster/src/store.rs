@@ -34,7 +34,7 @@ mod tests;
 
 pub use db::{ClusterDb, Identity};
 pub use log::LogStore;
-pub use sm::{AppliedView, StateMachineStore};
+pub use sm::{AppliedView, StateMachineStore, SNAPSHOT_FORMAT, SNAPSHOT_VERSION};
 
 /// File name of the database inside the cluster directory.
 pub const DB_FILE: &str = "raft.redb";

@@ -24,6 +24,31 @@ pub struct DaemonConfig {
     pub iscsi: IscsiConfig,
     pub buffers: BufferConfig,
     pub backend: BackendConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// The node's place in the cluster (docs/cluster.md). A fresh node is in no
+/// cluster until `sanvirt cluster create` (or `--demo`) makes it the first
+/// node of one, or `sanvirt node add` on a member adds it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name in the cluster. Default: `node-` and the first
+    /// eight characters of the data directory's unique id.
+    pub node_name: Option<String>,
+    /// Cluster RPC listener: log replication, heartbeats, leases.
+    pub listen: SocketAddr,
+    /// `host:port` the other nodes use to reach `listen`. Default: `listen`.
+    pub advertise: Option<String>,
+    /// A witness: the tie-breaking third voter of a two-node cluster. It
+    /// serves no I/O and holds no volumes.
+    pub witness: bool,
+    /// The boss's heartbeat period.
+    pub heartbeat_ms: u64,
+    /// A follower that hears no heartbeat for this long starts an election.
+    pub election_timeout_ms: u64,
+    /// A node serves I/O for this long after a renewal the boss granted.
+    pub lease_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -90,6 +115,21 @@ impl Default for DaemonConfig {
             iscsi: IscsiConfig::default(),
             buffers: BufferConfig::default(),
             backend: BackendConfig::default(),
+            cluster: ClusterConfig::default(),
+        }
+    }
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_name: None,
+            listen: "127.0.0.1:7481".parse().expect("literal address"),
+            advertise: None,
+            witness: false,
+            heartbeat_ms: 100,
+            election_timeout_ms: 1000,
+            lease_ms: 3000,
         }
     }
 }
@@ -195,6 +235,28 @@ impl DaemonConfig {
         }
         if !(1..=256).contains(&self.backend.threads) {
             bail!("backend.threads must be between 1 and 256");
+        }
+        let c = &self.cluster;
+        if !(10..=10_000).contains(&c.heartbeat_ms) {
+            bail!("cluster.heartbeat_ms must be between 10 and 10000");
+        }
+        if c.election_timeout_ms < 3 * c.heartbeat_ms {
+            bail!("cluster.election_timeout_ms must be at least 3 × heartbeat_ms");
+        }
+        // Leases must outlast an election, or every node stops serving I/O
+        // whenever the boss changes.
+        if c.lease_ms < 2 * c.election_timeout_ms || c.lease_ms > 600_000 {
+            bail!("cluster.lease_ms must be at least 2 × election_timeout_ms and at most 600000");
+        }
+        if let Some(n) = &c.node_name {
+            if n.is_empty()
+                || n.len() > 63
+                || !n
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.')
+            {
+                bail!("cluster.node_name {n:?}: 1 to 63 characters from A-Z a-z 0-9 - _ .");
+            }
         }
         Ok(())
     }

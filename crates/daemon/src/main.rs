@@ -33,6 +33,16 @@ struct Args {
     /// Overrides `iscsi.listen`.
     #[arg(long)]
     iscsi_listen: Option<SocketAddr>,
+    /// Overrides `cluster.listen`.
+    #[arg(long)]
+    cluster_listen: Option<SocketAddr>,
+    /// Overrides `cluster.node_name`.
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Run as a witness: the tie-breaking third voter of a two-node
+    /// cluster (no I/O, no volumes).
+    #[arg(long)]
+    witness: bool,
     /// On first start, create four 1 GiB sparse files under the data
     /// directory, pool them and serve a striped 2 GiB volume named `demo`
     /// (over NBD, and over iSCSI to the host `demo-client`).
@@ -71,6 +81,15 @@ fn run() -> anyhow::Result<()> {
     }
     if let Some(a) = args.iscsi_listen {
         cfg.iscsi.listen = a;
+    }
+    if let Some(a) = args.cluster_listen {
+        cfg.cluster.listen = a;
+    }
+    if let Some(n) = args.node_name {
+        cfg.cluster.node_name = Some(n);
+    }
+    if args.witness {
+        cfg.cluster.witness = true;
     }
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)

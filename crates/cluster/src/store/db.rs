@@ -45,8 +45,8 @@ struct FormatTag {
 /// Who this node is: set once, when the node creates or joins a cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
-    /// Random, chosen when the cluster was created; a node refuses peers of
-    /// another cluster.
+    /// Chosen (at random) when the cluster was created; tells this cluster
+    /// from another of the same name.
     pub cluster_uid: String,
     pub cluster_name: String,
     pub node_id: NodeId,
