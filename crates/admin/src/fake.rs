@@ -20,6 +20,7 @@ pub const FAKE_LEASE_REMAINING_MS: u64 = 1500;
 
 pub struct FakeService {
     state: Mutex<State>,
+    refusal: Mutex<Option<ConfigError>>,
     offline: Mutex<Vec<(String, String)>>,
     started: Instant,
 }
@@ -34,9 +35,16 @@ impl FakeService {
     pub fn new() -> Self {
         FakeService {
             state: Mutex::new(State::default()),
+            refusal: Mutex::new(None),
             offline: Mutex::new(Vec::new()),
             started: Instant::now(),
         }
+    }
+
+    /// Refuses every command with `e` from now on (`None`: accepts again),
+    /// as a cluster without quorum does.
+    pub fn set_refusal(&self, e: Option<ConfigError>) {
+        *lock(&self.refusal) = e;
     }
 
     /// Reports `mdisk` offline in `status()` from now on.
@@ -51,6 +59,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl AdminService for FakeService {
     fn submit(&self, cmd: Command) -> Result<Outcome, ConfigError> {
+        if let Some(e) = lock(&self.refusal).clone() {
+            return Err(e);
+        }
         let mut state = lock(&self.state);
         let outcome = state.apply(&cmd)?;
         // The journal's sequence number, in the daemon.
