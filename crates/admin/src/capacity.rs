@@ -125,6 +125,12 @@ fn volume_view_of(state: &State, names: &BTreeMap<ObjectId, &str>, v: &Volume) -
             .into_iter()
             .map(|(host, lun)| VolumeMappingView { host, lun })
             .collect(),
+        io_group: v.io_group,
+        preferred_node: v
+            .preferred_node
+            .and_then(|id| state.nodes.get(&id))
+            .map(|n| n.name.clone()),
+        preferred_node_id: v.preferred_node,
     }
 }
 

@@ -7,6 +7,8 @@
 //! | `insufficient_capacity` | 409: the request conflicts with the pool's current free space; retrying after freeing or adding capacity can succeed |
 //! | `invalid_name`, `invalid_argument`, `invalid_json` | 400 |
 //! | `store_failed` | 503: the node could not record a change and accepts none until restarted |
+//! | `no_quorum`, `cluster_unavailable` | 503: the cluster cannot commit now; retrying later can succeed |
+//! | `not_in_cluster` | 409: the request needs a cluster this node is not in |
 //! | `unauthorized` | 401 |
 //! | `no_route` | 404, `method_not_allowed` 405 |
 //! | `payload_too_large` | 413 |
@@ -71,9 +73,11 @@ impl ApiError {
 pub fn status_of(kind: &str) -> StatusCode {
     match kind {
         "not_found" => StatusCode::NOT_FOUND,
-        "already_exists" | "in_use" | "insufficient_capacity" => StatusCode::CONFLICT,
+        "already_exists" | "in_use" | "insufficient_capacity" | "not_in_cluster" => {
+            StatusCode::CONFLICT
+        }
         "invalid_name" | "invalid_argument" => StatusCode::BAD_REQUEST,
-        "store_failed" => StatusCode::SERVICE_UNAVAILABLE,
+        "store_failed" | "no_quorum" | "cluster_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -190,6 +194,21 @@ mod tests {
                 409,
                 "insufficient_capacity",
             ),
+            (
+                ConfigError::NoQuorum {
+                    reason: s("2 of 3 voters unreachable"),
+                },
+                503,
+                "no_quorum",
+            ),
+            (
+                ConfigError::ClusterUnavailable {
+                    reason: s("no leader"),
+                },
+                503,
+                "cluster_unavailable",
+            ),
+            (ConfigError::NotInCluster, 409, "not_in_cluster"),
         ];
         for (e, code, kind) in cases {
             let a = ApiError::from(e);

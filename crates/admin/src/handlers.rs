@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use sanvirt_config::{
-    ChapMutual, ChapSettings, Command, ConfigError, IscsiPortal, MdiskMode, Outcome, State,
-    ThinParams, VolumeLayout, EXTENT_SIZE_MIB_DEFAULT, SECTOR_BYTES, THIN_GRAIN_KIB_DEFAULT,
+    check_address, ChapMutual, ChapSettings, Command, ConfigError, IscsiPortal, MdiskMode, Outcome,
+    State, ThinParams, VolumeLayout, EXTENT_SIZE_MIB_DEFAULT, SECTOR_BYTES, THIN_GRAIN_KIB_DEFAULT,
 };
 
 use crate::capacity::{
@@ -20,7 +20,7 @@ use crate::capacity::{
 use crate::error::ApiError;
 use crate::extract::{parse_json, ApiBody, ApiJson, ApiPath};
 use crate::hosts::{host_view, host_views, mapping_views, portal_view};
-use crate::service::AdminService;
+use crate::service::{AdminService, ClusterStatus, MemberStatus};
 use crate::views::*;
 
 #[derive(Clone)]
@@ -115,6 +115,16 @@ pub async fn post_command(
     ApiBody(body): ApiBody,
 ) -> Result<Json<Outcome>, ApiError> {
     let cmd = parse_command(&body)?;
+    if let Some(instead) = cluster_layer_only(&cmd) {
+        return Err(ConfigError::InvalidArgument {
+            field: "op".into(),
+            reason: format!(
+                "membership changes go through the cluster layer, which also talks to the \
+                 nodes; use {instead}"
+            ),
+        }
+        .into());
+    }
     if let Command::AddMdisk {
         path,
         capacity_bytes,
@@ -132,6 +142,18 @@ pub async fn post_command(
         }
     }
     Ok(Json(submit(&ctx, cmd).await?))
+}
+
+/// The endpoint to use instead for a command that only the cluster layer
+/// may propose (it pairs them with messages to the nodes).
+fn cluster_layer_only(cmd: &Command) -> Option<&'static str> {
+    match cmd {
+        Command::CreateCluster { .. } => Some("POST /v1/cluster"),
+        Command::AddNode { .. } => Some("POST /v1/nodes"),
+        Command::RemoveNode { .. } => Some("DELETE /v1/nodes/{name}"),
+        Command::SetNodeOnline { .. } => Some("nothing: the cluster's leader sends node events"),
+        _ => None,
+    }
 }
 
 /// A `Command` from JSON, refusing fields the command does not have (serde's
@@ -550,7 +572,7 @@ pub async fn create_volume(
                 real_size_bytes: t.real_size_bytes,
                 grain_kib: t.grain_kib.unwrap_or(THIN_GRAIN_KIB_DEFAULT),
             }),
-            io_group: None,
+            io_group: req.io_group,
         },
     )
     .await?;
@@ -580,7 +602,7 @@ pub async fn create_image_volume(
             name: req.name,
             pool: req.pool,
             mdisk: req.mdisk,
-            io_group: None,
+            io_group: req.io_group,
         },
     )
     .await?;
@@ -663,6 +685,138 @@ pub async fn rename_volume(
     )
     .await?;
     volume_response(&ctx, &new_name, StatusCode::OK).await
+}
+
+/// Set a volume's preferred node.
+///
+/// The node of the volume's I/O group that serves it by preference.
+#[utoipa::path(post, path = "/v1/volumes/{name}/preferred-node", tag = "volumes",
+    params(("name" = String, Path, description = "volume name")),
+    request_body = SetPreferredNodeRequest,
+    responses(
+        (status = 200, description = "the volume", body = VolumeView),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such object", body = ErrorBody),
+        (status = 409, description = "this node is in no cluster", body = ErrorBody),
+        (status = 503, description = "the cluster cannot commit now", body = ErrorBody),
+    ))]
+pub async fn set_preferred_node(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<SetPreferredNodeRequest>,
+) -> Result<Response, ApiError> {
+    submit(
+        &ctx,
+        Command::SetPreferredNode {
+            volume: name.clone(),
+            node: req.node,
+        },
+    )
+    .await?;
+    volume_response(&ctx, &name, StatusCode::OK).await
+}
+
+// --------------------------------------------------------------- cluster
+
+/// Create a cluster.
+///
+/// This standalone node becomes the first member (node 1, I/O group 0, the
+/// leader) of a new cluster named `name`; its configuration becomes the
+/// cluster's.
+#[utoipa::path(post, path = "/v1/cluster", tag = "cluster",
+    request_body = CreateClusterRequest,
+    responses(
+        (status = 201, description = "the new cluster", body = ClusterStatus),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "this node is already in a cluster", body = ErrorBody),
+        (status = 503, description = "the cluster layer cannot take it now", body = ErrorBody),
+    ))]
+pub async fn create_cluster(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiJson(req): ApiJson<CreateClusterRequest>,
+) -> Result<Response, ApiError> {
+    tracing::info!(name = %req.name, "admin API creates a cluster");
+    let status = call(&ctx, move |s| s.cluster_create(req.name)).await??;
+    Ok((StatusCode::CREATED, Json(status)).into_response())
+}
+
+/// Cluster status.
+///
+/// Name, leader, term, quorum, log indexes and every member with its role,
+/// lease and I/O group. A standalone node answers with `name` null and no
+/// members.
+#[utoipa::path(get, path = "/v1/cluster", tag = "cluster",
+    responses(
+        (status = 200, description = "the cluster as this node sees it", body = ClusterStatus),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+    ))]
+pub async fn get_cluster(AxumState(ctx): AxumState<Ctx>) -> Result<Json<ClusterStatus>, ApiError> {
+    Ok(Json(call(&ctx, |s| s.cluster_status()).await?))
+}
+
+/// List the cluster's nodes.
+#[utoipa::path(get, path = "/v1/nodes", tag = "cluster",
+    responses(
+        (status = 200, description = "every member, by id", body = [MemberStatus]),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "this node is in no cluster", body = ErrorBody),
+    ))]
+pub async fn list_nodes(
+    AxumState(ctx): AxumState<Ctx>,
+) -> Result<Json<Vec<MemberStatus>>, ApiError> {
+    let status = call(&ctx, |s| s.cluster_status()).await?;
+    if status.name.is_none() {
+        return Err(ConfigError::NotInCluster.into());
+    }
+    Ok(Json(status.members))
+}
+
+/// Add a node to the cluster.
+///
+/// `address` is the cluster RPC address of a running sanvirtd in no
+/// cluster. It gets the next node id and the lowest I/O group with room (a
+/// witness: none), and is offline until its first lease.
+#[utoipa::path(post, path = "/v1/nodes", tag = "cluster",
+    request_body = AddNodeRequest,
+    responses(
+        (status = 201, description = "the new member", body = MemberStatus),
+        (status = 400, description = "invalid request or refused as invalid", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 409, description = "conflicts with the cluster (in no cluster, name or address in use)", body = ErrorBody),
+        (status = 503, description = "the cluster cannot commit now or the node is unreachable", body = ErrorBody),
+    ))]
+pub async fn add_node(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiJson(req): ApiJson<AddNodeRequest>,
+) -> Result<Response, ApiError> {
+    check_address("address", &req.address)?;
+    tracing::info!(address = %req.address, "admin API adds a node");
+    let member = call(&ctx, move |s| s.node_add(req.address)).await??;
+    Ok((StatusCode::CREATED, Json(member)).into_response())
+}
+
+/// Remove a node from the cluster.
+///
+/// Its volumes move to its I/O-group partner. Refused (409) for the last
+/// node that serves I/O and for the only node of an I/O group with volumes.
+#[utoipa::path(delete, path = "/v1/nodes/{name}", tag = "cluster",
+    params(("name" = String, Path, description = "node name")),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such node", body = ErrorBody),
+        (status = 409, description = "in use, or this node is in no cluster", body = ErrorBody),
+        (status = 503, description = "the cluster cannot commit now", body = ErrorBody),
+    ))]
+pub async fn remove_node(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+) -> Result<StatusCode, ApiError> {
+    tracing::info!(node = %name, "admin API removes a node");
+    call(&ctx, move |s| s.node_remove(name)).await??;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 // ----------------------------------------------------------------- hosts

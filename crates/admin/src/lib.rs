@@ -34,7 +34,9 @@ pub mod views;
 
 pub use handlers::parse_command;
 pub use openapi::openapi_json;
-pub use service::{AdminService, DiskState, MdiskStatus, NodeStatus};
+pub use service::{
+    AdminService, ClusterStatus, DiskState, MdiskStatus, MemberRole, MemberStatus, NodeStatus,
+};
 pub use views::*;
 
 /// Largest request body accepted (413 above).
@@ -104,6 +106,10 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<handlers::Ctx>)> {
         ("/v1/volumes/:name", get(get_volume).delete(delete_volume)),
         ("/v1/volumes/:name/rename", post(rename_volume)),
         ("/v1/volumes/:name/expand", post(expand_volume)),
+        ("/v1/volumes/:name/preferred-node", post(set_preferred_node)),
+        ("/v1/cluster", get(get_cluster).post(create_cluster)),
+        ("/v1/nodes", get(list_nodes).post(add_node)),
+        ("/v1/nodes/:name", delete(remove_node)),
         ("/v1/hosts", get(list_hosts).post(create_host)),
         ("/v1/hosts/:name", get(get_host).delete(delete_host)),
         ("/v1/hosts/:name/rename", post(rename_host)),

@@ -8,7 +8,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::handlers;
-use crate::service::{DiskState, MdiskStatus};
+use crate::service::{ClusterStatus, DiskState, MdiskStatus, MemberRole, MemberStatus};
 use crate::views::*;
 
 struct BearerAuth;
@@ -64,6 +64,12 @@ impl Modify for BearerAuth {
         handlers::delete_volume,
         handlers::rename_volume,
         handlers::expand_volume,
+        handlers::set_preferred_node,
+        handlers::create_cluster,
+        handlers::get_cluster,
+        handlers::list_nodes,
+        handlers::add_node,
+        handlers::remove_node,
         handlers::list_hosts,
         handlers::create_host,
         handlers::get_host,
@@ -86,12 +92,14 @@ impl Modify for BearerAuth {
         PoolMdiskRequest, LayoutRequest, CreateVolumeRequest, ExpandVolumeRequest,
         CreateImageVolumeRequest, ThinRequest, ThinView, CreateHostRequest, HostInitiatorRequest,
         SetChapRequest, MutualChapRequest, MapVolumeRequest, IscsiPortalRequest, HostView,
-        HostLunView, VolumeMappingView, MappingView, IscsiPortalView,
+        HostLunView, VolumeMappingView, MappingView, IscsiPortalView, SetPreferredNodeRequest,
+        CreateClusterRequest, AddNodeRequest, ClusterStatus, MemberStatus, MemberRole,
         sanvirt_config::Command, sanvirt_config::Outcome, sanvirt_config::VolumeLayout,
         sanvirt_config::ThinParams, sanvirt_config::ChapSettings, sanvirt_config::ChapMutual,
         sanvirt_config::ChapSecret, sanvirt_config::ChapMode, sanvirt_config::IscsiPortal,
         sanvirt_config::PrState, sanvirt_config::reservations::PrRegistration,
         sanvirt_config::reservations::PrReservation, sanvirt_config::reservations::PrNexus,
+        sanvirt_config::NodeSpec,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
@@ -104,6 +112,7 @@ impl Modify for BearerAuth {
         (name = "hosts", description = "Hosts: initiator names and CHAP"),
         (name = "mappings", description = "Which host sees which volume at which LUN"),
         (name = "iscsi", description = "The node's iSCSI target settings"),
+        (name = "cluster", description = "The cluster: its status and its nodes"),
     ),
 )]
 pub struct ApiDoc;

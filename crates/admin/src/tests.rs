@@ -910,7 +910,7 @@ async fn openapi_lists_every_route() {
         }
     }
     assert_eq!(answered, documented);
-    assert_eq!(documented.len(), 39);
+    assert_eq!(documented.len(), 45);
 
     // The documented limits are the configuration model's.
     let schemas = &doc["components"]["schemas"];
@@ -958,6 +958,17 @@ fn openapi_doc_file_is_current() {
         on_disk == current,
         "docs/openapi.json is stale: run SANVIRT_UPDATE_DOCS=1 cargo test -p sanvirt-admin openapi_doc_file"
     );
+}
+
+fn node_spec(name: &str) -> sanvirt_config::NodeSpec {
+    sanvirt_config::NodeSpec {
+        name: name.into(),
+        cluster_addr: format!("{name}.example.com:7100"),
+        admin_addr: format!("{name}.example.com:7480"),
+        nbd_portal: None,
+        iscsi_portal: None,
+        witness: false,
+    }
 }
 
 #[test]
@@ -1047,6 +1058,24 @@ fn command_schema_mirror_serializes_like_the_command() {
         Command::SetReservations {
             volume_id: 1,
             state: Default::default(),
+        },
+        Command::CreateCluster {
+            name: s("c"),
+            uid: s("u"),
+            node: node_spec("n1"),
+            import: None,
+        },
+        Command::AddNode {
+            node: node_spec("n2"),
+        },
+        Command::RemoveNode { name: s("n2") },
+        Command::SetNodeOnline {
+            node: 2,
+            online: true,
+        },
+        Command::SetPreferredNode {
+            volume: s("v"),
+            node: s("n1"),
         },
     ];
     let doc: Value = serde_json::from_str(&crate::openapi_json()).expect("valid JSON");
@@ -1425,4 +1454,410 @@ async fn thin_volumes() {
         )
         .await;
     assert_eq!(r.json["thin"], Value::Null);
+}
+
+// ---- cluster ----------------------------------------------------------------
+
+#[tokio::test]
+async fn cluster_create_status_and_nodes() {
+    let api = Api::new();
+    let r = api.get("/v1/cluster").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        r.json,
+        json!({
+            "name": null, "uid": null, "node_id": null, "leader_id": null, "term": 0,
+            "quorum": true, "committed_index": 0, "applied_index": 0, "members": []
+        })
+    );
+    let before = api.svc.state();
+    assert_error(
+        &api.get("/v1/nodes").await,
+        StatusCode::CONFLICT,
+        "not_in_cluster",
+    );
+    let r = api
+        .post("/v1/nodes", json!({"address": "10.0.0.2:7100"}))
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "not_in_cluster");
+    assert!(r.json["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("sanvirt cluster create")));
+    assert_error(
+        &api.delete("/v1/nodes/node2").await,
+        StatusCode::CONFLICT,
+        "not_in_cluster",
+    );
+    assert_error(
+        &api.post("/v1/cluster", json!({"name": "-x"})).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_name",
+    );
+    assert_error(
+        &api.post("/v1/cluster", json!({"name": "c", "size": 3}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    assert_eq!(api.svc.state(), before, "refusals change nothing");
+
+    let r = api.post("/v1/cluster", json!({"name": "prod"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(r.json["name"], "prod");
+    assert_eq!(
+        (r.json["node_id"].as_u64(), r.json["leader_id"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(r.json["quorum"], true);
+    assert_eq!(
+        r.json["members"],
+        json!([{
+            "id": 1, "name": "node1", "role": "leader", "online": true,
+            "lease_remaining_ms": crate::fake::FAKE_LEASE_REMAINING_MS, "io_group": 0,
+            "cluster_addr": crate::fake::FAKE_CLUSTER_ADDR, "admin_addr": "127.0.0.1:7480"
+        }])
+    );
+    let r = api.post("/v1/cluster", json!({"name": "again"})).await;
+    assert_error(&r, StatusCode::CONFLICT, "already_exists");
+    assert_eq!(r.json["message"], "cluster 'prod' already exists");
+
+    let r = api
+        .post("/v1/nodes", json!({"address": "10.0.0.2:7100"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(
+        r.json,
+        json!({
+            "id": 2, "name": "node2", "role": "follower", "online": false,
+            "lease_remaining_ms": null, "io_group": 0,
+            "cluster_addr": "10.0.0.2:7100", "admin_addr": "10.0.0.2:7480"
+        })
+    );
+    let before = api.svc.state();
+    let r = api.post("/v1/nodes", json!({"address": "10.0.0.3"})).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    assert_eq!(r.json["field"], "address");
+    let r = api
+        .post("/v1/nodes", json!({"address": "10.0.0.2:7100"}))
+        .await;
+    assert_error(&r, StatusCode::CONFLICT, "in_use");
+    assert_eq!(
+        r.json["message"],
+        "cluster_addr '10.0.0.2:7100' is in use: node 'node2' has it"
+    );
+    assert_eq!(api.svc.state(), before);
+
+    let r = api.get("/v1/nodes").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let names: Vec<&str> = r
+        .json
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(names, ["node1", "node2"]);
+    let r = api.get("/v1/cluster").await;
+    assert_eq!(r.json["members"].as_array().map(Vec::len), Some(2));
+    assert_eq!(r.json["applied_index"], r.json["committed_index"]);
+
+    assert_error(
+        &api.delete("/v1/nodes/nope").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    let r = api.delete("/v1/nodes/node2").await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{}", r.json);
+    let r = api.delete("/v1/nodes/node1").await;
+    assert_error(&r, StatusCode::CONFLICT, "in_use");
+    assert!(r.json["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("last node that serves I/O")));
+    assert_eq!(api.svc.state().nodes.len(), 1);
+}
+
+#[tokio::test]
+async fn volumes_have_an_io_group_and_a_preferred_node() {
+    let api = Api::new();
+    api.pool_with_two_mdisks().await;
+    let create = |name: &str, io_group: Option<u32>| {
+        let mut body = json!({"name": name, "pool": "p0", "size_bytes": 16u64 << 20});
+        if let Some(g) = io_group {
+            body["io_group"] = json!(g);
+        }
+        body
+    };
+    // Standalone: group 0, no preferred node; other groups do not exist.
+    let r = api.post("/v1/volumes", create("solo", None)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(
+        (
+            &r.json["io_group"],
+            &r.json["preferred_node"],
+            &r.json["preferred_node_id"]
+        ),
+        (&json!(0), &Value::Null, &Value::Null)
+    );
+    let r = api.post("/v1/volumes", create("v", Some(1))).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    assert_eq!(r.json["field"], "io_group");
+    assert_error(
+        &api.post("/v1/volumes/solo/preferred-node", json!({"node": "node1"}))
+            .await,
+        StatusCode::CONFLICT,
+        "not_in_cluster",
+    );
+
+    api.post("/v1/cluster", json!({"name": "c"})).await;
+    assert_eq!(
+        api.get("/v1/volumes/solo").await.json["preferred_node"],
+        "node1"
+    );
+    for i in 2..=4 {
+        let r = api
+            .post("/v1/nodes", json!({"address": format!("10.0.0.{i}:7100")}))
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+        api.svc
+            .submit(sanvirt_config::Command::SetNodeOnline {
+                node: i,
+                online: true,
+            })
+            .expect("node event");
+    }
+    let r = api.post("/v1/volumes", create("g1", Some(1))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(
+        (
+            &r.json["io_group"],
+            &r.json["preferred_node"],
+            &r.json["preferred_node_id"]
+        ),
+        (&json!(1), &json!("node3"), &json!(3))
+    );
+    // Without a group: the one with the fewest volumes (a tie: the lowest).
+    let r = api.post("/v1/volumes", create("auto", None)).await;
+    assert_eq!(
+        (
+            r.json["io_group"].as_u64(),
+            r.json["preferred_node"].as_str()
+        ),
+        (Some(0), Some("node2"))
+    );
+
+    let r = api
+        .post("/v1/volumes/g1/preferred-node", json!({"node": "node4"}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["preferred_node"], "node4");
+    let before = api.svc.state();
+    let r = api
+        .post("/v1/volumes/g1/preferred-node", json!({"node": "node1"}))
+        .await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+    assert!(r.json["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("choose a node of io_grp1: 'node3', 'node4'")));
+    assert_error(
+        &api.post("/v1/volumes/nope/preferred-node", json!({"node": "node1"}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
+    assert_error(
+        &api.post("/v1/volumes/g1/preferred-node", json!({"nodes": "node1"}))
+            .await,
+        StatusCode::BAD_REQUEST,
+        "invalid_json",
+    );
+    assert_error(
+        &api.post("/v1/volumes", create("g9", Some(3))).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+    );
+    assert_eq!(api.svc.state(), before);
+    let list = api.get("/v1/volumes").await.json;
+    let groups: Vec<(String, u64)> = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or("").to_string(),
+                v["io_group"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    assert_eq!(
+        groups,
+        [("auto".into(), 0), ("g1".into(), 1), ("solo".into(), 0)]
+    );
+
+    // Image-mode volumes take a group too.
+    let md = api.path("img");
+    std::fs::write(&md, vec![0u8; 1 << 20]).expect("write");
+    let r = api
+        .post("/v1/mdisks", json!({"name": "img", "path": md}))
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    let r = api
+        .post(
+            "/v1/volumes/image",
+            json!({"name": "iv", "pool": "p0", "mdisk": "img", "io_group": 1}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(r.json["io_group"], 1);
+}
+
+#[tokio::test]
+async fn membership_commands_are_not_raw_commands() {
+    let api = Api::new();
+    let spec =
+        json!({"name": "n1", "cluster_addr": "10.0.0.1:7100", "admin_addr": "10.0.0.1:7480"});
+    for (cmd, instead) in [
+        (
+            json!({"op": "create_cluster", "name": "c", "uid": "u", "node": spec}),
+            "POST /v1/cluster",
+        ),
+        (json!({"op": "add_node", "node": spec}), "POST /v1/nodes"),
+        (
+            json!({"op": "remove_node", "name": "n1"}),
+            "DELETE /v1/nodes/{name}",
+        ),
+        (
+            json!({"op": "set_node_online", "node": 1, "online": false}),
+            "leader sends node events",
+        ),
+    ] {
+        let r = api.post("/v1/commands", cmd.clone()).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, "invalid_argument");
+        assert!(
+            r.json["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(instead)),
+            "{cmd}: {}",
+            r.json
+        );
+    }
+    assert_eq!(api.svc.state(), sanvirt_config::State::default());
+    // Choosing a preferred node is an ordinary command.
+    api.pool_with_two_mdisks().await;
+    api.post(
+        "/v1/volumes",
+        json!({"name": "v", "pool": "p0", "size_bytes": 512}),
+    )
+    .await;
+    api.post("/v1/cluster", json!({"name": "c"})).await;
+    let r = api
+        .post(
+            "/v1/commands",
+            json!({"op": "set_preferred_node", "volume": "v", "node": "node1"}),
+        )
+        .await;
+    assert_eq!((r.status, &r.json), (StatusCode::OK, &json!("done")));
+}
+
+/// A node without the cluster layer: only the required methods, so the
+/// cluster endpoints get the trait's defaults. `refusal` makes every
+/// submit fail with it (a cluster without quorum, say).
+struct Standalone {
+    inner: FakeService,
+    refusal: Option<sanvirt_config::ConfigError>,
+}
+
+impl AdminService for Standalone {
+    fn submit(
+        &self,
+        cmd: sanvirt_config::Command,
+    ) -> Result<sanvirt_config::Outcome, sanvirt_config::ConfigError> {
+        match &self.refusal {
+            Some(e) => Err(e.clone()),
+            None => self.inner.submit(cmd),
+        }
+    }
+
+    fn state(&self) -> sanvirt_config::State {
+        self.inner.state()
+    }
+
+    fn probe_mdisk(
+        &self,
+        path: &str,
+        create_size_bytes: Option<u64>,
+    ) -> Result<u64, sanvirt_config::ConfigError> {
+        self.inner.probe_mdisk(path, create_size_bytes)
+    }
+
+    fn status(&self) -> crate::NodeStatus {
+        self.inner.status()
+    }
+}
+
+fn standalone_api(refusal: Option<sanvirt_config::ConfigError>) -> Router {
+    router(
+        Arc::new(Standalone {
+            inner: FakeService::new(),
+            refusal,
+        }),
+        TOKEN.into(),
+    )
+}
+
+#[tokio::test]
+async fn without_the_cluster_layer_the_defaults_answer() {
+    let api = Api {
+        router: standalone_api(None),
+        svc: Arc::new(FakeService::new()),
+        dir: tempfile::tempdir().expect("temp dir"),
+    };
+    let r = api.post("/v1/cluster", json!({"name": "c"})).await;
+    assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, "cluster_unavailable");
+    assert!(r.json["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("does not run the cluster layer")));
+    let r = api.get("/v1/cluster").await;
+    assert_eq!(
+        (r.status, &r.json["name"], &r.json["quorum"]),
+        (StatusCode::OK, &Value::Null, &json!(true))
+    );
+    assert_error(
+        &api.post("/v1/nodes", json!({"address": "10.0.0.2:7100"}))
+            .await,
+        StatusCode::CONFLICT,
+        "not_in_cluster",
+    );
+    assert_error(
+        &api.delete("/v1/nodes/n").await,
+        StatusCode::CONFLICT,
+        "not_in_cluster",
+    );
+}
+
+#[tokio::test]
+async fn cluster_refusals_are_503() {
+    for (e, kind) in [
+        (
+            sanvirt_config::ConfigError::NoQuorum {
+                reason: "1 of 3 voters reachable".into(),
+            },
+            "no_quorum",
+        ),
+        (
+            sanvirt_config::ConfigError::ClusterUnavailable {
+                reason: "no leader yet".into(),
+            },
+            "cluster_unavailable",
+        ),
+    ] {
+        let api = Api {
+            router: standalone_api(Some(e.clone())),
+            svc: Arc::new(FakeService::new()),
+            dir: tempfile::tempdir().expect("temp dir"),
+        };
+        let r = api.post("/v1/pools", json!({"name": "p0"})).await;
+        assert_error(&r, StatusCode::SERVICE_UNAVAILABLE, kind);
+        assert_eq!(r.json["message"], e.to_string());
+        assert!(r.json["reason"].is_string());
+    }
 }

@@ -89,6 +89,11 @@ pub struct CreateVolumeRequest {
     /// `real_size_bytes` is allocated from the pool.
     #[serde(default)]
     pub thin: Option<ThinRequest>,
+    /// The I/O group that serves the volume. Default: the group with nodes
+    /// that has the fewest volumes (0 outside a cluster).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 3)]
+    pub io_group: Option<u32>,
 }
 
 /// Thin provisioning of a new volume.
@@ -196,6 +201,37 @@ pub struct CreateImageVolumeRequest {
     pub pool: String,
     /// An unmanaged mdisk whose data becomes the volume, as is.
     pub mdisk: String,
+    /// As for `POST /v1/volumes`.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 3)]
+    pub io_group: Option<u32>,
+}
+
+/// `POST /v1/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClusterRequest {
+    #[schema(example = "prod", min_length = 1, max_length = 63)]
+    pub name: String,
+}
+
+/// `POST /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddNodeRequest {
+    /// The cluster RPC address (`host:port`) of a running sanvirtd that is
+    /// in no cluster.
+    #[schema(example = "10.0.0.2:7100", max_length = 255)]
+    pub address: String,
+}
+
+/// `POST /v1/volumes/{name}/preferred-node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetPreferredNodeRequest {
+    /// A node of the volume's I/O group.
+    #[schema(example = "node2")]
+    pub node: String,
 }
 
 // --------------------------------------------------------------- responses
@@ -291,6 +327,15 @@ pub struct VolumeView {
     /// Hosts the volume is mapped to, by host name.
     #[serde(default)]
     pub mappings: Vec<VolumeMappingView>,
+    /// The I/O group that serves it (0 outside a cluster).
+    #[serde(default)]
+    pub io_group: u32,
+    /// The node of the group that serves it by preference, by name and id
+    /// (`None` outside a cluster).
+    #[serde(default)]
+    pub preferred_node: Option<String>,
+    #[serde(default)]
+    pub preferred_node_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -379,8 +424,9 @@ pub struct StatusView {
 pub struct ErrorBody {
     /// Machine-readable kind: `not_found`, `already_exists`, `in_use`,
     /// `invalid_name`, `invalid_argument`, `insufficient_capacity`,
-    /// `store_failed`, `invalid_json`, `payload_too_large`, `unauthorized`,
-    /// `no_route`, `method_not_allowed`, `internal`.
+    /// `store_failed`, `no_quorum`, `not_in_cluster`, `cluster_unavailable`,
+    /// `invalid_json`, `payload_too_large`, `unauthorized`, `no_route`,
+    /// `method_not_allowed`, `internal`.
     #[schema(example = "not_found")]
     pub error: String,
     /// For people.

@@ -59,6 +59,12 @@ pub enum Noun {
     /// The node's iSCSI target settings.
     #[command(subcommand)]
     Iscsi(IscsiCmd),
+    /// The cluster this node is in: create one, show its status.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+    /// The cluster's nodes: list, add, remove.
+    #[command(subcommand)]
+    Node(NodeCmd),
     /// Submit one raw configuration command, e.g.
     /// '{"op":"create_pool","name":"p0","extent_size_mib":16}' ('-' reads stdin).
     Command {
@@ -157,6 +163,10 @@ pub enum VolumeCmd {
         /// Thin allocation unit: 32KiB to 256KiB, a power of two (default 64KiB).
         #[arg(long, value_name = "SIZE", requires = "thin", value_parser = sizes::parse_grain)]
         grain: Option<u32>,
+        /// The I/O group that serves the volume (default: the one with the
+        /// fewest volumes).
+        #[arg(long, value_name = "N", value_parser = io_group)]
+        io_group: Option<u32>,
     },
     /// Create an image-mode volume: one unmanaged mdisk, data kept as is.
     CreateImage {
@@ -166,6 +176,16 @@ pub enum VolumeCmd {
         pool: String,
         #[arg(long)]
         mdisk: String,
+        /// The I/O group that serves the volume (default: the one with the
+        /// fewest volumes).
+        #[arg(long, value_name = "N", value_parser = io_group)]
+        io_group: Option<u32>,
+    },
+    /// Choose the node of the volume's I/O group that serves it by preference.
+    SetPreferredNode {
+        name: String,
+        #[arg(long)]
+        node: String,
     },
     /// Grow a volume.
     Expand {
@@ -193,6 +213,43 @@ pub enum VolumeCmd {
         #[arg(long)]
         host: String,
     },
+}
+
+/// An I/O group number, 0 to `IO_GROUPS_MAX` - 1 (`io_grp2` is also taken).
+fn io_group(s: &str) -> Result<u32, String> {
+    let max = sanvirt_config::IO_GROUPS_MAX;
+    s.strip_prefix("io_grp")
+        .unwrap_or(s)
+        .parse::<u32>()
+        .ok()
+        .filter(|g| *g < max)
+        .ok_or_else(|| format!("'{s}': I/O groups are 0 to {}", max - 1))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCmd {
+    /// Make this node the first member of a new cluster; its configuration
+    /// becomes the cluster's.
+    Create {
+        #[arg(long)]
+        name: String,
+    },
+    /// Leader, term, quorum, log indexes and the members.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List the cluster's nodes with their role, lease and I/O group.
+    List,
+    /// Add a running sanvirtd that is in no cluster.
+    Add {
+        /// Its cluster address (e.g. 10.0.0.2:7100).
+        #[arg(long, value_name = "HOST:PORT")]
+        address: String,
+    },
+    /// Remove a node; its volumes move to its I/O-group partner.
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +364,16 @@ mod tests {
     }
 
     #[test]
+    fn io_groups_parse() {
+        for (given, want) in [("0", 0), ("3", 3), ("io_grp1", 1)] {
+            assert_eq!(io_group(given), Ok(want));
+        }
+        for bad in ["4", "-1", "io_grp", "grp1", ""] {
+            assert!(io_group(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn bad_input_is_a_usage_error() {
         for args in [
             &[
@@ -362,6 +429,22 @@ mod tests {
                 "--thin", "--grain", "48KiB",
             ],
             &["sanvirt", "mdisk", "frobnicate"],
+            &[
+                "sanvirt",
+                "volume",
+                "create",
+                "--name",
+                "v",
+                "--pool",
+                "p",
+                "--size",
+                "1G",
+                "--io-group",
+                "4",
+            ],
+            &["sanvirt", "node", "add"],
+            &["sanvirt", "cluster", "create"],
+            &["sanvirt", "volume", "set-preferred-node", "v"],
         ] {
             let e = Cli::try_parse_from(args).expect_err("refused");
             assert_eq!(e.exit_code(), 2, "{args:?}");

@@ -122,6 +122,16 @@ impl Client {
                         body,
                         change: method != "GET",
                     }),
+                    // The cluster cannot commit now: nothing is wrong with
+                    // the request, and the same request can succeed later.
+                    (503, Some(body))
+                        if matches!(body.error.as_str(), "no_quorum" | "cluster_unavailable") =>
+                    {
+                        Err(Failure::Daemon(format!(
+                            "{}; try again later",
+                            body.message
+                        )))
+                    }
                     (_, Some(body)) => Err(Failure::Daemon(format!(
                         "sanvirtd failed ({status}): {}",
                         body.message

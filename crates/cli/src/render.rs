@@ -3,10 +3,10 @@
 
 use sanvirt_admin::units::{format_bytes, format_mib};
 use sanvirt_admin::{
-    DiskState, HostView, IscsiPortalView, LayoutView, MdiskModeView, MdiskView, PoolView,
-    StatusView, VolumeView,
+    ClusterStatus, DiskState, HostView, IscsiPortalView, LayoutView, MdiskModeView, MdiskView,
+    MemberStatus, PoolView, StatusView, VolumeView,
 };
-use sanvirt_config::ChapMode;
+use sanvirt_config::{io_group_name, ChapMode};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Align {
@@ -339,11 +339,14 @@ pub fn pool(p: &PoolView) -> String {
     ])
 }
 
+/// The I/O group and preferred node columns appear only in a cluster (a
+/// standalone node serves every volume itself).
 pub fn volume_table(vs: &[VolumeView]) -> String {
     if vs.is_empty() {
         return "no volumes\n".into();
     }
-    let mut t = Table::new(&[
+    let clustered = vs.iter().any(|v| v.preferred_node.is_some());
+    let mut columns = vec![
         ("NAME", Align::Left),
         ("ID", Align::Right),
         ("POOL", Align::Left),
@@ -351,9 +354,13 @@ pub fn volume_table(vs: &[VolumeView]) -> String {
         ("LAYOUT", Align::Left),
         ("EXTENTS", Align::Right),
         ("MDISKS", Align::Left),
-    ]);
+    ];
+    if clustered {
+        columns.extend([("IO_GROUP", Align::Left), ("PREFERRED", Align::Left)]);
+    }
+    let mut t = Table::new(&columns);
     for v in vs {
-        t.row(vec![
+        let mut row = vec![
             v.name.clone(),
             v.id.to_string(),
             v.pool.clone(),
@@ -361,7 +368,12 @@ pub fn volume_table(vs: &[VolumeView]) -> String {
             layout(v.layout).into(),
             v.extent_count.to_string(),
             list(&v.mdisks_used),
-        ]);
+        ];
+        if clustered {
+            row.push(io_group_name(v.io_group));
+            row.push(or_dash(v.preferred_node.as_deref()));
+        }
+        t.row(row);
     }
     t.render()
 }
@@ -396,6 +408,10 @@ pub fn volume(v: &VolumeView) -> String {
             ),
         ));
     }
+    if let Some(node) = &v.preferred_node {
+        rows.push(("io group", io_group_name(v.io_group)));
+        rows.push(("preferred node", node.clone()));
+    }
     let maps: Vec<String> = v
         .mappings
         .iter()
@@ -405,6 +421,92 @@ pub fn volume(v: &VolumeView) -> String {
         rows.push(("mapped to", list(&maps)));
     }
     fields(&rows)
+}
+
+/// A lease's time left: `850ms`, `1.5s`, `-` for none.
+pub fn lease(ms: Option<u64>) -> String {
+    match ms {
+        None => "-".into(),
+        Some(ms) if ms < 1000 => format!("{ms}ms"),
+        Some(ms) => format!("{}.{}s", ms / 1000, ms % 1000 / 100),
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn node_id_name(id: Option<u64>, members: &[MemberStatus]) -> String {
+    match id {
+        None => "-".into(),
+        Some(id) => match members.iter().find(|m| m.id == id) {
+            Some(m) => format!("{id} ({})", m.name),
+            None => id.to_string(),
+        },
+    }
+}
+
+pub fn node_table(ms: &[MemberStatus]) -> String {
+    if ms.is_empty() {
+        return "no nodes\n".into();
+    }
+    let mut t = Table::new(&[
+        ("ID", Align::Right),
+        ("NAME", Align::Left),
+        ("ROLE", Align::Left),
+        ("ONLINE", Align::Left),
+        ("LEASE", Align::Right),
+        ("IO_GROUP", Align::Left),
+        ("CLUSTER ADDRESS", Align::Left),
+        ("ADMIN ADDRESS", Align::Left),
+    ]);
+    for m in ms {
+        t.row(vec![
+            m.id.to_string(),
+            m.name.clone(),
+            m.role.as_str().into(),
+            yes_no(m.online).into(),
+            lease(m.lease_remaining_ms),
+            m.io_group.map_or_else(|| "-".into(), io_group_name),
+            m.cluster_addr.clone(),
+            m.admin_addr.clone(),
+        ]);
+    }
+    t.render()
+}
+
+pub fn cluster_status(s: &ClusterStatus) -> String {
+    let Some(name) = &s.name else {
+        return format!(
+            "this node is not in a cluster (create one with 'sanvirt cluster create --name \
+             NAME')\ncommands applied  {}\n",
+            s.applied_index
+        );
+    };
+    let mut out = fields(&[
+        ("cluster", name.clone()),
+        ("uid", or_dash(s.uid.as_deref())),
+        ("this node", node_id_name(s.node_id, &s.members)),
+        ("leader", node_id_name(s.leader_id, &s.members)),
+        ("term", s.term.to_string()),
+        (
+            "quorum",
+            if s.quorum {
+                "yes".into()
+            } else {
+                "no: configuration changes are refused until a majority is back".into()
+            },
+        ),
+        ("committed index", s.committed_index.to_string()),
+        ("applied index", s.applied_index.to_string()),
+    ]);
+    out.push('\n');
+    out.push_str(&node_table(&s.members));
+    out
 }
 
 pub fn chap_mode(m: ChapMode) -> &'static str {
@@ -488,6 +590,7 @@ pub fn portal(p: &IscsiPortalView) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sanvirt_admin::MemberRole;
 
     fn pool_view(name: &str, total: u64, free: u64) -> PoolView {
         PoolView {
@@ -546,6 +649,76 @@ mod tests {
         );
         assert!(out.contains("used         1.50 GiB (75%)\n"), "{out}");
         assert!(out.contains("mdisks       md0,md1\n"), "{out}");
+    }
+
+    fn member(id: u64, name: &str, role: MemberRole, lease_ms: Option<u64>) -> MemberStatus {
+        MemberStatus {
+            id,
+            name: name.into(),
+            role,
+            online: lease_ms.is_some(),
+            lease_remaining_ms: lease_ms,
+            io_group: (role != MemberRole::Witness).then_some(0),
+            cluster_addr: format!("10.0.0.{id}:7100"),
+            admin_addr: format!("10.0.0.{id}:7480"),
+        }
+    }
+
+    #[test]
+    fn cluster_status_shows_leader_quorum_and_members() {
+        let s = ClusterStatus {
+            name: Some("prod".into()),
+            uid: Some("u-1".into()),
+            node_id: Some(2),
+            leader_id: Some(1),
+            term: 7,
+            quorum: false,
+            committed_index: 41,
+            applied_index: 40,
+            members: vec![
+                member(1, "node1", MemberRole::Leader, Some(1500)),
+                member(2, "node2", MemberRole::Follower, Some(820)),
+                member(3, "w", MemberRole::Witness, None),
+            ],
+        };
+        assert_eq!(
+            cluster_status(&s),
+            "cluster          prod\n\
+             uid              u-1\n\
+             this node        2 (node2)\n\
+             leader           1 (node1)\n\
+             term             7\n\
+             quorum           no: configuration changes are refused until a majority is back\n\
+             committed index  41\n\
+             applied index    40\n\
+             \n\
+             ID  NAME   ROLE      ONLINE  LEASE  IO_GROUP  CLUSTER ADDRESS  ADMIN ADDRESS\n\
+             \x201  node1  leader    yes      1.5s  io_grp0   10.0.0.1:7100    10.0.0.1:7480\n\
+             \x202  node2  follower  yes     820ms  io_grp0   10.0.0.2:7100    10.0.0.2:7480\n\
+             \x203  w      witness   no          -  -         10.0.0.3:7100    10.0.0.3:7480\n"
+        );
+        let standalone = ClusterStatus {
+            name: None,
+            uid: None,
+            node_id: None,
+            leader_id: None,
+            term: 0,
+            quorum: true,
+            committed_index: 5,
+            applied_index: 5,
+            members: vec![],
+        };
+        assert!(cluster_status(&standalone).starts_with("this node is not in a cluster"));
+        assert_eq!(node_table(&[]), "no nodes\n");
+    }
+
+    #[test]
+    fn leases() {
+        assert_eq!(lease(None), "-");
+        assert_eq!(lease(Some(0)), "0ms");
+        assert_eq!(lease(Some(999)), "999ms");
+        assert_eq!(lease(Some(1000)), "1.0s");
+        assert_eq!(lease(Some(12_345)), "12.3s");
     }
 
     #[test]

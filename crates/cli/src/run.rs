@@ -6,11 +6,14 @@ use serde_json::{json, Value};
 
 use sanvirt_admin::units::{format_bytes, format_mib};
 use sanvirt_admin::{
-    HostView, IscsiPortalView, MappingView, MdiskView, PoolView, StatusView, VolumeView,
+    ClusterStatus, HostView, IscsiPortalView, MappingView, MdiskView, MemberRole, MemberStatus,
+    PoolView, StatusView, VolumeView,
 };
+use sanvirt_config::io_group_name;
 
 use crate::args::{
-    ChapArgs, Cli, HostCmd, IscsiCmd, MdiskCmd, Noun, PoolCmd, PortalCmd, VolumeCmd,
+    ChapArgs, Cli, ClusterCmd, HostCmd, IscsiCmd, MdiskCmd, NodeCmd, Noun, PoolCmd, PortalCmd,
+    VolumeCmd,
 };
 use crate::client::{segment, Client, Failure};
 use crate::render;
@@ -30,6 +33,8 @@ pub fn run(cli: Cli) -> Result<String, Failure> {
         Noun::Volume(c) => volume(&client, &out, c),
         Noun::Host(c) => host(&client, &out, c),
         Noun::Iscsi(IscsiCmd::Portal(c)) => portal(&client, &out, c),
+        Noun::Cluster(c) => cluster(&client, &out, c),
+        Noun::Node(c) => node(&client, &out, c),
         Noun::Command { command } => raw_command(&client, &out, &command),
     }
 }
@@ -250,6 +255,7 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
             thin,
             real_size,
             grain,
+            io_group,
         } => {
             let mut body = json!({
                 "name": name,
@@ -259,6 +265,9 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
             });
             if !mdisks.is_empty() {
                 body["mdisks"] = json!(mdisks);
+            }
+            if let Some(g) = io_group {
+                body["io_group"] = json!(g);
             }
             if thin {
                 let real = match real_size {
@@ -275,7 +284,7 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
                 });
             }
             out.show(c.post("/v1/volumes", &body)?, |v: VolumeView| {
-                match v.thin {
+                let created = match v.thin {
                     None => format!(
                         "created volume '{}': {} {} in pool '{}' ({} extents on {}; id {})\n",
                         v.name,
@@ -299,11 +308,20 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
                     t.grain_kib,
                     v.id
                 ),
-                }
+                };
+                created + &served_by(&v)
             })
         }
-        VolumeCmd::CreateImage { name, pool, mdisk } => {
-            let body = json!({"name": name, "pool": pool, "mdisk": mdisk});
+        VolumeCmd::CreateImage {
+            name,
+            pool,
+            mdisk,
+            io_group,
+        } => {
+            let mut body = json!({"name": name, "pool": pool, "mdisk": mdisk});
+            if let Some(g) = io_group {
+                body["io_group"] = json!(g);
+            }
             out.show(c.post("/v1/volumes/image", &body)?, |v: VolumeView| {
                 format!(
                     "created image-mode volume '{}': {} in pool '{}', the data of mdisk '{mdisk}' (id {})\n",
@@ -311,6 +329,20 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
                     format_bytes(v.size_bytes),
                     v.pool,
                     v.id
+                ) + &served_by(&v)
+            })
+        }
+        VolumeCmd::SetPreferredNode { name: n, node } => {
+            let v = c.post(
+                &format!("/v1/volumes/{}/preferred-node", name(&n)?),
+                &json!({"node": node}),
+            )?;
+            out.show(v, |v: VolumeView| {
+                format!(
+                    "volume '{}' ({}) is now preferred on node '{}'\n",
+                    v.name,
+                    io_group_name(v.io_group),
+                    v.preferred_node.as_deref().unwrap_or(&node)
                 )
             })
         }
@@ -364,6 +396,79 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
             } else {
                 format!("unmapped volume '{volume}' from host '{host}'\n")
             })
+        }
+    }
+}
+
+/// In a cluster, the line saying which I/O group and node serve a new
+/// volume (nothing on a standalone node, where it is always the node).
+fn served_by(v: &VolumeView) -> String {
+    match &v.preferred_node {
+        Some(node) => format!(
+            "served by {}, preferred node '{node}'\n",
+            io_group_name(v.io_group)
+        ),
+        None => String::new(),
+    }
+}
+
+fn cluster(c: &Client, out: &Out, cmd: ClusterCmd) -> Result<String, Failure> {
+    match cmd {
+        ClusterCmd::Create { name } => {
+            let v = c.post("/v1/cluster", &json!({"name": name}))?;
+            out.show(v, |s: ClusterStatus| {
+                let me = s
+                    .members
+                    .iter()
+                    .find(|m| Some(m.id) == s.node_id)
+                    .map_or_else(String::new, |m| {
+                        format!(
+                            "; this node is node {} ('{}') in {}",
+                            m.id,
+                            m.name,
+                            m.io_group
+                                .map_or_else(|| "no I/O group".into(), io_group_name)
+                        )
+                    });
+                format!(
+                    "created cluster '{}' (uid {}){me}\n",
+                    s.name.as_deref().unwrap_or(&name),
+                    s.uid.as_deref().unwrap_or("-")
+                )
+            })
+        }
+        ClusterCmd::Status => out.show(c.get("/v1/cluster")?, |s: ClusterStatus| {
+            render::cluster_status(&s)
+        }),
+    }
+}
+
+fn node(c: &Client, out: &Out, cmd: NodeCmd) -> Result<String, Failure> {
+    match cmd {
+        NodeCmd::List => out.show(c.get("/v1/nodes")?, |v: Vec<MemberStatus>| {
+            render::node_table(&v)
+        }),
+        NodeCmd::Add { address } => {
+            let v = c.post("/v1/nodes", &json!({"address": address}))?;
+            out.show(v, |m: MemberStatus| {
+                let place = match (m.role, m.io_group) {
+                    (MemberRole::Witness, _) | (_, None) => "as the witness".to_string(),
+                    (_, Some(g)) => format!("in {}", io_group_name(g)),
+                };
+                let when = if m.online {
+                    ""
+                } else {
+                    "; it comes online with its first lease"
+                };
+                format!(
+                    "added node '{}' (id {}) {place} at {}{when}\n",
+                    m.name, m.id, m.cluster_addr
+                )
+            })
+        }
+        NodeCmd::Remove { name: n } => {
+            c.delete(&format!("/v1/nodes/{}", name(&n)?))?;
+            Ok(out.deleted("removed", "node", &n))
         }
     }
 }

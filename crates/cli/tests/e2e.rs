@@ -551,6 +551,8 @@ fn help_lists_the_nouns() {
         "mdisk",
         "pool",
         "volume",
+        "cluster",
+        "node",
         "command",
         "--json",
         "--api",
@@ -893,4 +895,170 @@ fn thin_volumes_and_the_iscsi_portal() {
     assert_eq!(d.json(&["iscsi", "portal", "show"])["listen"], "[::]:3261");
     d.ok(&["iscsi", "portal", "clear"]);
     assert_eq!(d.json(&["iscsi", "portal", "show"])["configured"], false);
+}
+
+#[test]
+fn clusters_nodes_and_preferred_nodes() {
+    let d = Daemon::start();
+    d.pool();
+    d.ok(&[
+        "volume", "create", "--name", "v0", "--pool", "p0", "--size", "64MiB",
+    ]);
+    assert!(d
+        .ok(&["cluster", "status"])
+        .starts_with("this node is not in a cluster (create one with 'sanvirt cluster create"));
+    let r = d.sanvirt(&["node", "list"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("this node is not a member of a cluster"),
+        "{}",
+        r.stderr
+    );
+
+    let out = d.ok(&["cluster", "create", "--name", "prod"]);
+    assert_eq!(
+        out,
+        "created cluster 'prod' (uid 00000000-0000-4000-8000-00000000fa4e); this node is node 1 \
+         ('node1') in io_grp0\n"
+    );
+    let out = d.ok(&["node", "add", "--address", "10.0.0.2:7100"]);
+    assert_eq!(
+        out,
+        "added node 'node2' (id 2) in io_grp0 at 10.0.0.2:7100; it comes online with its \
+         first lease\n"
+    );
+    d.ok(&["node", "add", "--address", "10.0.0.3:7100"]);
+    let r = d.sanvirt(&["node", "add", "--address", "10.0.0.3:7100"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("node 'node3' has it (nothing changed)"),
+        "{}",
+        r.stderr
+    );
+    let r = d.sanvirt(&["node", "add", "--address", "10.0.0.4"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("the port is missing"), "{}", r.stderr);
+
+    assert_eq!(
+        d.ok(&["node", "list"]),
+        "ID  NAME   ROLE      ONLINE  LEASE  IO_GROUP  CLUSTER ADDRESS  ADMIN ADDRESS\n\
+         \x201  node1  leader    yes      1.5s  io_grp0   127.0.0.1:7100   127.0.0.1:7480\n\
+         \x202  node2  follower  no          -  io_grp0   10.0.0.2:7100    10.0.0.2:7480\n\
+         \x203  node3  follower  no          -  io_grp1   10.0.0.3:7100    10.0.0.3:7480\n"
+    );
+    let out = d.ok(&["cluster", "status"]);
+    for line in [
+        "cluster          prod\n",
+        "this node        1 (node1)\n",
+        "leader           1 (node1)\n",
+        "term             1\n",
+        "quorum           yes\n",
+        "\nID  NAME",
+    ] {
+        assert!(out.contains(line), "{line:?} in\n{out}");
+    }
+    let j = d.json(&["node", "list"]);
+    assert_eq!(j.as_array().map(Vec::len), Some(3), "{j}");
+    assert_eq!(j[2]["io_group"], 1);
+
+    let out = d.ok(&[
+        "volume",
+        "create",
+        "--name",
+        "v1",
+        "--pool",
+        "p0",
+        "--size",
+        "64MiB",
+        "--io-group",
+        "1",
+    ]);
+    assert!(
+        out.ends_with("served by io_grp1, preferred node 'node3'\n"),
+        "{out}"
+    );
+    let out = d.ok(&["volume", "list"]);
+    assert!(
+        out.starts_with("NAME  ID  POOL  ")
+            && out
+                .lines()
+                .next()
+                .is_some_and(|l| l.ends_with("IO_GROUP  PREFERRED")),
+        "{out}"
+    );
+    assert!(out.contains("io_grp1   node3\n"), "{out}");
+
+    assert_eq!(
+        d.ok(&["volume", "set-preferred-node", "v0", "--node", "node2"]),
+        "volume 'v0' (io_grp0) is now preferred on node 'node2'\n"
+    );
+    let before = d.svc.state();
+    let r = d.sanvirt(&["volume", "set-preferred-node", "v0", "--node", "node3"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr
+            .contains("choose a node of io_grp0: 'node1', 'node2' (nothing changed)"),
+        "{}",
+        r.stderr
+    );
+    let out = d.ok(&["volume", "show", "v0"]);
+    assert!(
+        out.contains("io group        io_grp0\npreferred node  node2\n"),
+        "{out}"
+    );
+
+    let r = d.sanvirt(&["node", "remove", "node3"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("which serves volumes 'v1'"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(d.svc.state(), before, "refusals change nothing");
+    d.ok(&["volume", "delete", "v1"]);
+    assert_eq!(d.ok(&["node", "remove", "node3"]), "removed node 'node3'\n");
+    assert_eq!(
+        d.json(&["node", "remove", "node2"]),
+        serde_json::json!({"deleted": true, "object": "node", "name": "node2"})
+    );
+    // The volumes node2 preferred moved to its partner.
+    assert_eq!(
+        d.svc.state().volumes["v0"].preferred_node,
+        Some(1),
+        "v0 moved to node1"
+    );
+    let r = d.sanvirt(&[
+        "volume",
+        "create",
+        "--name",
+        "v9",
+        "--pool",
+        "p0",
+        "--size",
+        "1MiB",
+        "--io-group",
+        "9",
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+#[test]
+fn without_quorum_changes_fail_with_exit_3() {
+    let d = Daemon::start();
+    d.svc
+        .set_refusal(Some(sanvirt_config::ConfigError::NoQuorum {
+            reason: "1 of 3 voters reachable".into(),
+        }));
+    let r = d.sanvirt(&["pool", "create", "--name", "p0"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!(
+        r.stderr,
+        "sanvirt: the cluster has no quorum: 1 of 3 voters reachable; try again later\n"
+    );
+    let r = d.sanvirt(&["--json", "pool", "create", "--name", "p0"]);
+    assert_eq!(r.code, 3);
+    let e: Value = serde_json::from_str(r.stderr.trim()).expect("JSON error");
+    assert_eq!(e["error"], "unavailable");
+    d.svc.set_refusal(None);
+    d.ok(&["pool", "create", "--name", "p0"]);
 }

@@ -438,8 +438,9 @@ impl State {
     /// (free + used = total), free lists are ascending, every reference
     /// (pool members, modes, volume pools and placement lists) resolves both
     /// ways, extent maps match volume sizes, ids are unique and below
-    /// `next_id`. The store runs it after recovery; tests run it after every
-    /// command.
+    /// `next_id`, and the cluster's members, I/O groups and preferred nodes
+    /// agree (`check_cluster_invariants`). The store runs it after recovery;
+    /// tests run it after every command.
     pub fn check_invariants(&self) -> Result<(), String> {
         let mut ids = BTreeSet::new();
         let objects = (self.mdisks.values().map(|m| (m.id, &m.name)))
