@@ -702,6 +702,7 @@ impl<T: Transport> Inner<T> {
             Renewer {
                 inner: self.clone(),
             },
+            Duration::from_millis(self.cfg.heartbeat_ms),
         ));
         self.spawn(self.clone().boss_duties());
         Ok(running)
@@ -783,7 +784,8 @@ impl<T: Transport> Inner<T> {
         }
     }
 
-    /// Polls openraft's membership as this node sees it until `done(voters)`.
+    /// Polls openraft's committed membership as this node sees it until
+    /// `done(voters)`.
     async fn wait_membership(
         &self,
         running: &Running,
@@ -795,7 +797,13 @@ impl<T: Transport> Inner<T> {
             let voters: BTreeSet<NodeId> = {
                 let m = metrics.borrow_and_update();
                 let mem = m.membership_config.membership();
-                if mem.get_joint_config().len() == 1 {
+                // Uniform and committed (applied here): openraft reports a
+                // membership as soon as it is appended, and a change that
+                // a quorum has not accepted yet may still be lost with the
+                // boss; meanwhile a joint configuration needs both
+                // majorities to elect.
+                let committed = m.membership_config.log_id() <= &m.last_applied;
+                if committed && mem.get_joint_config().len() == 1 {
                     mem.voter_ids().collect()
                 } else {
                     BTreeSet::new()

@@ -155,18 +155,24 @@ pub(crate) trait Renew: Send + Sync + 'static {
 }
 
 /// Renews `lease` every `lease / RENEWALS_PER_LEASE` until dropped, and
-/// publishes its expiry when renewals stop being granted.
-pub(crate) async fn renew_loop<R: Renew>(lease: Lease, renewer: R) {
+/// publishes its expiry when renewals stop being granted. After a refused
+/// or lost renewal it tries again after `retry` (shorter), so a node renews
+/// as soon as a new boss is elected and keeps its lease through a boss
+/// failover that is quicker than the rest of its lease.
+pub(crate) async fn renew_loop<R: Renew>(lease: Lease, renewer: R, retry: Duration) {
     let interval = lease.length() / RENEWALS_PER_LEASE;
+    let retry = retry.min(interval);
     let mut failures = 0u64;
     loop {
         let sent = Instant::now();
         // A renewal lasts at most one interval, so they never overlap and a
         // slow boss cannot stretch the time between grants.
+        let mut next = sent + retry;
         match tokio::time::timeout(interval, renewer.renew()).await {
             Ok(Ok(())) => {
                 lease.grant(sent);
                 failures = 0;
+                next = sent + interval;
             }
             Ok(Err(reason)) => {
                 failures += 1;
@@ -183,7 +189,6 @@ pub(crate) async fn renew_loop<R: Renew>(lease: Lease, renewer: R) {
                 }
             }
         }
-        let next = sent + interval;
         loop {
             lease.publish();
             let wake = match lease.deadline() {
@@ -324,7 +329,7 @@ mod tests {
         let lease = Lease::new(L);
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let mut held = lease.subscribe();
-        let task = tokio::spawn(renew_loop(lease.clone(), Flaky(up.clone())));
+        let task = tokio::spawn(renew_loop(lease.clone(), Flaky(up.clone()), L / 10));
         held.wait_for(|h| *h).await.unwrap();
         for _ in 0..10 {
             tokio::time::sleep(L / 2).await;

@@ -153,6 +153,14 @@ impl TestNode {
     }
 }
 
+/// `RUST_LOG=openraft=info,sanvirt_cluster=debug` shows what happened.
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + SOON;
     while !f() {
@@ -170,6 +178,7 @@ fn pool(name: &str) -> Command {
 
 /// A three-node cluster: node 1 creates it and adds the others; all online.
 async fn three_nodes() -> Vec<TestNode> {
+    init_logs();
     let nodes = vec![
         TestNode::start("n1").await,
         TestNode::start("n2").await,
@@ -527,4 +536,62 @@ async fn uninitialised_node_answers_hello_only() {
         Err(ConfigError::AlreadyExists { .. })
     ));
     a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_and_a_witness_survive_the_loss_of_one() {
+    init_logs();
+    let mut nodes = vec![TestNode::start("n1").await, TestNode::start("n2").await];
+    let mut w = {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let cfg = ClusterConfig {
+            heartbeat_ms: HEARTBEAT_MS,
+            election_timeout_ms: ELECTION_MS,
+            lease_ms: LEASE_MS,
+            witness: true,
+            ..ClusterConfig::new(
+                dir.path().join("cluster"),
+                "w",
+                addr.parse().unwrap(),
+                &addr,
+                "127.0.0.1:1",
+            )
+        };
+        let io = Arc::new(Recorder::default());
+        let cluster = Cluster::start(cfg.clone(), io.clone()).await.unwrap();
+        TestNode {
+            _dir: dir,
+            cfg,
+            io,
+            cluster: Some(cluster),
+        }
+    };
+    nodes[0].c().create("pair", None).await.unwrap();
+    nodes[0].c().add_node(nodes[1].addr()).await.unwrap();
+    let (wid, _) = nodes[0].c().add_node(w.addr()).await.unwrap();
+    let s = nodes[0].c().state();
+    assert!(s.nodes[&wid].witness && s.nodes[&wid].io_group.is_none());
+    let st = nodes[0].c().status();
+    assert!(st
+        .members
+        .iter()
+        .any(|m| m.id == wid && m.witness && matches!(m.role, Role::Voter | Role::Boss)));
+
+    // The data node left keeps a quorum with the witness, even when the
+    // boss is the one lost.
+    let keep = match leader(&nodes) {
+        Some(0) => 1,
+        Some(1) => 0,
+        _ => 0,
+    };
+    nodes[1 - keep].stop().await;
+    nodes[keep].c().propose(pool("still-here")).await.unwrap();
+    eventually("the witness applied it", || {
+        w.c().state().pools.contains_key("still-here")
+    })
+    .await;
+    eventually("a lease", || nodes[keep].c().lease().held()).await;
+    stop_all(&mut nodes).await;
+    w.stop().await;
 }
