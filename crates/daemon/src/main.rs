@@ -4,6 +4,7 @@
 
 mod config;
 mod demo;
+mod leased;
 mod node;
 mod probe;
 mod scsi;
@@ -43,6 +44,10 @@ struct Args {
     /// cluster (no I/O, no volumes).
     #[arg(long)]
     witness: bool,
+    /// If this node is in no cluster, make it the first node of a new
+    /// cluster named NAME (what `sanvirt cluster create --name NAME` does).
+    #[arg(long, value_name = "NAME")]
+    create_cluster: Option<String>,
     /// On first start, create four 1 GiB sparse files under the data
     /// directory, pool them and serve a striped 2 GiB volume named `demo`
     /// (over NBD, and over iSCSI to the host `demo-client`).
@@ -99,5 +104,5 @@ fn run() -> anyhow::Result<()> {
         .thread_name("sanvirtd")
         .build()
         .context("cannot start the async runtime")?;
-    rt.block_on(node::run(cfg, args.demo))
+    rt.block_on(node::run(cfg, args.demo, args.create_cluster))
 }

@@ -1,11 +1,13 @@
-//! One node: the I/O facility stack bound at compile time, the configuration
-//! store, and the admin service that connects them.
+//! One node: the I/O facility stack bound at compile time, its place in the
+//! cluster, and the admin service that connects them.
 //!
-//! The only way the configuration changes is [`Node::submit`]: the store
-//! validates the command, journals it (fdatasync) and applies it; then the
-//! I/O modules are handed the new state (the back end opens or closes mdisks,
-//! the virtualization facility rebuilds its volume table and tells the front
-//! ends). The I/O modules never share the state machine's data structures.
+//! The only way the configuration changes is [`Node::submit`]: the command
+//! goes to the cluster's boss, is committed in the replicated log and
+//! applied by the state machine on every node (docs/cluster.md). The I/O
+//! modules are handed each new state through the node's call gate
+//! ([`NodeIo`]): the back end opens or closes mdisks, the virtualization
+//! facility rebuilds its volume table and tells the front ends. The I/O
+//! modules never share the state machine's data structures.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,10 +16,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 use parking_lot::Mutex;
-use sanvirt_admin::{AdminService, DiskState, MdiskStatus, NodeStatus};
+use sanvirt_admin::{
+    AdminService, ClusterStatus, DiskState, MdiskStatus, MemberRole, MemberStatus, NodeStatus,
+};
 use sanvirt_backend::{BackEnd, BackEndConfig, CacheMode, EngineKind};
 use sanvirt_buffer::BufferPool;
-use sanvirt_config::journal::{Store, SubmitError};
+use sanvirt_cluster::{Cluster, IoModules, Lease, Response};
+use sanvirt_config::journal::Store;
 use sanvirt_config::{Command, ConfigError, Outcome, State};
 use sanvirt_facility::fanout::FanOut;
 use sanvirt_facility::{IoRequest, IoServer};
@@ -28,11 +33,55 @@ use sanvirt_thin::Thin;
 use sanvirt_virt::Virtualization;
 
 use crate::config::DaemonConfig;
+use crate::leased::{LeaseCheck, Leased};
 use crate::scsi::{access_map, ConfigAuth, ConfigPrStore};
 
-/// The facilities under the front ends: thin provisioning → virtualization
-/// → back end, shared by every front end through a [`FanOut`].
-pub type Server = FanOut<Thin<Virtualization<BackEnd>>>;
+/// The facilities under the front ends: the lease check, thin provisioning
+/// → virtualization → back end, shared by every front end through a
+/// [`FanOut`].
+pub type Server = FanOut<Leased<Thin<Virtualization<BackEnd>>, Lease>>;
+
+impl LeaseCheck for Lease {
+    fn held(&self) -> bool {
+        Lease::held(self)
+    }
+}
+
+/// This node's I/O modules as the cluster's call gate sees them. Responses
+/// that arrive before the node is built (the gate starts with the cluster)
+/// are kept, the latest configuration only, and applied when it is.
+#[derive(Default)]
+pub struct NodeIo {
+    node: Mutex<Option<std::sync::Weak<Node>>>,
+    pending: Mutex<Option<Arc<State>>>,
+}
+
+impl NodeIo {
+    fn bind(&self, node: &Arc<Node>) {
+        *self.node.lock() = Some(Arc::downgrade(node));
+        if let Some(state) = self.pending.lock().take() {
+            node.reconfigure_io(&state);
+        }
+    }
+}
+
+impl IoModules for NodeIo {
+    fn deliver(&self, r: Response) {
+        let node = self.node.lock().as_ref().and_then(|w| w.upgrade());
+        match r {
+            Response::Configuration(state) => match node {
+                Some(n) => n.reconfigure_io(&state),
+                None => *self.pending.lock() = Some(state),
+            },
+            Response::NodeOnline(id) => tracing::info!(node = id, "node event: online"),
+            Response::NodeOffline(id) => tracing::warn!(node = id, "node event: offline"),
+            Response::LeaseLost => {
+                tracing::warn!("cluster lease lost: host I/O stops until it is renewed")
+            }
+            Response::LeaseRegained => tracing::info!("cluster lease held: serving host I/O"),
+        }
+    }
+}
 /// The NBD front end of this build.
 pub type Stack = NbdFrontEnd<Server>;
 /// The iSCSI front end of this build, over the SCSI logical units.
@@ -44,7 +93,8 @@ pub const NAA_COMPANY_ID: u32 = 0x0A_53_56;
 
 pub struct Node {
     cfg: DaemonConfig,
-    store: Mutex<Store>,
+    cluster: Cluster,
+    rt: tokio::runtime::Handle,
     virt: Virtualization<BackEnd>,
     thin: Thin<Virtualization<BackEnd>>,
     scsi: Arc<ScsiTarget<Server>>,
@@ -59,8 +109,11 @@ pub struct Node {
 impl Node {
     /// Hands the I/O modules the configuration `state`: the back end opens
     /// exactly the configured mdisks, then the virtualization facility serves
-    /// exactly the configured volumes.
+    /// exactly the configured volumes. A witness serves nothing.
     fn reconfigure_io(&self, state: &State) {
+        if self.cfg.cluster.witness {
+            return;
+        }
         let want: Vec<_> = state
             .mdisks
             .values()
@@ -83,30 +136,48 @@ impl Node {
 }
 
 impl AdminService for Node {
+    /// Through the cluster: committed by a quorum and applied on this node
+    /// before it returns (called from a blocking thread, see
+    /// `AdminService`).
     fn submit(&self, cmd: Command) -> Result<Outcome, ConfigError> {
-        let mut store = self.store.lock();
-        match store.submit(&cmd) {
-            Ok(outcome) => {
-                tracing::info!(seq = store.state().applied, ?cmd, "configuration changed");
-                self.reconfigure_io(store.state());
-                Ok(outcome)
-            }
-            Err(SubmitError::Rejected(e)) => Err(e),
-            Err(e @ SubmitError::TooLarge { .. }) => Err(ConfigError::InvalidArgument {
-                field: "command".into(),
-                reason: e.to_string(),
-            }),
-            Err(e @ SubmitError::Failed { .. }) => {
-                tracing::error!(%e, "configuration store failed");
-                Err(ConfigError::StoreFailed {
-                    reason: e.to_string(),
-                })
-            }
+        let outcome = self.rt.block_on(self.cluster.propose(cmd.clone()));
+        match &outcome {
+            Ok(_) => tracing::info!(?cmd, "configuration changed"),
+            Err(e) => tracing::info!(?cmd, %e, "configuration change refused"),
         }
+        outcome
     }
 
     fn state(&self) -> State {
-        self.store.lock().state().clone()
+        State::clone(&self.cluster.state())
+    }
+
+    fn cluster_create(&self, name: String) -> Result<ClusterStatus, ConfigError> {
+        self.rt.block_on(self.cluster.create(&name, None))?;
+        tracing::info!(cluster = %name, "created a one-node cluster");
+        Ok(self.cluster_status())
+    }
+
+    fn cluster_status(&self) -> ClusterStatus {
+        cluster_view(&self.cluster.status(), &self.cluster.state())
+    }
+
+    fn node_add(&self, address: String) -> Result<MemberStatus, ConfigError> {
+        let (id, name) = self.rt.block_on(self.cluster.add_node(&address))?;
+        tracing::info!(node = id, %name, %address, "node added");
+        self.cluster_status()
+            .members
+            .into_iter()
+            .find(|m| m.id == id)
+            .ok_or(ConfigError::ClusterUnavailable {
+                reason: format!("node {name} was added but is not in the configuration yet"),
+            })
+    }
+
+    fn node_remove(&self, name: String) -> Result<(), ConfigError> {
+        self.rt.block_on(self.cluster.remove_node(&name))?;
+        tracing::info!(%name, "node removed");
+        Ok(())
     }
 
     fn probe_mdisk(&self, path: &str, create_size_bytes: Option<u64>) -> Result<u64, ConfigError> {
@@ -142,7 +213,7 @@ impl AdminService for Node {
             })
             .collect();
         NodeStatus {
-            node_id: self.cfg.node_id,
+            node_id: self.cluster.status().node_id.unwrap_or(self.cfg.node_id),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_s: self.started.elapsed().as_secs(),
             nbd_portal: Some(self.nbd_portal.to_string()),
@@ -153,15 +224,69 @@ impl AdminService for Node {
     }
 }
 
-/// Starts the node and serves until SIGINT or SIGTERM.
-pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
-    let token = crate::token::load_or_create(&cfg.token_path())?;
-    let store = Store::open(cfg.data_dir.join("config")).with_context(|| {
+/// The cluster layer's status as the admin API shows it: the
+/// configuration's members with the roles, leases and boss the cluster
+/// layer knows.
+fn cluster_view(st: &sanvirt_cluster::ClusterStatus, state: &State) -> ClusterStatus {
+    let mut view = ClusterStatus::from_state(state);
+    view.node_id = st.node_id;
+    view.leader_id = st.leader;
+    view.term = st.term;
+    view.quorum = st.quorum;
+    // openraft 0.9 does not report the commit index; every applied entry
+    // is committed, so this is a lower bound.
+    view.committed_index = st.applied;
+    view.applied_index = st.applied;
+    for m in &mut view.members {
+        let Some(c) = st.members.iter().find(|c| c.id == m.id) else {
+            continue;
+        };
+        m.role = match c.role {
+            _ if st.leader == Some(m.id) => MemberRole::Leader,
+            _ if c.witness => MemberRole::Witness,
+            sanvirt_cluster::Role::Learner | sanvirt_cluster::Role::Joining => MemberRole::Learner,
+            sanvirt_cluster::Role::Boss | sanvirt_cluster::Role::Voter => MemberRole::Follower,
+        };
+        m.lease_remaining_ms = c.lease_remaining_ms;
+    }
+    view
+}
+
+/// The configuration of a node from before clusters (a journal in
+/// `<data_dir>/config`), if it has one with anything in it.
+fn standalone_configuration(cfg: &DaemonConfig) -> anyhow::Result<Option<State>> {
+    let dir = cfg.data_dir.join("config");
+    if !dir.join("journal").exists() && !dir.join("state.json").exists() {
+        return Ok(None);
+    }
+    let store = Store::open(&dir).with_context(|| {
         format!(
-            "cannot open the configuration store in {}",
-            cfg.data_dir.display()
+            "cannot open the standalone configuration in {}",
+            dir.display()
         )
     })?;
+    let state = store.state().clone();
+    Ok((state.applied > 0).then_some(state))
+}
+
+/// This node's name in the cluster: the configured one, else derived from
+/// the data directory's unique id.
+fn node_name(cfg: &DaemonConfig, uid: u64) -> String {
+    cfg.cluster
+        .node_name
+        .clone()
+        .unwrap_or_else(|| format!("node-{:08x}", uid >> 32))
+}
+
+/// Starts the node and serves until SIGINT or SIGTERM. `create_cluster`:
+/// if the node is in no cluster, make it the first node of a new one.
+pub async fn run(
+    cfg: DaemonConfig,
+    demo: bool,
+    create_cluster: Option<String>,
+) -> anyhow::Result<()> {
+    let token = crate::token::load_or_create(&cfg.token_path())?;
+    let uid = crate::token::load_or_create_uid(&cfg.data_dir.join("cluster-uid"))?;
 
     let backend = BackEnd::new(BackEndConfig {
         engine: match cfg.backend.engine.as_str() {
@@ -184,16 +309,6 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     let pool = BufferPool::new(cfg.buffers.pages, cfg.buffers.iobs);
     let virt = Virtualization::new_on_node(backend, cfg.node_id);
     let thin = Thin::new(virt.clone(), Arc::clone(&pool));
-    let server: Server = FanOut::new(thin.clone());
-    let nbd: Arc<Stack> = NbdFrontEnd::try_new(
-        server.clone(),
-        Arc::clone(&pool),
-        NbdConfig {
-            node: cfg.node_id,
-            ..NbdConfig::default()
-        },
-    )
-    .context("invalid NBD configuration")?;
 
     let nbd_listener = tokio::net::TcpListener::bind(cfg.nbd.listen)
         .await
@@ -204,8 +319,66 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     let nbd_portal = nbd_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
+    // The cluster: resumes as the member its database names, or waits to
+    // be created or added.
+    let io = Arc::new(NodeIo::default());
+    let c = &cfg.cluster;
+    let cluster_cfg = sanvirt_cluster::ClusterConfig {
+        data_dir: cfg.data_dir.join("cluster"),
+        node_name: node_name(&cfg, uid),
+        listen: c.listen,
+        advertise: c.advertise.clone().unwrap_or_else(|| c.listen.to_string()),
+        admin_addr: admin_addr.to_string(),
+        nbd_portal: (!c.witness).then(|| nbd_portal.to_string()),
+        iscsi_portal: (!c.witness && cfg.iscsi.enabled).then(|| cfg.iscsi.listen.to_string()),
+        witness: c.witness,
+        heartbeat_ms: c.heartbeat_ms,
+        election_timeout_ms: c.election_timeout_ms,
+        lease_ms: c.lease_ms,
+    };
+    let cluster = Cluster::start(cluster_cfg, io.clone() as Arc<dyn IoModules>)
+        .await
+        .context("cannot start the cluster layer")?;
+    if cluster.status().node_id.is_none() {
+        let import = standalone_configuration(&cfg)?;
+        let name = match (&import, create_cluster, demo) {
+            (_, Some(name), _) => Some(name),
+            // A node from before clusters becomes a one-node cluster with
+            // its configuration.
+            (Some(_), None, _) => Some("cluster".to_string()),
+            (None, None, true) => Some("sanvirt".to_string()),
+            (None, None, false) => None,
+        };
+        match name {
+            Some(name) => {
+                if import.is_some() {
+                    tracing::info!("importing the standalone configuration into the new cluster");
+                }
+                cluster
+                    .create(&name, import)
+                    .await
+                    .with_context(|| format!("cannot create cluster {name:?}"))?;
+                tracing::info!(cluster = %name, "created a one-node cluster");
+            }
+            None => tracing::info!(
+                "in no cluster yet: run `sanvirt cluster create --name NAME` here, or `sanvirt node add` on a member"
+            ),
+        }
+    }
+    let lease = cluster.lease();
+    let server: Server = FanOut::new(Leased::new(thin.clone(), lease));
+    let nbd: Arc<Stack> = NbdFrontEnd::try_new(
+        server.clone(),
+        Arc::clone(&pool),
+        NbdConfig {
+            node: cfg.node_id,
+            ..NbdConfig::default()
+        },
+    )
+    .context("invalid NBD configuration")?;
+
     // The iSCSI portal: the configuration's setting, else the file's.
-    let (iscsi_on, iscsi_listen) = match &store.state().iscsi_portal {
+    let (iscsi_on, iscsi_listen) = match &cluster.state().iscsi_portal {
         Some(p) => (
             p.enabled,
             p.listen.parse::<SocketAddr>().with_context(|| {
@@ -233,7 +406,7 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
         product: "sanvirt volume".into(),
         revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
         naa_company_id: NAA_COMPANY_ID,
-        cluster_uid: crate::token::load_or_create_uid(&cfg.data_dir.join("cluster-uid"))?,
+        cluster_uid: uid,
     };
     let auth = Arc::new(ConfigAuth::default());
     let scsi_pool = Arc::clone(&pool);
@@ -252,7 +425,8 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     };
     let node = Arc::new_cyclic(|me| Node {
         cfg: cfg.clone(),
-        store: Mutex::new(store),
+        cluster,
+        rt: tokio::runtime::Handle::current(),
         scsi: scsi_target(me),
         auth: Arc::clone(&auth),
         virt,
@@ -268,13 +442,13 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
             .unwrap_or_else(|| sanvirt_iscsi::config::default_target_name(cfg.node_id)),
     });
     {
-        let store = node.store.lock();
+        let state = node.cluster.state();
         tracing::info!(
-            applied = store.state().applied,
-            volumes = store.state().volumes.len(),
+            applied = state.applied,
+            volumes = state.volumes.len(),
             "configuration recovered"
         );
-        node.reconfigure_io(store.state());
+        io.bind(&node);
     }
     if demo {
         let n = Arc::clone(&node);
@@ -336,15 +510,36 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
         }
         None => None,
     };
-    print_banner(
-        &cfg,
-        nbd_portal,
-        iscsi
+    // "ready" once the node serves: in a cluster, when it first holds its
+    // lease (the demo's and the tests' signal that I/O will succeed).
+    {
+        let node = Arc::clone(&node);
+        let iscsi_name = iscsi
             .as_ref()
-            .map(|(fe, _)| (fe.config().target_name.clone(), iscsi_portal)),
-        admin_addr,
-        &node.state(),
-    );
+            .map(|(fe, _)| (fe.config().target_name.clone(), iscsi_portal));
+        let mut held = node.cluster.lease().subscribe();
+        let in_cluster = node.cluster.status().node_id.is_some();
+        tokio::spawn(async move {
+            if in_cluster && !cfg_is_witness(&node) {
+                if held.wait_for(|h| *h).await.is_err() {
+                    return;
+                }
+            }
+            let st = node.cluster.status();
+            let who = match (&st.cluster_name, st.node_id) {
+                (Some(c), Some(id)) => format!("{} (node {id} of cluster {c})", st.node_name),
+                _ => format!("{} (in no cluster yet)", st.node_name),
+            };
+            print_banner(
+                &node.cfg,
+                &who,
+                nbd_portal,
+                iscsi_name,
+                admin_addr,
+                &node.state(),
+            );
+        });
+    }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -375,14 +570,19 @@ pub async fn run(cfg: DaemonConfig, demo: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cfg_is_witness(node: &Node) -> bool {
+    node.cfg.cluster.witness
+}
+
 fn print_banner(
     cfg: &DaemonConfig,
+    who: &str,
     nbd: SocketAddr,
     iscsi: Option<(String, Option<SocketAddr>)>,
     admin: SocketAddr,
     state: &State,
 ) {
-    println!("sanvirtd: node {} ready", cfg.node_id);
+    println!("sanvirtd: {who} ready");
     println!(
         "  admin API  http://{admin}  (token in {})",
         cfg.token_path().display()
@@ -497,8 +697,18 @@ mod tests {
         let thin = Thin::new(virt.clone(), Arc::clone(&pool));
         thin.reconfigure(store.state());
         virt.reconfigure(store.state());
-        let nbd: Arc<Stack> =
-            NbdFrontEnd::new(FanOut::new(thin), Arc::clone(&pool), NbdConfig::default());
+        // The stack of this build, with a lease that is always held.
+        struct Held;
+        impl LeaseCheck for Held {
+            fn held(&self) -> bool {
+                true
+            }
+        }
+        let nbd = NbdFrontEnd::new(
+            FanOut::new(Leased::new(thin, Held)),
+            Arc::clone(&pool),
+            NbdConfig::default(),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = {

@@ -7,10 +7,16 @@ mod common;
 use common::*;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn start(dir: &std::path::Path, nbd: u16, admin: u16, iscsi: u16) -> std::process::Child {
-    let child = Command::new(bin("sanvirtd"))
+fn start(
+    dir: &std::path::Path,
+    nbd: u16,
+    admin: u16,
+    iscsi: u16,
+    cluster: u16,
+) -> std::process::Child {
+    let mut child = Command::new(bin("sanvirtd"))
         .current_dir(dir)
         .args([
             "--demo",
@@ -20,16 +26,28 @@ fn start(dir: &std::path::Path, nbd: u16, admin: u16, iscsi: u16) -> std::proces
             &format!("127.0.0.1:{admin}"),
             "--iscsi-listen",
             &format!("127.0.0.1:{iscsi}"),
+            "--cluster-listen",
+            &format!("127.0.0.1:{cluster}"),
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("start sanvirtd");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", nbd)).is_err() {
-        assert!(Instant::now() < deadline, "quick start never served NBD");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The banner's first line says the node is ready (it holds its
+    // cluster lease); what the README tells the user to wait for.
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.starts_with("sanvirtd: ") && line.ends_with(" ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("quick start never printed its ready banner");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", nbd)).is_ok());
     child
 }
 
@@ -38,8 +56,8 @@ fn demo_serves_a_striped_volume_and_is_idempotent() {
     require("qemu-img");
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     require("iscsi-ls");
-    let (nbd, admin, iscsi) = (free_port(), free_port(), free_port());
-    let mut child = start(dir.path(), nbd, admin, iscsi);
+    let (nbd, admin, iscsi, cluster) = (free_port(), free_port(), free_port(), free_port());
+    let mut child = start(dir.path(), nbd, admin, iscsi, cluster);
     let uri = format!("nbd://127.0.0.1:{nbd}/demo");
     let info: serde_json::Value =
         serde_json::from_str(&run("qemu-img", &["info", "--output=json", &uri])).unwrap();
@@ -57,7 +75,7 @@ fn demo_serves_a_striped_volume_and_is_idempotent() {
     let _ = child.kill();
     let _ = child.wait();
 
-    let mut child = start(dir.path(), nbd, admin, iscsi);
+    let mut child = start(dir.path(), nbd, admin, iscsi, cluster);
     // The README's iSCSI line: the demo host's initiator sees the volume at
     // LUN 0 (2 GiB); an initiator on no host sees the target but no LUN.
     let portal = format!("iscsi://127.0.0.1:{iscsi}");

@@ -54,6 +54,7 @@ pub struct Daemon {
     pub nbd_port: u16,
     pub admin_port: u16,
     pub iscsi_port: u16,
+    pub cluster_port: u16,
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
     pub io_mode: &'static str,
@@ -74,6 +75,7 @@ impl Daemon {
             nbd_port: free_port(),
             admin_port: free_port(),
             iscsi_port: free_port(),
+            cluster_port: free_port(),
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             io_mode,
@@ -100,12 +102,13 @@ impl Daemon {
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n",
+                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\nnode_name = \"it\"\n",
                 self.data_dir(),
                 self.admin_port,
                 self.nbd_port,
                 self.iscsi_port,
-                self.io_mode
+                self.io_mode,
+                self.cluster_port,
             ),
         )
         .expect("write config");
@@ -114,19 +117,31 @@ impl Daemon {
             .append(true)
             .open(self.dir.path().join("sanvirtd.log"))
             .expect("log file");
+        let readies = self.readies();
+        // A one-node cluster of its own, made on the first start.
         let child = Command::new(bin("sanvirtd"))
             .arg("--config")
             .arg(&cfg)
+            .args(["--create-cluster", "it"])
             .args(&self.extra_args)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start sanvirtd");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready(readies);
     }
 
-    fn wait_ready(&mut self) {
+    /// Banner lines printed so far: the daemon prints one each time it
+    /// starts serving (in a cluster: once it holds its lease).
+    fn readies(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.starts_with("sanvirtd: ") && l.ends_with(" ready"))
+            .count()
+    }
+
+    fn wait_ready(&mut self, readies_before: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(c) = self.child.as_mut() {
@@ -134,7 +149,8 @@ impl Daemon {
                     panic!("sanvirtd exited early ({st}); log:\n{}", self.log());
                 }
             }
-            if std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
+            if self.readies() > readies_before
+                && std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
                 && std::net::TcpStream::connect(("127.0.0.1", self.iscsi_port)).is_ok()
             {

@@ -1,0 +1,79 @@
+//! The lease check in the I/O stack: a node serves host I/O only while it
+//! holds its cluster lease (docs/cluster.md, "Leases").
+//!
+//! [`Leased`] sits under the front ends and above every facility that
+//! touches data, so a node that lost its lease refuses each new request
+//! before it reaches the back end (the front ends turn the refusal into the
+//! protocol's "not ready": NBD EIO, SCSI NOT READY). Requests already past
+//! the check when the lease runs out complete; the boss's takeover waits a
+//! margin beyond the lease for them (failure-model.md).
+
+use std::future::Future;
+use std::sync::{Arc, Weak};
+
+use sanvirt_facility::{
+    AllocExtent, DiskId, DiskInfo, IoClient, IoError, IoRequest, IoResult, IoServer,
+};
+
+/// Whether this node may serve host I/O now. Checked once per request: it
+/// must be cheap (an atomic load and a monotonic clock read).
+pub trait LeaseCheck: Send + Sync + 'static {
+    fn held(&self) -> bool;
+}
+
+pub struct Leased<S, L> {
+    inner: S,
+    lease: L,
+    refusal: Arc<str>,
+}
+
+impl<S, L> Leased<S, L> {
+    pub fn new(inner: S, lease: L) -> Self {
+        Leased {
+            inner,
+            lease,
+            refusal: Arc::from("this node holds no cluster lease"),
+        }
+    }
+}
+
+impl<S: IoServer, L: LeaseCheck> IoServer for Leased<S, L> {
+    fn submit(&self, req: IoRequest) -> impl Future<Output = IoResult> + Send {
+        let refused = (!self.lease.held()).then(|| IoError::Unavailable {
+            disk: req.disk,
+            reason: Arc::clone(&self.refusal),
+        });
+        async move {
+            match refused {
+                Some(e) => Err(e),
+                None => self.inner.submit(req).await,
+            }
+        }
+    }
+
+    fn disk_info(&self, disk: DiskId) -> Option<DiskInfo> {
+        self.inner.disk_info(disk)
+    }
+
+    fn block_status(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<AllocExtent>, IoError>> + Send {
+        let refused = (!self.lease.held()).then(|| IoError::Unavailable {
+            disk,
+            reason: Arc::clone(&self.refusal),
+        });
+        async move {
+            match refused {
+                Some(e) => Err(e),
+                None => self.inner.block_status(disk, offset, len).await,
+            }
+        }
+    }
+
+    fn bind_client(&self, client: Weak<dyn IoClient>) {
+        self.inner.bind_client(client)
+    }
+}
