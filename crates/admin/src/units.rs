@@ -116,7 +116,7 @@ pub fn parse_size(text: &str) -> Result<u64, SizeError> {
                 .map_err(|_| invalid(s, "malformed decimal number"))?;
             let scale = 10u128.pow(frac.len() as u32);
             let scaled = frac_value * mult;
-            if scaled % scale != 0 {
+            if !scaled.is_multiple_of(scale) {
                 return Err(invalid(s, "not a whole number of bytes"));
             }
             total += scaled / scale;
@@ -151,7 +151,7 @@ pub fn format_bytes(bytes: u64) -> String {
 
 /// An extent size, exactly: `16 MiB`, `1 GiB`.
 pub fn format_mib(mib: u32) -> String {
-    if mib != 0 && mib % 1024 == 0 {
+    if mib != 0 && mib.is_multiple_of(1024) {
         format!("{} GiB", mib / 1024)
     } else {
         format!("{mib} MiB")

@@ -757,7 +757,7 @@ impl Buffer {
     /// halves stay writable in place (a back end can read from disk into each).
     /// `at` must fall on a page boundary of the underlying pages.
     pub fn split_off(&mut self, at: usize) -> Result<Buffer, BufferError> {
-        if at > self.len || (self.offset + at) % PAGE_SIZE != 0 {
+        if at > self.len || !(self.offset + at).is_multiple_of(PAGE_SIZE) {
             return Err(BufferError::Unaligned { at });
         }
         let keep_pages = (self.offset + at) / PAGE_SIZE;
@@ -838,7 +838,7 @@ impl Buffer {
         if other.len == 0 {
             return Ok(());
         }
-        if (self.offset + self.len) % PAGE_SIZE != 0 || other.offset != 0 {
+        if !(self.offset + self.len).is_multiple_of(PAGE_SIZE) || other.offset != 0 {
             return Err(BufferError::Unaligned { at: self.len });
         }
         let ohead = std::mem::replace(&mut other.head, NONE);

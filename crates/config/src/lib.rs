@@ -247,7 +247,7 @@ pub const CLUSTER_UID_BYTES_MAX: usize = 64;
 /// Longest node address (`host:port`).
 pub const NODE_ADDRESS_BYTES_MAX: usize = 255;
 
-const _: () = assert!(NODES_MAX % IO_GROUP_NODES_MAX == 0);
+const _: () = assert!(NODES_MAX.is_multiple_of(IO_GROUP_NODES_MAX));
 const _: () = assert!(IO_GROUPS_MAX >= 1);
 
 /// How I/O group `g` is shown: `io_grp0`, `io_grp1`, ...

@@ -233,7 +233,7 @@ fn check_volume_size(field: &str, bytes: u64) -> Result<(), ConfigError> {
     if bytes == 0 {
         return Err(invalid(field, "a volume must be larger than 0 bytes"));
     }
-    if bytes % SECTOR_BYTES != 0 {
+    if !bytes.is_multiple_of(SECTOR_BYTES) {
         return Err(invalid(
             field,
             format!("{bytes} bytes is not a multiple of {SECTOR_BYTES}"),

@@ -520,10 +520,8 @@ pub async fn run(
         let mut held = node.cluster.lease().subscribe();
         let in_cluster = node.cluster.status().node_id.is_some();
         tokio::spawn(async move {
-            if in_cluster && !cfg_is_witness(&node) {
-                if held.wait_for(|h| *h).await.is_err() {
-                    return;
-                }
+            if in_cluster && !cfg_is_witness(&node) && held.wait_for(|h| *h).await.is_err() {
+                return;
             }
             let st = node.cluster.status();
             let who = match (&st.cluster_name, st.node_id) {

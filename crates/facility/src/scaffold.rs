@@ -166,14 +166,14 @@ impl<'a, S: IoServer> DummyFrontEnd<'a, S> {
             let offset = first * self.block;
             let len = (count * self.block) as usize;
             let mut buf = self.pool.alloc(len).expect("buffers");
-            if self.next() % 2 == 0 {
+            if self.next().is_multiple_of(2) {
                 let generation = n as u64 + 1;
                 let mut pos = offset;
                 for seg in buf.segments_mut() {
                     Self::pattern(pos, generation, seg);
                     pos += seg.len() as u64;
                 }
-                let fua = self.next() % 4 == 0;
+                let fua = self.next().is_multiple_of(4);
                 self.server
                     .submit(IoRequest::write(self.disk, offset, buf, fua))
                     .await

@@ -345,7 +345,7 @@ pub fn parse_xcopy(p: &[u8]) -> Result<Option<XcopyList>, Sense> {
     if inline_len != 0 {
         return Err(Sense::invalid_param(12, None));
     }
-    if tgt_len % 32 != 0 {
+    if !tgt_len.is_multiple_of(32) {
         return Err(Sense::param_list_length());
     }
     if tgt_len / 32 > XCOPY_TARGETS_MAX {

@@ -529,7 +529,7 @@ impl BackEnd {
             DeviceKind::File => None,
             DeviceKind::BlockDevice => {
                 let b = m.info.block_size_min as u64;
-                if offset % b != 0 || len % b != 0 {
+                if !offset.is_multiple_of(b) || !len.is_multiple_of(b) {
                     None
                 } else if flags.no_unmap {
                     // On a block device ZERO_RANGE zeroes without unmapping.
@@ -558,7 +558,7 @@ impl BackEnd {
         }
         let b = m.info.block_size_min as u64;
         let fd = match m.direct_fd() {
-            Some(d) if offset % b == 0 && len % b == 0 => d,
+            Some(d) if offset.is_multiple_of(b) && len.is_multiple_of(b) => d,
             _ => m.buffered_fd(),
         };
         let (st, _) = self

@@ -203,11 +203,11 @@ impl Mdisk {
             return self.buffered_fd();
         };
         let (ao, am) = (*align_offset as u64, *align_memory as usize);
-        let aligned = offset % ao == 0
-            && len % ao == 0
-            && segments
-                .into_iter()
-                .all(|s| (s.as_ptr() as usize) % am == 0 && (s.len() as u64) % ao == 0);
+        let aligned = offset.is_multiple_of(ao)
+            && len.is_multiple_of(ao)
+            && segments.into_iter().all(|s| {
+                (s.as_ptr() as usize).is_multiple_of(am) && (s.len() as u64).is_multiple_of(ao)
+            });
         if aligned {
             d.as_raw_fd()
         } else {

@@ -106,7 +106,7 @@ pub fn login_text(pairs: &[(&str, &str)]) -> Vec<u8> {
 }
 
 pub fn pad(v: &mut Vec<u8>) {
-    while v.len() % 4 != 0 {
+    while !v.len().is_multiple_of(4) {
         v.push(0);
     }
 }

@@ -43,7 +43,7 @@ pub const PHYS_GRAINS_MAX: u64 = u32::MAX as u64 - 1;
 
 const _: () = assert!(MAP_ENTRIES_PER_PAGE == 1016);
 const _: () = assert!(GRAIN_BYTES_MIN.is_power_of_two() && GRAIN_BYTES_MAX.is_power_of_two());
-const _: () = assert!(GRAIN_BYTES_MIN % META_PAGE_BYTES as u64 == 0);
+const _: () = assert!(GRAIN_BYTES_MIN.is_multiple_of(META_PAGE_BYTES as u64));
 
 /// CRC32C of a page with its CRC field (bytes 8..12) left out.
 fn page_crc(page: &[u8]) -> u32 {
