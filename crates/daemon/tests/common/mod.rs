@@ -55,6 +55,13 @@ pub struct Daemon {
     pub admin_port: u16,
     pub iscsi_port: u16,
     pub cluster_port: u16,
+    /// This node's name in its cluster.
+    pub node_name: String,
+    /// Passed as `--create-cluster`: a fresh node becomes the first node of
+    /// a one-node cluster of this name. `None`: it waits to be added.
+    pub create_cluster: Option<String>,
+    /// More lines for the `[cluster]` section (timings, witness).
+    pub cluster_toml: String,
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
     pub io_mode: &'static str,
@@ -63,6 +70,30 @@ pub struct Daemon {
 impl Daemon {
     pub fn start() -> Daemon {
         Self::start_with(&[], "direct")
+    }
+
+    /// A node for a multi-node cluster: not started yet (see `spawn`), with
+    /// short cluster timings so failovers are quick.
+    pub fn cluster_node(name: &str, create: Option<&str>, witness: bool) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("sanvirt-cl-")
+            .tempdir_in(std::env::var("SANVIRT_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .expect("temp dir");
+        Daemon {
+            dir,
+            nbd_port: free_port(),
+            admin_port: free_port(),
+            iscsi_port: free_port(),
+            cluster_port: free_port(),
+            node_name: name.into(),
+            create_cluster: create.map(str::to_string),
+            cluster_toml: format!(
+                "heartbeat_ms = 50\nelection_timeout_ms = 300\nlease_ms = 900\nwitness = {witness}\n"
+            ),
+            child: None,
+            extra_args: Vec::new(),
+            io_mode: "direct",
+        }
     }
 
     pub fn start_with(extra: &[&str], io_mode: &'static str) -> Daemon {
@@ -76,6 +107,9 @@ impl Daemon {
             admin_port: free_port(),
             iscsi_port: free_port(),
             cluster_port: free_port(),
+            node_name: "it".into(),
+            create_cluster: Some("it".into()),
+            cluster_toml: String::new(),
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             io_mode,
@@ -102,13 +136,15 @@ impl Daemon {
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\nnode_name = \"it\"\n",
+                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\nnode_name = \"{}\"\n{}",
                 self.data_dir(),
                 self.admin_port,
                 self.nbd_port,
                 self.iscsi_port,
                 self.io_mode,
                 self.cluster_port,
+                self.node_name,
+                self.cluster_toml,
             ),
         )
         .expect("write config");
@@ -119,10 +155,12 @@ impl Daemon {
             .expect("log file");
         let readies = self.readies();
         // A one-node cluster of its own, made on the first start.
-        let child = Command::new(bin("sanvirtd"))
-            .arg("--config")
-            .arg(&cfg)
-            .args(["--create-cluster", "it"])
+        let mut cmd = Command::new(bin("sanvirtd"));
+        cmd.arg("--config").arg(&cfg);
+        if let Some(name) = &self.create_cluster {
+            cmd.args(["--create-cluster", name]);
+        }
+        let child = cmd
             .args(&self.extra_args)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -1,0 +1,320 @@
+//! Multi-process clusters on loopback: every node its own `sanvirtd`, driven
+//! by the real `sanvirt` CLI. Nodes are killed with `kill -9` (the leader and
+//! followers, in a loop) while configuration commands run; afterwards every
+//! acknowledged command is on every node, in the order it was acknowledged,
+//! and every node has the same configuration.
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+/// Cluster status as `sanvirt --json cluster status` prints it on `d`, or
+/// `None` if the node does not answer.
+fn status(d: &Daemon) -> Option<serde_json::Value> {
+    let o = d.cli(&["--json", "cluster", "status"]);
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+/// Waits until `pred` holds, polling; panics with `what` after `secs`.
+fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Node 1 creates the cluster; the others are added through it.
+fn form(n: usize, witness_last: bool) -> Vec<Daemon> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let witness = witness_last && i == n - 1;
+        let name = if witness {
+            "witness".to_string()
+        } else {
+            format!("n{}", i + 1)
+        };
+        let mut d = Daemon::cluster_node(&name, (i == 0).then_some("c1"), witness);
+        d.spawn();
+        nodes.push(d);
+    }
+    for i in 1..n {
+        let addr = format!("127.0.0.1:{}", nodes[i].cluster_port);
+        nodes[0].ok(&["node", "add", "--address", &addr]);
+    }
+    let want = n;
+    wait_until(30, "every node to see every member", || {
+        nodes
+            .iter()
+            .all(|d| status(d).is_some_and(|s| s["members"].as_array().map(Vec::len) == Some(want)))
+    });
+    nodes
+}
+
+/// The node (index into `nodes`) that leads, as the live nodes agree.
+fn leader(nodes: &[Daemon], alive: &[bool]) -> Option<usize> {
+    for (i, d) in nodes.iter().enumerate() {
+        if !alive[i] {
+            continue;
+        }
+        let s = status(d)?;
+        let id = s["leader_id"].as_u64()?;
+        let me = s["node_id"].as_u64()?;
+        if id == me {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Host name → (id, initiators), as node `d` lists them.
+fn hosts(d: &Daemon) -> Option<BTreeMap<String, (u64, Vec<String>)>> {
+    let o = d.cli(&["--json", "host", "list"]);
+    if !o.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    let mut out = BTreeMap::new();
+    for h in v.as_array()? {
+        let inits = h["initiators"]
+            .as_array()?
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_string))
+            .collect();
+        out.insert(h["name"].as_str()?.to_string(), (h["id"].as_u64()?, inits));
+    }
+    Some(out)
+}
+
+/// Hosts are deleted this many creates after they were made.
+const DELETE_LAG: u64 = 100;
+
+/// What the writer saw.
+#[derive(Default)]
+struct Outcomes {
+    /// Acknowledged creates, in acknowledgement order.
+    created: Vec<String>,
+    deleted: std::collections::BTreeSet<String>,
+    /// (create?, name) of commands whose outcome the client cannot know: the
+    /// node died under it, or a boss change made it answer an error (a
+    /// retried forward may apply a command and then refuse its retry).
+    unknown: std::collections::BTreeSet<(bool, String)>,
+    /// Error messages seen, by count.
+    errors: BTreeMap<String, usize>,
+}
+
+impl Outcomes {
+    fn record(&mut self, create: bool, name: String, o: &std::process::Output) {
+        if o.status.success() {
+            if create {
+                self.created.push(name);
+            } else {
+                self.deleted.insert(name);
+            }
+            return;
+        }
+        let msg = String::from_utf8_lossy(&o.stderr);
+        // Group messages by their shape (names and numbers vary).
+        let shape: String = msg
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_ascii_digit())
+            .take(80)
+            .collect();
+        *self.errors.entry(shape).or_default() += 1;
+        self.unknown.insert((create, name));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn initiator(k: u64) -> String {
+    format!("iqn.2026-11.dev.sanvirt.test:h{k}")
+}
+
+#[test]
+fn three_nodes_keep_every_acknowledged_command_through_kill_9_of_leader_and_followers() {
+    let seed: u64 = std::env::var("SANVIRT_CLUSTER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::random());
+    eprintln!("seed {seed} (SANVIRT_CLUSTER_SEED replays the kill schedule)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let nodes = Arc::new(Mutex::new(form(3, false)));
+    let alive = Arc::new(Mutex::new([true; 3]));
+
+    // The writer: `host create` and `host delete` commands, one at a time,
+    // to any live node (deletes keep the host count under its limit).
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Outcomes::default()));
+    let writer = {
+        let (nodes, alive, stop, log) = (nodes.clone(), alive.clone(), stop.clone(), log.clone());
+        std::thread::spawn(move || {
+            let mut k = 0u64;
+            let mut r = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+            while !stop.load(Ordering::Relaxed) {
+                let target = r.gen_range(0..3);
+                if !alive.lock().unwrap()[target] {
+                    continue;
+                }
+                let name = format!("h{k}");
+                let init = initiator(k);
+                let o = {
+                    let nodes = nodes.lock().unwrap();
+                    nodes[target].cli(&["host", "create", &name, "--initiator", &init])
+                };
+                log.lock().unwrap().record(true, name, &o);
+                if k >= DELETE_LAG {
+                    let old = format!("h{}", k - DELETE_LAG);
+                    let o = {
+                        let nodes = nodes.lock().unwrap();
+                        nodes[target].cli(&["host", "delete", &old])
+                    };
+                    log.lock().unwrap().record(false, old, &o);
+                }
+                k += 1;
+            }
+        })
+    };
+
+    let iterations = 8;
+    for it in 0..iterations {
+        std::thread::sleep(Duration::from_millis(rng.gen_range(300..1200)));
+        let victim = {
+            let nodes = nodes.lock().unwrap();
+            let alive_now = *alive.lock().unwrap();
+            match (it % 2, leader(&nodes, &alive_now)) {
+                (0, Some(l)) => l,
+                (_, Some(l)) => (l + rng.gen_range(1..3)) % 3,
+                (_, None) => rng.gen_range(0..3),
+            }
+        };
+        eprintln!("iteration {it}: kill -9 node {}", victim + 1);
+        alive.lock().unwrap()[victim] = false;
+        // Held only while killing; the writer talks to the others.
+        nodes.lock().unwrap()[victim].kill9();
+        std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
+        // Restart (it rejoins and catches up), then mark it alive.
+        let mut d = {
+            let mut nodes = nodes.lock().unwrap();
+            std::mem::replace(&mut nodes[victim], Daemon::cluster_node("x", None, false))
+        };
+        d.spawn();
+        nodes.lock().unwrap()[victim] = d;
+        alive.lock().unwrap()[victim] = true;
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+
+    let nodes = nodes.lock().unwrap();
+    let log = log.lock().unwrap();
+    eprintln!(
+        "{} creates and {} deletes acknowledged, {} commands with unknown outcome; errors: {:?}",
+        log.created.len(),
+        log.deleted.len(),
+        log.unknown.len(),
+        log.errors
+    );
+    assert!(
+        log.created.len() >= 20,
+        "too few commands got through: {}",
+        log.created.len()
+    );
+
+    // Every node converges to the same configuration.
+    let mut views = Vec::new();
+    wait_until(30, "the three nodes to agree", || {
+        views = nodes.iter().map(hosts).collect::<Vec<_>>();
+        views.iter().all(|v| v.is_some()) && views.windows(2).all(|w| w[0] == w[1])
+    });
+    let view = views[0].clone().unwrap();
+    // Every acknowledged create is there (unless a later delete of it may
+    // have landed), whole, in acknowledgement order (ids are allocated by
+    // the state machine in log order); every acknowledged delete took.
+    let mut last_id = 0;
+    for name in &log.created {
+        let maybe_deleted =
+            log.deleted.contains(name) || log.unknown.contains(&(false, name.clone()));
+        let Some((id, inits)) = view.get(name) else {
+            assert!(maybe_deleted, "acknowledged host {name} lost");
+            continue;
+        };
+        let k: u64 = name[1..].parse().unwrap();
+        assert_eq!(inits, &vec![initiator(k)], "host {name} half applied");
+        assert!(
+            *id > last_id,
+            "host {name} applied out of acknowledgement order"
+        );
+        last_id = *id;
+    }
+    for name in &log.deleted {
+        assert!(
+            !view.contains_key(name),
+            "acknowledged delete of {name} lost"
+        );
+    }
+    // Nothing else appeared but creates whose outcome was unknown.
+    for name in view.keys() {
+        assert!(
+            log.created.contains(name) || log.unknown.contains(&(true, name.clone())),
+            "host {name} appeared without being proposed"
+        );
+    }
+    // And the replicated logs agree: same applied index everywhere.
+    let applied: Vec<_> = nodes
+        .iter()
+        .map(|d| status(d).map(|s| s["applied_index"].as_u64()))
+        .collect();
+    assert!(
+        applied.windows(2).all(|w| w[0] == w[1]),
+        "applied indexes differ: {applied:?}"
+    );
+}
+
+#[test]
+fn two_nodes_and_a_witness_survive_the_loss_of_either_node() {
+    let mut nodes = form(3, true);
+    let (a, b) = (0, 1);
+    // Either node dies: the other continues with the witness.
+    for (victim, survivor) in [(a, b), (b, a)] {
+        nodes[victim].kill9();
+        let name = format!("after-{}", nodes[victim].node_name);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let o = nodes[survivor].cli(&[
+                "host",
+                "create",
+                &name,
+                "--initiator",
+                &format!("iqn.2026-11.dev.sanvirt.test:{name}"),
+            ]);
+            if o.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} with the witness took no command after {} died: {}",
+                nodes[survivor].node_name,
+                nodes[victim].node_name,
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let s = status(&nodes[survivor]).expect("survivor answers");
+        assert_eq!(s["quorum"], true, "survivor has quorum: {s}");
+        nodes[victim].spawn();
+        wait_until(30, "the restarted node to catch up", || {
+            hosts(&nodes[victim]).is_some_and(|h| h.contains_key(&name))
+        });
+    }
+}
