@@ -147,7 +147,7 @@ fn three_nodes_keep_every_acknowledged_command_through_kill_9_of_leader_and_foll
     let seed: u64 = std::env::var("SANVIRT_CLUSTER_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     eprintln!("seed {seed} (SANVIRT_CLUSTER_SEED replays the kill schedule)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let nodes = Arc::new(Mutex::new(form(3, false)));
