@@ -35,6 +35,17 @@ fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
 
 /// Node 1 creates the cluster; the others are added through it.
 fn form(n: usize, witness_last: bool) -> Vec<Daemon> {
+    form_with(n, witness_last, |name, create, witness, _| {
+        Daemon::cluster_node(name, create, witness)
+    })
+}
+
+/// `form`, each node made by `make(name, create, witness, index)`.
+fn form_with(
+    n: usize,
+    witness_last: bool,
+    make: impl Fn(&str, Option<&str>, bool, usize) -> Daemon,
+) -> Vec<Daemon> {
     let mut nodes = Vec::new();
     for i in 0..n {
         let witness = witness_last && i == n - 1;
@@ -43,12 +54,12 @@ fn form(n: usize, witness_last: bool) -> Vec<Daemon> {
         } else {
             format!("n{}", i + 1)
         };
-        let mut d = Daemon::cluster_node(&name, (i == 0).then_some("c1"), witness);
+        let mut d = make(&name, (i == 0).then_some("c1"), witness, i);
         d.spawn();
         nodes.push(d);
     }
     for i in 1..n {
-        let addr = format!("127.0.0.1:{}", nodes[i].cluster_port);
+        let addr = nodes[i].cluster_addr();
         nodes[0].ok(&["node", "add", "--address", &addr]);
     }
     let want = n;
@@ -317,4 +328,147 @@ fn two_nodes_and_a_witness_survive_the_loss_of_either_node() {
             hosts(&nodes[victim]).is_some_and(|h| h.contains_key(&name))
         });
     }
+}
+
+/// Whether node `d` takes a configuration command now (a host named
+/// `name`), retrying for up to `secs` while it answers errors.
+fn takes_command(d: &Daemon, name: &str, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let o = d.cli(&[
+            "host",
+            "create",
+            name,
+            "--initiator",
+            &format!("iqn.2026-11.dev.sanvirt.test:{name}"),
+        ]);
+        if o.status.success() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Whether node `d` holds its lease (serves host I/O), as it reports.
+fn holds_lease(d: &Daemon) -> bool {
+    status(d).is_some_and(|s| s["quorum"] == true)
+}
+
+/// The applied configuration of every node is the same once healed.
+fn all_agree(nodes: &[Daemon]) {
+    let mut views = Vec::new();
+    wait_until(30, "every node to agree after healing", || {
+        views = nodes.iter().map(hosts).collect::<Vec<_>>();
+        views.iter().all(|v| v.is_some()) && views.windows(2).all(|w| w[0] == w[1])
+    });
+}
+
+/// Four nodes and a witness, each in its own network namespace: isolate the
+/// leader, split 2/2 with the witness on one side, isolate the witness, lose
+/// packets one way. At most one side takes commands and holds leases at any
+/// time; after healing every node has the same configuration.
+#[test]
+fn partitions_leave_at_most_one_side_working() {
+    let net = netns::Net::new(5);
+    let nodes = form_with(5, true, |name, create, witness, i| {
+        Daemon::cluster_node_in(name, create, witness, net.ns(i), net.addr(i))
+    });
+    let index_of = |id: u64| {
+        nodes
+            .iter()
+            .position(|d| status(d).and_then(|s| s["node_id"].as_u64()) == Some(id))
+            .expect("a node with that id")
+    };
+    let boss = || {
+        let mut found = None;
+        wait_until(20, "a boss", || {
+            found = nodes
+                .iter()
+                .filter_map(status)
+                .find_map(|s| s["leader_id"].as_u64());
+            found.is_some()
+        });
+        index_of(found.unwrap())
+    };
+    // Lease and election timings of `cluster_node` (900 ms, 300 ms): a
+    // minority's leases have lapsed within 2 s.
+    let lapse = Duration::from_millis(2000);
+
+    // 1. The boss alone: the other four go on; the old boss stalls.
+    let b = boss();
+    net.isolate(b);
+    let other = (b + 1) % 4;
+    assert!(
+        takes_command(&nodes[other], "p1-majority", 20),
+        "majority stalled"
+    );
+    std::thread::sleep(lapse);
+    assert!(
+        !holds_lease(&nodes[b]),
+        "isolated old boss still holds its lease"
+    );
+    assert!(
+        !takes_command(&nodes[b], "p1-minority", 3),
+        "isolated old boss took a command"
+    );
+    net.heal();
+    all_agree(&nodes);
+
+    // 2. Split 2/2, the witness (index 4) with nodes 0 and 1.
+    net.split(&[0, 1, 4]);
+    assert!(
+        takes_command(&nodes[0], "p2-majority", 20),
+        "side with the witness stalled"
+    );
+    std::thread::sleep(lapse);
+    for i in [2, 3] {
+        assert!(
+            !holds_lease(&nodes[i]),
+            "node {i} without the witness holds a lease"
+        );
+        assert!(!takes_command(&nodes[i], &format!("p2-minority-{i}"), 3));
+    }
+    assert!(holds_lease(&nodes[0]) && holds_lease(&nodes[1]));
+    net.heal();
+    all_agree(&nodes);
+
+    // 3. The witness alone: the four nodes go on.
+    net.isolate(4);
+    assert!(
+        takes_command(&nodes[2], "p3", 20),
+        "nodes stalled without the witness"
+    );
+    std::thread::sleep(lapse);
+    for i in 0..4 {
+        assert!(
+            holds_lease(&nodes[i]),
+            "node {i} lost its lease without the witness"
+        );
+    }
+    net.heal();
+    all_agree(&nodes);
+
+    // 4. One-way loss: nothing the boss sends reaches one follower. The
+    // cluster goes on; the follower cannot hold a lease without hearing
+    // from the boss.
+    let b = boss();
+    let f = (b + 1) % 4;
+    net.drop_from_to(b, f);
+    assert!(
+        takes_command(&nodes[(b + 2) % 4], "p4", 20),
+        "one-way loss stalled the cluster"
+    );
+    net.heal();
+    all_agree(&nodes);
+    let view = hosts(&nodes[0]).unwrap();
+    for h in ["p1-majority", "p2-majority", "p3", "p4"] {
+        assert!(view.contains_key(h), "{h} lost");
+    }
+    for h in ["p1-minority", "p2-minority-2", "p2-minority-3"] {
+        assert!(!view.contains_key(h), "{h} from a minority was applied");
+    }
+    drop(nodes);
 }

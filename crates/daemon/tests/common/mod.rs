@@ -2,6 +2,8 @@
 //! directory and ports, driven by the real `sanvirt` CLI and real clients.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -62,6 +64,11 @@ pub struct Daemon {
     pub create_cluster: Option<String>,
     /// More lines for the `[cluster]` section (timings, witness).
     pub cluster_toml: String,
+    /// The address every listener binds (`127.0.0.1`, or the node's address
+    /// in its network namespace).
+    pub ip: String,
+    /// Run inside this network namespace (see `netns.rs`).
+    pub netns: Option<String>,
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
     pub io_mode: &'static str,
@@ -90,10 +97,31 @@ impl Daemon {
             cluster_toml: format!(
                 "heartbeat_ms = 50\nelection_timeout_ms = 300\nlease_ms = 900\nwitness = {witness}\n"
             ),
+            ip: "127.0.0.1".into(),
+            netns: None,
             child: None,
             extra_args: Vec::new(),
             io_mode: "direct",
         }
+    }
+
+    /// `cluster_node` inside network namespace `ns` at address `ip`.
+    pub fn cluster_node_in(
+        name: &str,
+        create: Option<&str>,
+        witness: bool,
+        ns: String,
+        ip: String,
+    ) -> Daemon {
+        let mut d = Daemon::cluster_node(name, create, witness);
+        d.netns = Some(ns);
+        d.ip = ip;
+        d
+    }
+
+    /// The node's cluster RPC address.
+    pub fn cluster_addr(&self) -> String {
+        format!("{}:{}", self.ip, self.cluster_port)
     }
 
     pub fn start_with(extra: &[&str], io_mode: &'static str) -> Daemon {
@@ -110,6 +138,8 @@ impl Daemon {
             node_name: "it".into(),
             create_cluster: Some("it".into()),
             cluster_toml: String::new(),
+            ip: "127.0.0.1".into(),
+            netns: None,
             child: None,
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             io_mode,
@@ -136,7 +166,7 @@ impl Daemon {
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\n[admin]\nlisten = \"127.0.0.1:{}\"\n[nbd]\nlisten = \"127.0.0.1:{}\"\n[iscsi]\nlisten = \"127.0.0.1:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n[cluster]\nlisten = \"127.0.0.1:{}\"\nnode_name = \"{}\"\n{}",
+                "data_dir = {:?}\n[admin]\nlisten = \"{ip}:{}\"\n[nbd]\nlisten = \"{ip}:{}\"\n[iscsi]\nlisten = \"{ip}:{}\"\n[buffers]\npages = 16384\niobs = 4096\n[backend]\nio_mode = \"{}\"\n[cluster]\nlisten = \"{ip}:{}\"\nnode_name = \"{}\"\n{}",
                 self.data_dir(),
                 self.admin_port,
                 self.nbd_port,
@@ -145,6 +175,7 @@ impl Daemon {
                 self.cluster_port,
                 self.node_name,
                 self.cluster_toml,
+                ip = self.ip,
             ),
         )
         .expect("write config");
@@ -155,7 +186,15 @@ impl Daemon {
             .expect("log file");
         let readies = self.readies();
         // A one-node cluster of its own, made on the first start.
-        let mut cmd = Command::new(bin("sanvirtd"));
+        let mut cmd = match &self.netns {
+            None => Command::new(bin("sanvirtd")),
+            Some(ns) => {
+                // `ip netns exec` execs the daemon: the child is sanvirtd.
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin("sanvirtd"));
+                c
+            }
+        };
         cmd.arg("--config").arg(&cfg);
         if let Some(name) = &self.create_cluster {
             cmd.args(["--create-cluster", name]);
@@ -188,9 +227,9 @@ impl Daemon {
                 }
             }
             if self.readies() > readies_before
-                && std::net::TcpStream::connect(("127.0.0.1", self.admin_port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", self.iscsi_port)).is_ok()
+                && std::net::TcpStream::connect((self.ip.as_str(), self.admin_port)).is_ok()
+                && std::net::TcpStream::connect((self.ip.as_str(), self.nbd_port)).is_ok()
+                && std::net::TcpStream::connect((self.ip.as_str(), self.iscsi_port)).is_ok()
             {
                 return;
             }
@@ -221,14 +260,14 @@ impl Daemon {
     }
 
     pub fn uri(&self, export: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{}", self.nbd_port, export)
+        format!("nbd://{}:{}/{}", self.ip, self.nbd_port, export)
     }
 
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(bin("sanvirt"))
             .env(
                 "SANVIRT_API",
-                format!("http://127.0.0.1:{}", self.admin_port),
+                format!("http://{}:{}", self.ip, self.admin_port),
             )
             .env("SANVIRT_TOKEN_FILE", self.data_dir().join("api-token"))
             .env_remove("SANVIRT_TOKEN")
