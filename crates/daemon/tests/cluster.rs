@@ -442,11 +442,8 @@ fn partitions_leave_at_most_one_side_working() {
         "nodes stalled without the witness"
     );
     std::thread::sleep(lapse);
-    for i in 0..4 {
-        assert!(
-            holds_lease(&nodes[i]),
-            "node {i} lost its lease without the witness"
-        );
+    for (i, d) in nodes.iter().enumerate().take(4) {
+        assert!(holds_lease(d), "node {i} lost its lease without the witness");
     }
     net.heal();
     all_agree(&nodes);
