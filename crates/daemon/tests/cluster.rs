@@ -443,7 +443,10 @@ fn partitions_leave_at_most_one_side_working() {
     );
     std::thread::sleep(lapse);
     for (i, d) in nodes.iter().enumerate().take(4) {
-        assert!(holds_lease(d), "node {i} lost its lease without the witness");
+        assert!(
+            holds_lease(d),
+            "node {i} lost its lease without the witness"
+        );
     }
     net.heal();
     all_agree(&nodes);
@@ -468,4 +471,98 @@ fn partitions_leave_at_most_one_side_working() {
         assert!(!view.contains_key(h), "{h} from a minority was applied");
     }
     drop(nodes);
+}
+
+/// Every process killed at once (a whole-cluster power loss) while commands
+/// run: after all restart, every acknowledged command is there, nothing
+/// half applied, every node the same.
+#[test]
+fn whole_cluster_kill_9_keeps_every_acknowledged_command() {
+    let nodes = Arc::new(Mutex::new(form(3, false)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Outcomes::default()));
+    let writer = {
+        let (nodes, stop, log) = (nodes.clone(), stop.clone(), log.clone());
+        std::thread::spawn(move || {
+            let mut k = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("h{k}");
+                let init = initiator(k);
+                // Not holding the lock while the CLI runs: the kill below
+                // must not wait for it.
+                let (ip, port, token) = {
+                    let n = nodes.lock().unwrap();
+                    let d = &n[(k % 3) as usize];
+                    (d.ip.clone(), d.admin_port, d.data_dir().join("api-token"))
+                };
+                let o = std::process::Command::new(bin("sanvirt"))
+                    .env("SANVIRT_API", format!("http://{ip}:{port}"))
+                    .env("SANVIRT_TOKEN_FILE", token)
+                    .env_remove("SANVIRT_TOKEN")
+                    .args(["host", "create", &name, "--initiator", &init])
+                    .output()
+                    .expect("run sanvirt");
+                log.lock().unwrap().record(true, name, &o);
+                k += 1;
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    // All at once: SIGKILL to the three processes back to back.
+    {
+        let mut n = nodes.lock().unwrap();
+        let pids: Vec<i32> = n
+            .iter()
+            .filter_map(|d| d.child.as_ref().map(|c| c.id() as i32))
+            .collect();
+        for p in pids {
+            // SAFETY: plain kill(2) on our own children.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        for d in n.iter_mut() {
+            d.kill9(); // reaps
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    {
+        let mut n = nodes.lock().unwrap();
+        for d in n.iter_mut() {
+            d.spawn_no_wait();
+        }
+        for d in n.iter_mut() {
+            d.wait_started();
+        }
+    }
+    let nodes = nodes.lock().unwrap();
+    let log = log.lock().unwrap();
+    eprintln!(
+        "{} acknowledged before the power loss, {} with unknown outcome",
+        log.created.len(),
+        log.unknown.len()
+    );
+    assert!(
+        log.created.len() >= 10,
+        "too few commands: {}",
+        log.created.len()
+    );
+    let mut views = Vec::new();
+    wait_until(60, "the restarted nodes to agree", || {
+        views = nodes.iter().map(hosts).collect::<Vec<_>>();
+        views.iter().all(|v| v.is_some()) && views.windows(2).all(|w| w[0] == w[1])
+    });
+    let view = views[0].clone().unwrap();
+    for name in &log.created {
+        let (_, inits) = view
+            .get(name)
+            .unwrap_or_else(|| panic!("acknowledged host {name} lost in the power loss"));
+        let k: u64 = name[1..].parse().unwrap();
+        assert_eq!(inits, &vec![initiator(k)], "host {name} half applied");
+    }
+    for name in view.keys() {
+        assert!(
+            log.created.contains(name) || log.unknown.contains(&(true, name.clone())),
+            "host {name} appeared without being proposed"
+        );
+    }
 }

@@ -161,7 +161,9 @@ impl Daemon {
             .to_string()
     }
 
-    pub fn spawn(&mut self) {
+    /// Starts the daemon without waiting; returns the count of ready
+    /// banners before it (for `wait_ready`).
+    pub fn spawn_no_wait(&mut self) -> usize {
         let cfg = self.dir.path().join("sanvirtd.toml");
         std::fs::write(
             &cfg,
@@ -206,7 +208,31 @@ impl Daemon {
             .spawn()
             .expect("start sanvirtd");
         self.child = Some(child);
+        readies
+    }
+
+    /// Starts the daemon and waits until it serves (in a cluster: holds its
+    /// lease).
+    pub fn spawn(&mut self) {
+        let readies = self.spawn_no_wait();
         self.wait_ready(readies);
+    }
+
+    /// Waits until the started daemon answers on its admin port (a cluster
+    /// node may not hold a lease yet: its peers may still be starting).
+    pub fn wait_started(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect((self.ip.as_str(), self.admin_port)).is_err() {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("sanvirtd exited early ({st}); log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sanvirtd not started; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Banner lines printed so far: the daemon prints one each time it
