@@ -621,7 +621,7 @@ async fn snapshots_carry_the_recent_proposals() {
     let a_dir = tempfile::tempdir().unwrap();
     let b_dir = tempfile::tempdir().unwrap();
     let mut a = open(a_dir.path());
-    let mut b = open(b_dir.path());
+    let b = open(b_dir.path());
     let mut entries = refused_proposals(20);
     entries.push(proposed(1, 21, pid(6, 1), gold()));
     let answers = a.sm.apply(entries).await.unwrap();
