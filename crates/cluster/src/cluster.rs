@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -40,7 +41,7 @@ use crate::net::{
     TokioTransport, Transport, FRAME_BYTES_MAX,
 };
 use crate::store::{ClusterDb, Identity, LogStore, StateMachineStore, StoreError, ENTRY_BYTES_MAX};
-use crate::{Member, NodeId, TypeConfig};
+use crate::{Member, NodeId, Proposal, ProposalIds, TypeConfig};
 
 /// Entries in one AppendEntries: a batch of the largest entries still fits
 /// in one frame.
@@ -290,6 +291,9 @@ struct Inner<T: Transport> {
     setup: tokio::sync::Mutex<()>,
     /// Background tasks; aborted on shutdown (they hold `Arc<Inner>`).
     tasks: Mutex<Vec<AbortHandle>>,
+    /// Test hook: `propose` drops this many answers of the boss (as if
+    /// lost on the way back) and retries.
+    lose_answers: AtomicU32,
 }
 
 /// The raft node, once this node has an identity.
@@ -297,9 +301,19 @@ struct Running {
     identity: Identity,
     raft: Raft<TypeConfig>,
     sm: StateMachineStore,
+    /// Ids of the proposals this node makes.
+    ids: ProposalIds,
 }
 
 impl Running {
+    /// `command` as a new proposal of this node (a new id).
+    fn proposal(&self, command: Command) -> Proposal {
+        Proposal {
+            id: self.ids.next_id(),
+            command,
+        }
+    }
+
     fn id(&self) -> NodeId {
         self.identity.node_id
     }
@@ -365,6 +379,7 @@ impl<T: Transport> Cluster<T> {
             running: RwLock::new(None),
             setup: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(Vec::new()),
+            lose_answers: AtomicU32::new(0),
         });
         let handler = Arc::new(Rpc {
             inner: Arc::downgrade(&inner),
@@ -476,9 +491,11 @@ impl<T: Transport> Cluster<T> {
     /// `NoQuorum` when no boss commits it within
     /// `PROPOSE_TIMEOUT_ELECTIONS` election timeouts.
     ///
-    /// A proposal whose outcome was lost in a boss change is sent again, so
-    /// in that case a command can be applied twice (the second time it is
-    /// usually refused, e.g. `AlreadyExists`).
+    /// Exactly once: the command gets one proposal id, which every retry
+    /// (after an answer lost in a boss change, a timeout, a refusal by a
+    /// node that stopped being the boss) carries too; the state machine
+    /// applies the first entry with that id and answers every later one
+    /// with the first one's result.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, ConfigError> {
         self.inner.propose(cmd).await
     }
@@ -599,6 +616,14 @@ impl<T: Transport> Cluster<T> {
         self.inner.net.set_isolated(isolated);
     }
 
+    /// Test hook: the next `n` answers `propose` gets from the boss are
+    /// dropped as if lost on the way back (the command was committed and
+    /// applied); `propose` retries.
+    #[cfg(test)]
+    fn lose_answers(&self, n: u32) {
+        self.inner.lose_answers.store(n, Ordering::SeqCst);
+    }
+
     /// Stops serving, gives up the lease and stops raft. The database is
     /// closed once the last task let go of it.
     pub async fn shutdown(mut self) {
@@ -694,7 +719,12 @@ impl<T: Transport> Inner<T> {
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let gate = CallGate::new(id, self.lease.clone(), self.db.clone(), self.io.clone())?;
-        let running = Arc::new(Running { identity, raft, sm });
+        let running = Arc::new(Running {
+            identity,
+            raft,
+            sm,
+            ids: ProposalIds::new(id),
+        });
         *self.running.write().unwrap_or_else(|e| e.into_inner()) = Some(running.clone());
         self.spawn(gate.run(running.sm.applied()));
         self.spawn(renew_loop(
@@ -710,6 +740,8 @@ impl<T: Transport> Inner<T> {
 
     async fn propose(&self, cmd: Command) -> Result<Outcome, ConfigError> {
         let running = self.running().ok_or(ConfigError::NotInCluster)?;
+        // One id for every attempt below: see `Cluster::propose`.
+        let proposal = running.proposal(cmd);
         let timeout = self.cfg.propose_timeout();
         let deadline = Instant::now() + timeout;
         let retry_pause = Duration::from_millis(self.cfg.heartbeat_ms);
@@ -724,7 +756,10 @@ impl<T: Transport> Inner<T> {
             let (leader, _, addr) = running.leader_addr();
             match leader {
                 Some(l) if l == running.id() => {
-                    match tokio::time::timeout(deadline - now, running.raft.client_write(cmd.clone())).await {
+                    match tokio::time::timeout(deadline - now, running.raft.client_write(proposal.clone())).await {
+                        Ok(Ok(_)) if self.lose_answer() => {
+                            last = "answer lost (test hook)".into();
+                        }
                         Ok(Ok(resp)) => break (resp.data, resp.log_id.index),
                         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
                             last = format!("boss changed (now {:?})", f.leader_id);
@@ -743,8 +778,11 @@ impl<T: Transport> Inner<T> {
                         tokio::time::sleep(retry_pause).await;
                         continue;
                     };
-                    let req = Request::Forward(cmd.clone());
+                    let req = Request::Forward(proposal.clone());
                     match self.net.call(&addr, &req, deadline - now).await {
+                        Ok(Reply::Forward(Ok(_))) if self.lose_answer() => {
+                            last = format!("boss {l}: answer lost (test hook)");
+                        }
                         Ok(Reply::Forward(Ok(Forwarded { applied, index }))) => {
                             break (applied, index)
                         }
@@ -762,6 +800,13 @@ impl<T: Transport> Inner<T> {
         };
         self.wait_applied(&running, index, deadline).await?;
         applied.result
+    }
+
+    /// The `lose_answers` test hook: whether to drop this answer.
+    fn lose_answer(&self) -> bool {
+        self.lose_answers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// Waits until this node applied `index` (so the caller reads its own
@@ -865,11 +910,11 @@ impl<T: Transport> Inner<T> {
         Ok(LeaseGrant { term: my_term })
     }
 
-    /// A forwarded command, on the boss.
-    async fn forwarded(&self, cmd: Command) -> Result<Forwarded, Refusal> {
+    /// A forwarded proposal, on the boss (with the proposer's id).
+    async fn forwarded(&self, proposal: Proposal) -> Result<Forwarded, Refusal> {
         let r = self.running().ok_or(Refusal::NotInCluster)?;
         let timeout = self.cfg.propose_timeout();
-        match tokio::time::timeout(timeout, r.raft.client_write(cmd)).await {
+        match tokio::time::timeout(timeout, r.raft.client_write(proposal)).await {
             Ok(Ok(resp)) => Ok(Forwarded {
                 applied: resp.data,
                 index: resp.log_id.index,
@@ -962,7 +1007,7 @@ impl<T: Transport> Inner<T> {
                 continue;
             };
             tracing::info!(node = n.id, name = %n.name, online, "node event");
-            let cmd = Command::SetNodeOnline { node: n.id, online };
+            let cmd = r.proposal(Command::SetNodeOnline { node: n.id, online });
             match tokio::time::timeout(self.cfg.propose_timeout(), r.raft.client_write(cmd)).await {
                 Ok(Ok(resp)) => {
                     if let Err(e) = resp.data.result {
@@ -1233,7 +1278,7 @@ impl<T: Transport> Handler for Rpc<T> {
             Request::LeaseRenew { node, term } => {
                 Reply::LeaseRenew(inner.grant_lease(node, term).await)
             }
-            Request::Forward(cmd) => Reply::Forward(inner.forwarded(cmd).await),
+            Request::Forward(p) => Reply::Forward(inner.forwarded(p).await),
             Request::Hello => Reply::Hello(inner.hello()),
             Request::Join {
                 cluster_uid,

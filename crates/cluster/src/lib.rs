@@ -5,7 +5,9 @@
 //! * **The RSM** is `sanvirt_config::State` driven by the replicated log of
 //!   `sanvirt_config::Command`s: the same deterministic `apply` runs on
 //!   every node, in log order. The log is openraft's; the leader is the
-//!   paper's *boss*, which orders events.
+//!   paper's *boss*, which orders events. Each entry carries the id of the
+//!   request that proposed it, and the RSM applies a request at most once
+//!   however often it is retried (`types::Proposal`).
 //! * **Leases**: a node serves I/O only while it holds a lease, renewed by a
 //!   round trip to the boss that the boss confirms with a quorum.
 //! * **Call gates**: the RSM talks to the I/O modules only through

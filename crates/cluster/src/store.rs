@@ -34,7 +34,10 @@ mod tests;
 
 pub use db::{ClusterDb, Identity};
 pub use log::LogStore;
-pub use sm::{AppliedView, StateMachineStore, SNAPSHOT_FORMAT, SNAPSHOT_VERSION};
+pub use sm::{
+    AppliedView, RecentProposals, StateMachineStore, RECENT_PROPOSALS_MAX, SNAPSHOT_FORMAT,
+    SNAPSHOT_VERSION,
+};
 
 /// File name of the database inside the cluster directory.
 pub const DB_FILE: &str = "raft.redb";

@@ -595,3 +595,51 @@ async fn two_nodes_and_a_witness_survive_the_loss_of_one() {
     stop_all(&mut nodes).await;
     w.stop().await;
 }
+
+/// The boss's answer to a proposal is lost after it applied the command
+/// (forwarded from a follower, and on the boss itself): the retry carries
+/// the same proposal id, so it answers the first application's `Ok` and the
+/// command took effect once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_a_lost_answer_returns_the_first_result() {
+    let mut nodes = three_nodes().await;
+    let l = leader(&nodes).unwrap();
+    let follower = (l + 1) % 3;
+    for (k, name) in [(follower, "forwarded"), (l, "local")] {
+        let c = nodes[k].c();
+        let before = c.state().pools.len();
+        c.lose_answers(1);
+        let got = c.propose(pool(name)).await;
+        assert_eq!(
+            c.inner.lose_answers.load(Ordering::SeqCst),
+            0,
+            "an answer was lost"
+        );
+        match got {
+            Ok(Outcome::Created { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("{name}: {other:?}"),
+        }
+        let s = c.state();
+        assert_eq!(s.pools.len(), before + 1);
+        assert!(s.pools.contains_key(name));
+        // Both entries are in the log; the second changed nothing.
+        let r = c.inner.running().unwrap();
+        let recent = r.sm.recent_proposals();
+        let last = *recent.ids().last().unwrap();
+        assert_eq!(last.node, nodes[k].id());
+        assert!(matches!(
+            &recent.get(&last).unwrap().result,
+            Ok(Outcome::Created { name: n, .. }) if n == name
+        ));
+    }
+    // Without the ids the retry would have been refused: the same command
+    // as a new request is.
+    let again = nodes[follower].c().propose(pool("forwarded")).await;
+    assert!(
+        matches!(again, Err(ConfigError::AlreadyExists { .. })),
+        "{again:?}"
+    );
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    same_state(&all).await;
+    stop_all(&mut nodes).await;
+}

@@ -7,10 +7,10 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use sanvirt_config::{Command, NodeSpec};
+use sanvirt_config::NodeSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::{Applied, NodeId, TypeConfig};
+use crate::{Applied, NodeId, Proposal, TypeConfig};
 
 /// A request on the wire. Generic over the body so the sender can encode a
 /// borrowed request.
@@ -40,7 +40,9 @@ pub enum Request {
         term: u64,
     },
     /// A follower's configuration command, for the boss to put in the log.
-    Forward(Command),
+    /// A retry carries the same proposal id, so the command is applied
+    /// once however many times it is forwarded.
+    Forward(Proposal),
     /// Who are you? Answered by every node, in a cluster or not.
     Hello,
     /// Become node `node_id` of this cluster (sent to an uninitialised node

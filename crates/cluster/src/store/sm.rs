@@ -4,7 +4,14 @@
 //! `snapshot`). A restart loads it and openraft re-applies the log after it
 //! up to the saved committed index, which gives the same state: applying is
 //! deterministic, a function of the state and the entries only.
+//!
+//! Besides the `State` it keeps the answers of the most recently applied
+//! proposals ([`RecentProposals`]), so a proposal committed twice (a retry
+//! after a lost answer) takes effect once and answers the same both times.
+//! The table is part of the replicated state: it changes only by applying
+//! entries, the same way on every node, and it travels in snapshots.
 
+use std::collections::{HashMap, VecDeque};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -19,12 +26,98 @@ use tokio::sync::watch;
 
 use super::db::{to_json, SNAPSHOT, SNAPSHOT_DATA, SNAPSHOT_META};
 use super::{ClusterDb, StoreError, SNAPSHOT_BYTES_MAX};
-use crate::types::{Applied, Member, NodeId, TypeConfig};
+use crate::types::{Applied, Member, NodeId, ProposalId, TypeConfig};
 
 /// `format` of a snapshot's data.
 pub const SNAPSHOT_FORMAT: &str = "sanvirt-raft-snapshot";
-/// `version` of a snapshot's data this code writes and reads.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// `version` of a snapshot's data this code writes. It also reads version 1
+/// (before [`RecentProposals`]), as an empty table.
+pub const SNAPSHOT_VERSION: u32 = 2;
+/// How many applied proposal ids the state machine remembers (the oldest
+/// is forgotten first). A retry is recognised as long as fewer than this
+/// many other proposals were applied since the first attempt; a proposer
+/// retries only within `PROPOSE_TIMEOUT_ELECTIONS` election timeouts, in
+/// which a configuration cluster applies far fewer commands.
+pub const RECENT_PROPOSALS_MAX: usize = 4096;
+
+/// The answers of the last [`RECENT_PROPOSALS_MAX`] applied proposals, in
+/// log order. Deterministic: it is a function of the applied entries only,
+/// so every node holds the same table at the same index.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RecentProposals {
+    order: VecDeque<ProposalId>,
+    answers: HashMap<ProposalId, Applied>,
+}
+
+/// One row of [`RecentProposals`] in a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RecentProposal {
+    id: ProposalId,
+    applied: Applied,
+}
+
+impl RecentProposals {
+    /// What the proposal `id` answered, if it is one of the recent ones.
+    pub fn get(&self, id: &ProposalId) -> Option<&Applied> {
+        self.answers.get(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    /// The remembered ids, oldest first.
+    pub fn ids(&self) -> impl Iterator<Item = &ProposalId> {
+        self.order.iter()
+    }
+
+    /// Remembers a newly applied proposal, forgetting the oldest beyond
+    /// [`RECENT_PROPOSALS_MAX`]. `id` must not be remembered already.
+    fn record(&mut self, id: ProposalId, applied: Applied) {
+        let previous = self.answers.insert(id, applied);
+        debug_assert!(previous.is_none(), "proposal {id} recorded twice");
+        self.order.push_back(id);
+        while self.order.len() > RECENT_PROPOSALS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.answers.remove(&old);
+            }
+        }
+    }
+
+    fn rows(&self) -> Vec<RecentProposal> {
+        self.order
+            .iter()
+            .map(|id| RecentProposal {
+                id: *id,
+                applied: self.answers[id].clone(),
+            })
+            .collect()
+    }
+
+    fn from_rows(rows: Vec<RecentProposal>) -> Result<RecentProposals, String> {
+        if rows.len() > RECENT_PROPOSALS_MAX {
+            return Err(format!(
+                "{} recent proposals, more than {RECENT_PROPOSALS_MAX}",
+                rows.len()
+            ));
+        }
+        let mut recent = RecentProposals::default();
+        for row in rows {
+            if row.id.is_none() || recent.answers.contains_key(&row.id) {
+                return Err(format!(
+                    "recent proposal {} listed twice or unnamed",
+                    row.id
+                ));
+            }
+            recent.record(row.id, row.applied);
+        }
+        Ok(recent)
+    }
+}
 
 /// The applied configuration at one log index, as published to the call
 /// gate: immutable, shared.
@@ -48,6 +141,7 @@ struct SnapshotOut<'a> {
     last_applied: &'a Option<LogId<NodeId>>,
     last_membership: &'a Membership,
     state: &'a State,
+    recent_proposals: &'a [RecentProposal],
 }
 
 /// A snapshot's data, as read.
@@ -58,6 +152,17 @@ struct SnapshotIn {
     last_applied: Option<LogId<NodeId>>,
     last_membership: Membership,
     state: State,
+    /// Absent in version 1.
+    #[serde(default)]
+    recent_proposals: Vec<RecentProposal>,
+}
+
+/// A checked snapshot.
+struct Decoded {
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: Membership,
+    state: State,
+    recent: RecentProposals,
 }
 
 struct Sm {
@@ -65,6 +170,7 @@ struct Sm {
     last_membership: Membership,
     /// Replaced, never mutated in place, so a published `Arc` stays valid.
     state: Arc<State>,
+    recent: RecentProposals,
 }
 
 struct Shared {
@@ -102,12 +208,14 @@ impl StateMachineStore {
                     last_applied: snap.last_applied,
                     last_membership: snap.last_membership,
                     state: Arc::new(snap.state),
+                    recent: snap.recent,
                 }
             }
             None => Sm {
                 last_applied: None,
                 last_membership: Membership::default(),
                 state: Arc::new(State::default()),
+                recent: RecentProposals::default(),
             },
         };
         let (published, _) = watch::channel(view(&sm.state));
@@ -140,8 +248,15 @@ impl StateMachineStore {
         self.shared.published.send_replace(view(state));
     }
 
-    /// Applies `entries` in order: a `Normal` command through
-    /// `State::apply` (a refusal changes nothing and is the answer), then
+    /// The answers of the recently applied proposals.
+    pub fn recent_proposals(&self) -> RecentProposals {
+        self.lock().recent.clone()
+    }
+
+    /// Applies `entries` in order: a `Normal` proposal through
+    /// `State::apply` (a refusal changes nothing and is the answer) unless
+    /// its id is among the recent proposals, in which case it changes
+    /// nothing and answers what the first application answered; then
     /// `state.applied` = the entry's index, for every kind of entry.
     fn apply_entries(&self, entries: impl Iterator<Item = Entry<TypeConfig>>) -> Vec<Applied> {
         let mut sm = self.lock();
@@ -157,7 +272,26 @@ impl StateMachineStore {
             let state = state.get_or_insert_with(|| State::clone(&sm.state));
             let result = match entry.payload {
                 EntryPayload::Blank => Ok(Outcome::Done),
-                EntryPayload::Normal(cmd) => state.apply(&cmd),
+                EntryPayload::Normal(p) => match sm.recent.get(&p.id) {
+                    Some(first) => {
+                        tracing::info!(
+                            proposal = %p.id,
+                            index = entry.log_id.index,
+                            "a proposal applied before: answering its first result"
+                        );
+                        first.result.clone()
+                    }
+                    None => {
+                        let result = state.apply(&p.command);
+                        if !p.id.is_none() {
+                            let applied = Applied {
+                                result: result.clone(),
+                            };
+                            sm.recent.record(p.id, applied);
+                        }
+                        result
+                    }
+                },
                 EntryPayload::Membership(m) => {
                     sm.last_membership = StoredMembership::new(Some(entry.log_id), m);
                     Ok(Outcome::Done)
@@ -175,12 +309,13 @@ impl StateMachineStore {
     }
 
     fn build(&self) -> Result<(Meta, Vec<u8>), StoreError> {
-        let (last_applied, last_membership, state) = {
+        let (last_applied, last_membership, state, recent) = {
             let sm = self.lock();
             (
                 sm.last_applied,
                 sm.last_membership.clone(),
                 Arc::clone(&sm.state),
+                sm.recent.rows(),
             )
         };
         let data = to_json(&SnapshotOut {
@@ -189,6 +324,7 @@ impl StateMachineStore {
             last_applied: &last_applied,
             last_membership: &last_membership,
             state: &state,
+            recent_proposals: &recent,
         });
         let db = &self.shared.db;
         if data.len() > SNAPSHOT_BYTES_MAX {
@@ -222,6 +358,7 @@ impl StateMachineStore {
         sm.last_applied = snap.last_applied;
         sm.last_membership = snap.last_membership;
         sm.state = Arc::new(snap.state);
+        sm.recent = snap.recent;
         self.publish(&sm.state);
         tracing::info!(snapshot = %meta, "installed a raft snapshot");
         Ok(())
@@ -245,11 +382,15 @@ fn snapshot_id(last_applied: &Option<LogId<NodeId>>) -> String {
 }
 
 /// Parses and checks a snapshot's data against its metadata.
-fn decode_snapshot(meta: &Meta, data: &[u8]) -> Result<SnapshotIn, String> {
+fn decode_snapshot(meta: &Meta, data: &[u8]) -> Result<Decoded, String> {
     let snap: SnapshotIn = serde_json::from_slice(data).map_err(|e| e.to_string())?;
-    if snap.format != SNAPSHOT_FORMAT || snap.version != SNAPSHOT_VERSION {
+    let version_ok = match snap.version {
+        1 => snap.recent_proposals.is_empty(),
+        v => v == SNAPSHOT_VERSION,
+    };
+    if snap.format != SNAPSHOT_FORMAT || !version_ok {
         return Err(format!(
-            "format {} version {}; this sanvirtd reads {SNAPSHOT_FORMAT} version {SNAPSHOT_VERSION}",
+            "format {} version {}; this sanvirtd reads {SNAPSHOT_FORMAT} versions 1 to {SNAPSHOT_VERSION}",
             snap.format, snap.version
         ));
     }
@@ -267,7 +408,13 @@ fn decode_snapshot(meta: &Meta, data: &[u8]) -> Result<SnapshotIn, String> {
         ));
     }
     snap.state.check_invariants()?;
-    Ok(snap)
+    let recent = RecentProposals::from_rows(snap.recent_proposals)?;
+    Ok(Decoded {
+        last_applied: snap.last_applied,
+        last_membership: snap.last_membership,
+        state: snap.state,
+        recent,
+    })
 }
 
 impl ClusterDb {

@@ -25,7 +25,7 @@ use tempfile::TempDir;
 
 use super::db::{DB_FORMAT, KEY_FORMAT, META};
 use super::*;
-use crate::types::{Applied, Member, NodeId, TypeConfig};
+use crate::types::{Applied, Member, NodeId, Proposal, ProposalId, ProposalIds, TypeConfig};
 
 fn log_id(term: u64, index: u64) -> LogId<NodeId> {
     LogId::new(CommittedLeaderId::new(term, 1), index)
@@ -38,10 +38,24 @@ fn blank(term: u64, index: u64) -> Entry<TypeConfig> {
     }
 }
 
+/// A proposal of node 7 with `seq` = the entry's index (every entry a new
+/// proposal).
 fn normal(term: u64, index: u64, cmd: Command) -> Entry<TypeConfig> {
+    proposed(
+        term,
+        index,
+        ProposalId {
+            node: 7,
+            seq: index,
+        },
+        cmd,
+    )
+}
+
+fn proposed(term: u64, index: u64, id: ProposalId, command: Command) -> Entry<TypeConfig> {
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(cmd),
+        payload: EntryPayload::Normal(Proposal { id, command }),
     }
 }
 
@@ -444,9 +458,10 @@ async fn an_oversized_entry_is_refused_and_nothing_written() {
 /// The bytes `docs/on-disk-formats.md` shows.
 #[test]
 fn format_is_stable() {
-    let entry = normal(
+    let entry = proposed(
         2,
         5,
+        ProposalId { node: 3, seq: 17 },
         Command::CreatePool {
             name: "gold".into(),
             extent_size_mib: 16,
@@ -454,12 +469,203 @@ fn format_is_stable() {
     );
     assert_eq!(
         String::from_utf8(db::to_json(&entry)).unwrap(),
-        r#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":5},"payload":{"Normal":{"op":"create_pool","name":"gold","extent_size_mib":16}}}"#
+        r#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":5},"payload":{"Normal":{"id":{"node":3,"seq":17},"command":{"op":"create_pool","name":"gold","extent_size_mib":16}}}}"#
     );
     assert_eq!(
         String::from_utf8(db::to_json(&Vote::new_committed(2, 1))).unwrap(),
         r#"{"leader_id":{"term":2,"node_id":1},"committed":true}"#
     );
+}
+
+// --- Exactly-once proposals: the table of recently applied ids.
+
+fn gold() -> Command {
+    Command::CreatePool {
+        name: "gold".into(),
+        extent_size_mib: 16,
+    }
+}
+
+fn pid(node: NodeId, seq: u64) -> ProposalId {
+    ProposalId { node, seq }
+}
+
+#[tokio::test]
+async fn a_repeated_proposal_is_applied_once_and_answers_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = open(dir.path());
+    let first =
+        s.sm.apply([blank(1, 1), proposed(1, 2, pid(2, 9), gold())])
+            .await
+            .unwrap();
+    assert!(
+        matches!(&first[1].result, Ok(Outcome::Created { name, .. }) if name == "gold"),
+        "{first:?}"
+    );
+    let before = s.sm.current().state;
+
+    // The same proposal again (a retry), after a boss change: applied
+    // once, answered as the first time.
+    let again =
+        s.sm.apply([blank(2, 3), proposed(2, 4, pid(2, 9), gold())])
+            .await
+            .unwrap();
+    assert_eq!(again[1], first[1]);
+    let after = s.sm.current().state;
+    assert_eq!(after.applied, 4);
+    assert_eq!(
+        State {
+            applied: 2,
+            ..(*after).clone()
+        },
+        *before,
+        "nothing but the index moved"
+    );
+
+    // The same command under another id is another request: applied (and
+    // refused, the pool exists).
+    let other =
+        s.sm.apply([proposed(2, 5, pid(3, 9), gold())])
+            .await
+            .unwrap();
+    assert!(other[0].result.is_err(), "{other:?}");
+    // A refusal is recorded too, and repeated as such.
+    let other_again =
+        s.sm.apply([proposed(2, 6, pid(3, 9), gold())])
+            .await
+            .unwrap();
+    assert_eq!(other_again, other);
+    assert_eq!(s.sm.current().state.pools.len(), 1);
+    let ids: Vec<ProposalId> = s.sm.recent_proposals().ids().copied().collect();
+    assert_eq!(ids, [pid(2, 9), pid(3, 9)]);
+
+    // Entries of older code (a bare command) decode with no id and are
+    // never deduplicated.
+    let legacy: Entry<TypeConfig> = serde_json::from_str(
+        r#"{"log_id":{"leader_id":{"term":2,"node_id":1},"index":7},"payload":{"Normal":{"op":"create_pool","name":"silver","extent_size_mib":16}}}"#,
+    )
+    .unwrap();
+    let EntryPayload::Normal(p) = &legacy.payload else {
+        panic!("{legacy:?}")
+    };
+    assert!(p.id.is_none());
+    let legacy_again = Entry {
+        log_id: log_id(2, 8),
+        payload: legacy.payload.clone(),
+    };
+    let answers = s.sm.apply([legacy, legacy_again]).await.unwrap();
+    assert!(
+        answers[0].result.is_ok() && answers[1].result.is_err(),
+        "{answers:?}"
+    );
+    assert_eq!(s.sm.recent_proposals().len(), 2);
+}
+
+/// `n` proposals of node 5, seq 1..=n, each refused (cheap to apply).
+fn refused_proposals(n: u64) -> Vec<Entry<TypeConfig>> {
+    (1..=n)
+        .map(|i| {
+            proposed(
+                1,
+                i,
+                pid(5, i),
+                Command::DeletePool {
+                    name: format!("none{i}"),
+                },
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn recent_proposals_are_bounded_and_forget_the_oldest_first() {
+    let max = RECENT_PROPOSALS_MAX as u64;
+    let n = max + 10;
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let mut a = open(a_dir.path());
+    let mut b = open(b_dir.path());
+    // The same entries in different batches: the same table.
+    let entries = refused_proposals(n);
+    a.sm.apply(entries.clone()).await.unwrap();
+    for chunk in entries.chunks(333) {
+        b.sm.apply(chunk.to_vec()).await.unwrap();
+    }
+    let recent = a.sm.recent_proposals();
+    assert_eq!(recent, b.sm.recent_proposals());
+    assert_eq!(recent.len(), RECENT_PROPOSALS_MAX);
+    let ids: Vec<u64> = recent.ids().map(|id| id.seq).collect();
+    assert_eq!(
+        ids,
+        (11..=n).collect::<Vec<_>>(),
+        "the 10 oldest are forgotten"
+    );
+    assert!(recent.get(&pid(5, 10)).is_none());
+    assert!(recent.get(&pid(5, 11)).is_some());
+
+    // A forgotten id is applied again (and remembered, evicting the then
+    // oldest); a remembered one is not.
+    let create = |index, seq| proposed(1, index, pid(5, seq), gold());
+    a.sm.apply([create(n + 1, 1)]).await.unwrap();
+    assert_eq!(a.sm.current().state.pools.len(), 1);
+    let recent = a.sm.recent_proposals();
+    assert_eq!(recent.len(), RECENT_PROPOSALS_MAX);
+    assert_eq!(recent.ids().next(), Some(&pid(5, 12)));
+    assert_eq!(recent.ids().last(), Some(&pid(5, 1)));
+    let answer = a.sm.apply([create(n + 2, 1)]).await.unwrap();
+    assert!(answer[0].result.is_ok(), "{answer:?}");
+}
+
+#[tokio::test]
+async fn snapshots_carry_the_recent_proposals() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let mut a = open(a_dir.path());
+    let b = open(b_dir.path());
+    let mut entries = refused_proposals(20);
+    entries.push(proposed(1, 21, pid(6, 1), gold()));
+    let answers = a.sm.apply(entries).await.unwrap();
+    let snap =
+        a.sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+    let data = snap.snapshot.get_ref().clone();
+    b.sm.install(&snap.meta, data.clone()).unwrap();
+    assert_eq!(b.sm.recent_proposals(), a.sm.recent_proposals());
+    assert_eq!(b.sm.recent_proposals().len(), 21);
+
+    // After a restart (loaded from the stored snapshot) a retry is still
+    // recognised.
+    drop(b);
+    let mut b = open(b_dir.path());
+    assert_eq!(b.sm.recent_proposals(), a.sm.recent_proposals());
+    let again =
+        b.sm.apply([proposed(2, 22, pid(6, 1), gold())])
+            .await
+            .unwrap();
+    assert_eq!(again[0], answers[20]);
+    assert_eq!(b.sm.current().state.pools.len(), 1);
+
+    // A version 1 snapshot (before the table) loads with an empty table; a
+    // version 1 snapshot with a table is not one.
+    let mut v1: serde_json::Value = serde_json::from_slice(&data).unwrap();
+    v1["version"] = 1.into();
+    let with_table = serde_json::to_vec(&v1).unwrap();
+    v1.as_object_mut().unwrap().remove("recent_proposals");
+    let c_dir = tempfile::tempdir().unwrap();
+    let c = open(c_dir.path());
+    let err = c.sm.install(&snap.meta, with_table).unwrap_err();
+    assert!(matches!(err, StoreError::BadSnapshot { .. }), "{err}");
+    c.sm.install(&snap.meta, serde_json::to_vec(&v1).unwrap())
+        .unwrap();
+    assert!(c.sm.recent_proposals().is_empty());
+    assert_eq!(*c.sm.current().state, *a.sm.current().state);
+    drop(c);
+    let c = open(c_dir.path());
+    assert!(c.sm.recent_proposals().is_empty());
+    assert_eq!(c.sm.current().index, 21);
 }
 
 // --- Crash safety: a child process appends until it is killed (SIGKILL).
@@ -623,12 +829,14 @@ async fn snapshot_format_is_stable() {
     assert_eq!(
         String::from_utf8(snap.snapshot.into_inner()).unwrap(),
         [
-            r#"{"format":"sanvirt-raft-snapshot","version":1,"#,
+            r#"{"format":"sanvirt-raft-snapshot","version":2,"#,
             r#""last_applied":{"leader_id":{"term":1,"node_id":1},"index":2},"#,
             r#""last_membership":{"log_id":{"leader_id":{"term":1,"node_id":1},"index":1},"#,
             r#""membership":{"configs":[[1]],"nodes":{"1":{"name":"node1","cluster_addr":"10.0.0.1:7000","witness":false}}}},"#,
             r#""state":"#,
             &state,
+            r#","recent_proposals":[{"id":{"node":7,"seq":2},"#,
+            r#""applied":{"result":{"Ok":{"created":{"id":1,"name":"gold"}}}}}]"#,
             "}",
         ]
         .concat()
@@ -720,8 +928,13 @@ async fn a_restarted_raft_node_comes_back_with_its_state() {
             .unwrap();
         let commands = commands();
         let (early, late) = commands.split_at(4);
+        let ids = ProposalIds::new(1);
+        let proposal = |cmd: &Command| Proposal {
+            id: ids.next_id(),
+            command: cmd.clone(),
+        };
         for cmd in early {
-            let answer = raft.client_write(cmd.clone()).await.unwrap().data;
+            let answer = raft.client_write(proposal(cmd)).await.unwrap().data;
             assert_eq!(answer.result, expected.apply(cmd));
         }
         // A snapshot in the middle, so the restart loads it and replays the
@@ -736,7 +949,7 @@ async fn a_restarted_raft_node_comes_back_with_its_state() {
             .await
             .unwrap();
         for cmd in late {
-            let answer = raft.client_write(cmd.clone()).await.unwrap();
+            let answer = raft.client_write(proposal(cmd)).await.unwrap();
             assert_eq!(answer.data.result, expected.apply(cmd));
             expected.applied = answer.log_id.index;
         }
