@@ -19,8 +19,8 @@
 //!   lease has already run out;
 //! * after healing all nodes agree (same state, same applied index).
 //!
-//! `SANVIRT_SIM_SEEDS=n` runs n seeds (default 20), `SANVIRT_SIM_SEED=s`
-//! replays seed s only; a failure names its seed.
+//! `SANVIRT_SIM_SEEDS=n` runs seeds 1..=n (default 12, about a minute),
+//! `SANVIRT_SIM_SEED=s` replays seed s only; a failure names its seed.
 //!
 //! Limits of determinism: everything the simulation controls (the fault
 //! schedule, proposals, turmoil's network latencies and host order) comes
@@ -357,9 +357,10 @@ async fn client(world: Shared, txs: Vec<mpsc::UnboundedSender<Op>>, seed: u64) -
         assert_eq!(id as usize, k + 1, "node ids follow the order of adding");
     }
     loop {
-        let all_online = lock(&world).slots.iter().all(|s| {
-            s.state.nodes.len() == 3 && s.state.nodes.values().all(|n| n.online)
-        });
+        let all_online = lock(&world)
+            .slots
+            .iter()
+            .all(|s| s.state.nodes.len() == 3 && s.state.nodes.values().all(|n| n.online));
         if all_online {
             break;
         }
@@ -391,10 +392,12 @@ async fn client(world: Shared, txs: Vec<mpsc::UnboundedSender<Op>>, seed: u64) -
                     submitted,
                     acked: now(),
                 }),
-                other => w.failed.push((node, submitted, format!("{name}: {other:?}"))),
+                other => w
+                    .failed
+                    .push((node, submitted, format!("{name}: {other:?}"))),
             }
         });
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(10..80))).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(60..200))).await;
     }
     // Let the last proposals finish (each gives up after 5 elections).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -455,7 +458,9 @@ fn run_seed(seed: u64) -> (Vec<String>, String) {
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let dir = dirs[i].path().to_path_buf();
         let world = world.clone();
-        sim.host(*name, move || node(i, dir.clone(), world.clone(), rx.clone()));
+        sim.host(*name, move || {
+            node(i, dir.clone(), world.clone(), rx.clone())
+        });
     }
     sim.client("client", client(world.clone(), txs, seed));
 
@@ -626,7 +631,7 @@ fn seeds() -> Vec<u64> {
     let n: u64 = std::env::var("SANVIRT_SIM_SEEDS")
         .ok()
         .map(|s| s.parse().expect("SANVIRT_SIM_SEEDS is a number"))
-        .unwrap_or(20);
+        .unwrap_or(12);
     (1..=n).collect()
 }
 
