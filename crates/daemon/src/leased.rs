@@ -77,3 +77,49 @@ impl<S: IoServer, L: LeaseCheck> IoServer for Leased<S, L> {
         self.inner.bind_client(client)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sanvirt_buffer::BufferPool;
+    use sanvirt_facility::scaffold::MemDisks;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Switch(Arc<AtomicBool>);
+    impl LeaseCheck for Switch {
+        fn held(&self) -> bool {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_pass_only_while_the_lease_is_held() {
+        let held = Arc::new(AtomicBool::new(true));
+        let s = Leased::new(MemDisks::new(&[(7, 1 << 20)]), Switch(held.clone()));
+        let pool = BufferPool::new(64, 32);
+        let r = s
+            .submit(IoRequest::read(7, 0, pool.alloc(4096).unwrap()))
+            .await;
+        assert!(r.is_ok());
+        assert!(s.block_status(7, 0, 4096).await.is_ok());
+
+        held.store(false, Ordering::Relaxed);
+        let r = s
+            .submit(IoRequest::read(7, 0, pool.alloc(4096).unwrap()))
+            .await;
+        assert!(
+            matches!(r, Err(IoError::Unavailable { disk: 7, ref reason }) if reason.contains("lease")),
+            "{r:?}"
+        );
+        assert!(s.submit(IoRequest::flush(7)).await.is_err());
+        assert!(s.block_status(7, 0, 4096).await.is_err());
+        // Disk information stays visible: a front end keeps its exports.
+        assert!(s.disk_info(7).is_some());
+
+        held.store(true, Ordering::Relaxed);
+        let r = s
+            .submit(IoRequest::read(7, 0, pool.alloc(4096).unwrap()))
+            .await;
+        assert!(r.is_ok());
+    }
+}

@@ -397,6 +397,40 @@ fn partitions_leave_at_most_one_side_working() {
     // minority's leases have lapsed within 2 s.
     let lapse = Duration::from_millis(2000);
 
+    // A volume every node serves over NBD (the mdisk files are on this
+    // machine, where every namespace sees them), to check host I/O as well
+    // as configuration: served under a lease, refused without one.
+    nodes[0].pool_of_four(16, "1MiB");
+    nodes[0].ok(&[
+        "volume",
+        "create",
+        "--name",
+        "v",
+        "--pool",
+        "p0",
+        "--size",
+        "16MiB",
+        "--striped",
+    ]);
+    let reads = |d: &Daemon| {
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 64k", &d.uri("v")])
+            .output()
+            .map(|o| {
+                let said = format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+                o.status.success() && !said.contains("failed")
+            })
+            .unwrap_or(false)
+    };
+    require("qemu-io");
+    wait_until(20, "every node to serve the volume", || {
+        nodes.iter().take(4).all(&reads)
+    });
+
     // 1. The boss alone: the other four go on; the old boss stalls.
     let b = boss();
     net.isolate(b);
@@ -414,6 +448,11 @@ fn partitions_leave_at_most_one_side_working() {
         !takes_command(&nodes[b], "p1-minority", 3),
         "isolated old boss took a command"
     );
+    assert!(
+        !reads(&nodes[b]),
+        "isolated old boss served host I/O without a lease"
+    );
+    assert!(reads(&nodes[other]), "majority stopped serving host I/O");
     net.heal();
     all_agree(&nodes);
 
@@ -432,6 +471,14 @@ fn partitions_leave_at_most_one_side_working() {
         assert!(!takes_command(&nodes[i], &format!("p2-minority-{i}"), 3));
     }
     assert!(holds_lease(&nodes[0]) && holds_lease(&nodes[1]));
+    assert!(
+        reads(&nodes[0]) && reads(&nodes[1]),
+        "side with the witness stopped serving"
+    );
+    assert!(
+        !reads(&nodes[2]) && !reads(&nodes[3]),
+        "a node without the witness served host I/O"
+    );
     net.heal();
     all_agree(&nodes);
 
