@@ -155,13 +155,25 @@ fn initiator(k: u64) -> String {
 
 #[test]
 fn three_nodes_keep_every_acknowledged_command_through_kill_9_of_leader_and_followers() {
+    kill_loop(form(3, false));
+}
+
+#[test]
+fn two_nodes_and_a_witness_keep_every_acknowledged_command_through_kill_9_in_a_loop() {
+    kill_loop(form(3, true));
+}
+
+/// Kills (`kill -9`) the leader and followers of a three-voter cluster in
+/// turn while a writer creates and deletes hosts through any live node;
+/// then checks every acknowledged command on every node.
+fn kill_loop(nodes: Vec<Daemon>) {
     let seed: u64 = std::env::var("SANVIRT_CLUSTER_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(rand::random);
     eprintln!("seed {seed} (SANVIRT_CLUSTER_SEED replays the kill schedule)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let nodes = Arc::new(Mutex::new(form(3, false)));
+    let nodes = Arc::new(Mutex::new(nodes));
     let alive = Arc::new(Mutex::new([true; 3]));
 
     // The writer: `host create` and `host delete` commands, one at a time,
