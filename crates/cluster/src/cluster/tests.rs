@@ -643,3 +643,72 @@ async fn a_retry_after_a_lost_answer_returns_the_first_result() {
     same_state(&all).await;
     stop_all(&mut nodes).await;
 }
+
+/// A follower that was down while the log moved on by more than a snapshot
+/// interval, and was purged behind it, catches up from the boss's snapshot
+/// (its next entry is no longer in any log) and ends with the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_a_purged_log_catches_up_from_a_snapshot() {
+    let mut nodes = three_nodes().await;
+    let b = leader(&nodes).unwrap();
+    let f = (b + 1) % 3;
+    let before = nodes[f].c().status().applied;
+    nodes[f].stop().await;
+    // Two snapshot intervals of entries (pools made and deleted, so the
+    // state stays small).
+    let rounds = SNAPSHOT_EVERY_ENTRIES as usize + 100;
+    for k in 0..rounds {
+        let name = format!("p{k}");
+        nodes[b].c().propose(pool(&name)).await.unwrap();
+        nodes[b]
+            .c()
+            .propose(Command::DeletePool { name })
+            .await
+            .unwrap();
+    }
+    let purged = eventually_value("the boss to purge its log", || {
+        let m = nodes[b]
+            .c()
+            .inner
+            .running()?
+            .raft
+            .metrics()
+            .borrow()
+            .clone();
+        m.purged.map(|p| p.index).filter(|&p| p > before + 1)
+    })
+    .await;
+    nodes[f].restart().await;
+    nodes[f].c().propose(pool("after")).await.unwrap();
+    let all: Vec<&TestNode> = nodes.iter().collect();
+    same_state(&all).await;
+    let snap = nodes[f]
+        .c()
+        .inner
+        .running()
+        .unwrap()
+        .raft
+        .metrics()
+        .borrow()
+        .snapshot
+        .map(|s| s.index)
+        .unwrap_or(0);
+    assert!(
+        snap >= purged,
+        "the follower's snapshot ({snap}) does not cover the boss's purge ({purged})"
+    );
+    assert!(nodes[f].c().state().pools.contains_key("after"));
+    stop_all(&mut nodes).await;
+}
+
+/// Polls `f` until it returns a value (bounded like `eventually`).
+async fn eventually_value<T>(what: &str, f: impl Fn() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
