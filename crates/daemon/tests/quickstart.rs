@@ -9,13 +9,7 @@ use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-fn start(
-    dir: &std::path::Path,
-    nbd: u16,
-    admin: u16,
-    iscsi: u16,
-    cluster: u16,
-) -> std::process::Child {
+fn start(dir: &std::path::Path, nbd: u16, admin: u16, iscsi: u16, cluster: u16) -> Reaped {
     let mut child = Command::new(bin("sanvirtd"))
         .current_dir(dir)
         .args([
@@ -48,7 +42,26 @@ fn start(
     rx.recv_timeout(Duration::from_secs(30))
         .expect("quick start never printed its ready banner");
     assert!(std::net::TcpStream::connect(("127.0.0.1", nbd)).is_ok());
-    child
+    Reaped(child)
+}
+
+/// The daemon, killed when the test ends, also when it fails.
+struct Reaped(std::process::Child);
+
+impl Reaped {
+    fn kill(&mut self) -> std::io::Result<()> {
+        self.0.kill()
+    }
+    fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
