@@ -37,12 +37,19 @@ impl<S, L> Leased<S, L> {
     }
 }
 
+impl<S, L: LeaseCheck> Leased<S, L> {
+    /// The refusal for a request on `disk`, if the lease is not held now.
+    fn refused(&self, disk: DiskId) -> Option<IoError> {
+        (!self.lease.held()).then(|| IoError::Unavailable {
+            disk,
+            reason: Arc::clone(&self.refusal),
+        })
+    }
+}
+
 impl<S: IoServer, L: LeaseCheck> IoServer for Leased<S, L> {
     fn submit(&self, req: IoRequest) -> impl Future<Output = IoResult> + Send {
-        let refused = (!self.lease.held()).then(|| IoError::Unavailable {
-            disk: req.disk,
-            reason: Arc::clone(&self.refusal),
-        });
+        let refused = self.refused(req.disk);
         async move {
             match refused {
                 Some(e) => Err(e),
@@ -61,10 +68,7 @@ impl<S: IoServer, L: LeaseCheck> IoServer for Leased<S, L> {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Vec<AllocExtent>, IoError>> + Send {
-        let refused = (!self.lease.held()).then(|| IoError::Unavailable {
-            disk,
-            reason: Arc::clone(&self.refusal),
-        });
+        let refused = self.refused(disk);
         async move {
             match refused {
                 Some(e) => Err(e),
