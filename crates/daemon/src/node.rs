@@ -54,6 +54,8 @@ impl LeaseCheck for Lease {
 pub struct NodeIo {
     node: Mutex<Option<std::sync::Weak<Node>>>,
     pending: Mutex<Option<Arc<State>>>,
+    /// Log index of the configuration the I/O modules were last given.
+    configured: tokio::sync::watch::Sender<u64>,
 }
 
 impl NodeIo {
@@ -61,6 +63,7 @@ impl NodeIo {
         *self.node.lock() = Some(Arc::downgrade(node));
         if let Some(state) = self.pending.lock().take() {
             node.reconfigure_io(&state);
+            self.configured.send_replace(state.applied);
         }
     }
 }
@@ -70,7 +73,10 @@ impl IoModules for NodeIo {
         let node = self.node.lock().as_ref().and_then(|w| w.upgrade());
         match r {
             Response::Configuration(state) => match node {
-                Some(n) => n.reconfigure_io(&state),
+                Some(n) => {
+                    n.reconfigure_io(&state);
+                    self.configured.send_replace(state.applied);
+                }
                 None => *self.pending.lock() = Some(state),
             },
             Response::NodeOnline(id) => tracing::info!(node = id, "node event: online"),
@@ -518,10 +524,19 @@ pub async fn run(
             .as_ref()
             .map(|(fe, _)| (fe.config().target_name.clone(), iscsi_portal));
         let mut held = node.cluster.lease().subscribe();
+        let mut configured = io.configured.subscribe();
         let in_cluster = node.cluster.status().node_id.is_some();
         tokio::spawn(async move {
-            if in_cluster && !cfg_is_witness(&node) && held.wait_for(|h| *h).await.is_err() {
-                return;
+            if in_cluster && !cfg_is_witness(&node) {
+                if held.wait_for(|h| *h).await.is_err() {
+                    return;
+                }
+                // And the I/O modules have the configuration: the exports
+                // the banner lists exist when it is printed.
+                let want = node.cluster.state().applied;
+                if configured.wait_for(|&i| i >= want).await.is_err() {
+                    return;
+                }
             }
             let st = node.cluster.status();
             let who = match (&st.cluster_name, st.node_id) {
