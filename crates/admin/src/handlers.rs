@@ -152,6 +152,9 @@ fn cluster_layer_only(cmd: &Command) -> Option<&'static str> {
         Command::AddNode { .. } => Some("POST /v1/nodes"),
         Command::RemoveNode { .. } => Some("DELETE /v1/nodes/{name}"),
         Command::SetNodeOnline { .. } => Some("nothing: the cluster's leader sends node events"),
+        Command::CachePairBroken { .. } | Command::CachePairJoined { .. } => {
+            Some("nothing: the nodes' caches send cache pair events")
+        }
         _ => None,
     }
 }

@@ -99,7 +99,7 @@ impl Modify for BearerAuth {
         sanvirt_config::ChapSecret, sanvirt_config::ChapMode, sanvirt_config::IscsiPortal,
         sanvirt_config::PrState, sanvirt_config::reservations::PrRegistration,
         sanvirt_config::reservations::PrReservation, sanvirt_config::reservations::PrNexus,
-        sanvirt_config::NodeSpec,
+        sanvirt_config::NodeSpec, sanvirt_config::VolumeCacheMode,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),

@@ -1077,6 +1077,20 @@ fn command_schema_mirror_serializes_like_the_command() {
             volume: s("v"),
             node: s("n1"),
         },
+        Command::SetVolumeCacheMode {
+            volume: s("v"),
+            mode: sanvirt_config::VolumeCacheMode::WriteThrough,
+        },
+        Command::CachePairBroken {
+            io_group: 0,
+            epoch: 1,
+            node: 1,
+        },
+        Command::CachePairJoined {
+            io_group: 0,
+            epoch: 1,
+            node: 1,
+        },
     ];
     let doc: Value = serde_json::from_str(&crate::openapi_json()).expect("valid JSON");
     let variants = doc["components"]["schemas"]["Command"]["oneOf"]

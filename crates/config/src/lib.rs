@@ -488,6 +488,28 @@ pub enum Command {
         volume: String,
         node: String,
     },
+    /// How the volume's writes are cached.
+    SetVolumeCacheMode {
+        volume: String,
+        mode: VolumeCacheMode,
+    },
+    /// A cache event: `node` lost its partner's cache in `epoch` of
+    /// `io_group`'s pair and has stopped acknowledging writes and destaging
+    /// for the group (docs/cache.md).
+    CachePairBroken {
+        io_group: u32,
+        epoch: u64,
+        #[cfg_attr(feature = "openapi", schema(value_type = u64))]
+        node: NodeId,
+    },
+    /// A cache event: `node`, alone in `epoch` of `io_group`'s pair, has
+    /// resynchronised its partner, which now holds every dirty page too.
+    CachePairJoined {
+        io_group: u32,
+        epoch: u64,
+        #[cfg_attr(feature = "openapi", schema(value_type = u64))]
+        node: NodeId,
+    },
 }
 
 /// What an applied command produced (for the caller's reply).
@@ -556,6 +578,28 @@ mod u64_keys {
     }
 }
 
+/// `u64_keys` for maps keyed by `u32`.
+mod u32_keys {
+    use std::collections::BTreeMap;
+
+    use serde::de::{self, Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D, V>(d: D) -> Result<BTreeMap<u32, V>, D::Error>
+    where
+        D: Deserializer<'de>,
+        V: Deserialize<'de>,
+    {
+        let m = super::u64_keys::deserialize::<D, V>(d)?;
+        m.into_iter()
+            .map(|(k, v)| {
+                u32::try_from(k)
+                    .map(|k| (k, v))
+                    .map_err(|_| de::Error::custom(format!("key {k} is not a u32")))
+            })
+            .collect()
+    }
+}
+
 /// Why a command was refused. Every variant says what to do about it; the
 /// state is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -602,6 +646,15 @@ pub enum ConfigError {
     /// leader unreachable, shutting down); retrying later can succeed.
     #[error("the cluster is unavailable: {reason}")]
     ClusterUnavailable { reason: String },
+    /// A cache event named an epoch of its I/O group's pair that is over.
+    #[error(
+        "{io_group}: the cache pair moved on to epoch {current} (the event was for epoch {epoch})"
+    )]
+    StaleCacheEpoch {
+        io_group: String,
+        epoch: u64,
+        current: u64,
+    },
 }
 
 /// The whole configuration of a standalone node or of a cluster.
@@ -635,6 +688,74 @@ pub struct State {
     /// The next node id to hand out (0 also means 1).
     #[serde(default, skip_serializing_if = "is_default")]
     pub next_node_id: NodeId,
+    /// The fast-write cache pair of each I/O group that has nodes, by group
+    /// (docs/cache.md). Kept by the state machine from node events and the
+    /// caches' own `CachePairBroken` / `CachePairJoined` events.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "u32_keys::deserialize"
+    )]
+    pub cache_pairs: BTreeMap<u32, CachePair>,
+}
+
+/// The state of the fast-write cache of one I/O group: which node holds the
+/// group's dirty data and whether writes are mirrored (docs/cache.md).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachePair {
+    /// Bumped on every change of `mode` except `Mirrored` → `Breaking`; the
+    /// caches' events name the epoch they saw, and a stale one is refused.
+    pub epoch: u64,
+    pub mode: PairMode,
+}
+
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum PairMode {
+    /// Both nodes online and their caches connected: write-back, every dirty
+    /// page in both nodes' memory. A volume is owned by its preferred node.
+    Mirrored,
+    /// The caches lost each other. The nodes listed have stopped acknowledging
+    /// writes and destaging for the group; the first one continues alone.
+    Breaking {
+        #[cfg_attr(feature = "openapi", schema(value_type = Vec<u64>))]
+        quiesced: Vec<NodeId>,
+    },
+    /// `node` owns every volume of the group, holds all its dirty data and
+    /// runs write-through until its partner is back and resynchronised.
+    Alone {
+        #[cfg_attr(feature = "openapi", schema(value_type = u64))]
+        node: NodeId,
+    },
+    /// No node of the group is online.
+    Down,
+}
+
+/// How a volume's writes are cached (docs/cache.md).
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VolumeCacheMode {
+    /// Acknowledged once in both nodes' memory; write-through while the
+    /// I/O group's pair is not mirrored.
+    #[default]
+    WriteBack,
+    /// Acknowledged once written to the back end; reads are cached.
+    WriteThrough,
+    /// Nothing cached: every request goes to the back end.
+    None,
+}
+
+impl std::fmt::Display for VolumeCacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VolumeCacheMode::WriteBack => "write-back",
+            VolumeCacheMode::WriteThrough => "write-through",
+            VolumeCacheMode::None => "none",
+        })
+    }
 }
 
 /// A host (server) and what it may see.
@@ -721,4 +842,6 @@ pub struct Volume {
     /// a cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preferred_node: Option<NodeId>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub cache_mode: VolumeCacheMode,
 }

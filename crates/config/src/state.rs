@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::*;
 
+mod cache;
 mod cluster;
 use cluster::IoPlacement;
 pub use cluster::{check_address, check_cluster_uid, check_node_spec};
@@ -97,6 +98,8 @@ enum Prepared {
         partner: Option<NodeId>,
     },
     SetNodeOnline,
+    CachePair(CachePair),
+    SetVolumeCacheMode,
     SetPreferredNode {
         node: NodeId,
     },
@@ -323,7 +326,9 @@ impl State {
     /// the caller (the journal sets it to the record's sequence number).
     pub fn apply(&mut self, cmd: &Command) -> Result<Outcome, ConfigError> {
         let prepared = self.prepare(cmd)?;
-        Ok(self.commit(cmd, prepared))
+        let outcome = self.commit(cmd, prepared);
+        self.settle_cache_pairs();
+        Ok(outcome)
     }
 
     /// Capacity accounting of pool `name`.
@@ -653,7 +658,8 @@ impl State {
         if let Some(p) = &self.iscsi_portal {
             check_portal(p).map_err(|e| e.to_string())?;
         }
-        self.check_cluster_invariants()
+        self.check_cluster_invariants()?;
+        self.check_cache_invariants()
     }
 
     /// Ids start at 1; `next_id` is the next one to hand out (0 in a fresh
@@ -1242,6 +1248,22 @@ impl State {
             Command::SetPreferredNode { volume, node } => {
                 self.prepare_set_preferred_node(volume, node)
             }
+            Command::SetVolumeCacheMode { volume, mode } => {
+                if self.volume(volume)?.cache_mode == *mode {
+                    return Ok(Prepared::Nothing);
+                }
+                Ok(Prepared::SetVolumeCacheMode)
+            }
+            Command::CachePairBroken {
+                io_group,
+                epoch,
+                node,
+            } => self.prepare_cache_pair_broken(*io_group, *epoch, *node),
+            Command::CachePairJoined {
+                io_group,
+                epoch,
+                node,
+            } => self.prepare_cache_pair_joined(*io_group, *epoch, *node),
         }
     }
 
@@ -1522,6 +1544,7 @@ impl State {
                         reservations: PrState::default(),
                         io_group: placement.io_group,
                         preferred_node: placement.preferred_node,
+                        cache_mode: VolumeCacheMode::default(),
                     },
                 );
                 Outcome::Created {
@@ -1566,6 +1589,7 @@ impl State {
                         reservations: PrState::default(),
                         io_group: placement.io_group,
                         preferred_node: placement.preferred_node,
+                        cache_mode: VolumeCacheMode::default(),
                     },
                 );
                 Outcome::Created {
@@ -1699,6 +1723,18 @@ impl State {
             }
             (Command::RemoveNode { .. }, Prepared::RemoveNode { id, partner }) => {
                 self.commit_remove_node(id, partner)
+            }
+            (
+                Command::CachePairBroken { io_group, .. }
+                | Command::CachePairJoined { io_group, .. },
+                Prepared::CachePair(pair),
+            ) => {
+                self.cache_pairs.insert(*io_group, pair);
+                Outcome::Done
+            }
+            (Command::SetVolumeCacheMode { volume, mode }, Prepared::SetVolumeCacheMode) => {
+                self.volumes.get_mut(volume).expect("prepared").cache_mode = *mode;
+                Outcome::Done
             }
             (Command::SetNodeOnline { node, online }, Prepared::SetNodeOnline) => {
                 self.nodes.get_mut(node).expect("prepared").online = *online;

@@ -818,6 +818,19 @@ fn cluster_command() -> impl Strategy<Value = Command> {
             .prop_map(|(node, online)| Command::SetNodeOnline { node, online }),
         3 => (name_of("v"), (0..10u8).prop_map(|i| format!("n{i}")))
             .prop_map(|(volume, node)| Command::SetPreferredNode { volume, node }),
+        3 => (0..3u32, 0..6u64, 0..8u64, any::<bool>()).prop_map(|(io_group, epoch, node, broken)| {
+            if broken {
+                Command::CachePairBroken { io_group, epoch, node }
+            } else {
+                Command::CachePairJoined { io_group, epoch, node }
+            }
+        }),
+        1 => (name_of("v"), prop_oneof![
+            Just(VolumeCacheMode::WriteBack),
+            Just(VolumeCacheMode::WriteThrough),
+            Just(VolumeCacheMode::None),
+        ])
+            .prop_map(|(volume, mode)| Command::SetVolumeCacheMode { volume, mode }),
     ]
 }
 
@@ -1367,6 +1380,119 @@ fn random_sequences_reach_every_command() {
         assert!(accepted.contains(op), "{op} never accepted");
         assert!(refused.contains(op), "{op} never refused");
     }
+}
+
+// ---- cache pairs (docs/cache.md) -------------------------------------------
+
+fn pair(s: &State, g: u32) -> (u64, PairMode) {
+    let p = &s.cache_pairs[&g];
+    (p.epoch, p.mode.clone())
+}
+
+fn broken(g: u32, epoch: u64, node: NodeId) -> Command {
+    Command::CachePairBroken {
+        io_group: g,
+        epoch,
+        node,
+    }
+}
+
+fn joined(g: u32, epoch: u64, node: NodeId) -> Command {
+    Command::CachePairJoined {
+        io_group: g,
+        epoch,
+        node,
+    }
+}
+
+#[test]
+fn a_lone_node_runs_its_group_alone_and_a_standalone_node_has_no_pairs() {
+    let mut s = with_volumes(0);
+    assert!(s.cache_pairs.is_empty());
+    ok(&mut s, create_cluster("c", node_spec(1), None));
+    assert_eq!(pair(&s, 0), (1, PairMode::Alone { node: 1 }));
+    // The partner joins offline: still alone; online: still alone until the
+    // lone node says it resynchronised it.
+    ok(&mut s, add_node(node_spec(2)));
+    assert_eq!(pair(&s, 0), (1, PairMode::Alone { node: 1 }));
+    ok(&mut s, online(2, true));
+    assert_eq!(pair(&s, 0), (1, PairMode::Alone { node: 1 }));
+    assert_eq!(s.cache_pairs[&0].owner(Some(2)), Some(1));
+}
+
+#[test]
+fn pair_joins_breaks_and_fails_over() {
+    let mut s = cluster_of(2);
+    // Only the lone node may join, only in the current epoch.
+    err(&mut s, joined(0, 1, 2));
+    assert!(matches!(
+        err(&mut s, joined(0, 7, 1)),
+        ConfigError::StaleCacheEpoch { current: 1, .. }
+    ));
+    ok(&mut s, joined(0, 1, 1));
+    assert_eq!(pair(&s, 0), (2, PairMode::Mirrored));
+    assert_eq!(s.cache_pairs[&0].owner(Some(2)), Some(2));
+    // Both lose the line: the first to quiesce continues alone.
+    ok(&mut s, broken(0, 2, 2));
+    assert_eq!(pair(&s, 0), (2, PairMode::Breaking { quiesced: vec![2] }));
+    assert_eq!(s.cache_pairs[&0].owner(Some(2)), None);
+    ok(&mut s, broken(0, 2, 2)); // repeated: nothing changes
+    ok(&mut s, broken(0, 2, 1));
+    assert_eq!(pair(&s, 0), (3, PairMode::Alone { node: 2 }));
+    err(&mut s, broken(0, 3, 1));
+    // Rejoin, then the owner of everything dies: the survivor is alone.
+    ok(&mut s, joined(0, 3, 2));
+    assert_eq!(pair(&s, 0), (4, PairMode::Mirrored));
+    ok(&mut s, online(2, false));
+    assert_eq!(pair(&s, 0), (5, PairMode::Alone { node: 1 }));
+    // Both gone, then the first back runs alone.
+    ok(&mut s, online(1, false));
+    assert_eq!(pair(&s, 0), (6, PairMode::Down));
+    assert_eq!(s.cache_pairs[&0].owner(Some(1)), None);
+    ok(&mut s, online(2, true));
+    assert_eq!(pair(&s, 0), (7, PairMode::Alone { node: 2 }));
+    // A partner that is offline cannot be joined.
+    err(&mut s, joined(0, 7, 2));
+}
+
+#[test]
+fn a_breaking_pair_whose_waiting_node_dies_goes_to_the_quiesced_one() {
+    let mut s = cluster_of(2);
+    ok(&mut s, joined(0, 1, 1));
+    ok(&mut s, broken(0, 2, 1));
+    ok(&mut s, online(2, false));
+    assert_eq!(pair(&s, 0), (3, PairMode::Alone { node: 1 }));
+    // And removing the lone node hands the group to the partner once it is
+    // online.
+    let mut s = cluster_of(2);
+    ok(&mut s, Command::RemoveNode { name: "n1".into() });
+    assert_eq!(pair(&s, 0), (2, PairMode::Alone { node: 2 }));
+    // Each I/O group has its own pair.
+    let mut s = cluster_of(3);
+    // n3 joined offline (down, epoch 1), then came online (alone, epoch 2).
+    assert_eq!(pair(&s, 1), (2, PairMode::Alone { node: 3 }));
+    err(&mut s, joined(1, 2, 3)); // no partner in io_grp1
+    err(&mut s, broken(1, 2, 1)); // not mirrored
+}
+
+#[test]
+fn cache_mode_is_per_volume() {
+    let mut s = with_volumes(1);
+    let v = s.volumes.keys().next().unwrap().clone();
+    assert_eq!(s.volumes[&v].cache_mode, VolumeCacheMode::WriteBack);
+    let set = |mode| Command::SetVolumeCacheMode {
+        volume: v.clone(),
+        mode,
+    };
+    ok(&mut s, set(VolumeCacheMode::None));
+    assert_eq!(s.volumes[&v].cache_mode, VolumeCacheMode::None);
+    err(
+        &mut s,
+        Command::SetVolumeCacheMode {
+            volume: "nope".into(),
+            mode: VolumeCacheMode::None,
+        },
+    );
 }
 
 // ---- cluster: nodes, I/O groups, preferred nodes ---------------------------
