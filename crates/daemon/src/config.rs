@@ -25,6 +25,41 @@ pub struct DaemonConfig {
     pub buffers: BufferConfig,
     pub backend: BackendConfig,
     pub cluster: ClusterConfig,
+    pub cache: CacheConfig,
+}
+
+/// The fast-write cache (docs/cache.md). Sizes are in 4 KiB pages of the
+/// buffer arena; unset ones follow `buffers.pages`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Pages this node may hold dirty (its hardening rights). Default: a
+    /// quarter of `buffers.pages`.
+    pub dirty_pages_max: Option<usize>,
+    /// Pages one volume may hold dirty. Default: half of `dirty_pages_max`.
+    pub volume_dirty_pages_max: Option<usize>,
+    /// Clean pages kept for read hits. Default: a quarter of
+    /// `buffers.pages`.
+    pub clean_pages_max: Option<usize>,
+    /// Dirty data wait at most about this long before destage starts.
+    /// Default: 200.
+    pub destage_delay_ms: Option<u64>,
+}
+
+impl DaemonConfig {
+    /// The cache's limits with the defaults filled in.
+    pub fn cache_limits(&self) -> sanvirt_cache::CacheLimits {
+        let c = &self.cache;
+        let dirty = c.dirty_pages_max.unwrap_or(self.buffers.pages / 4);
+        sanvirt_cache::CacheLimits {
+            dirty_pages_max: dirty,
+            volume_dirty_pages_max: c.volume_dirty_pages_max.unwrap_or(dirty / 2),
+            clean_pages_max: c.clean_pages_max.unwrap_or(self.buffers.pages / 4),
+            destage_start_pages: dirty / 4,
+            destage_delay: std::time::Duration::from_millis(c.destage_delay_ms.unwrap_or(200)),
+            ..sanvirt_cache::CacheLimits::default()
+        }
+    }
 }
 
 /// The node's place in the cluster (docs/cluster.md). A fresh node is in no
@@ -116,6 +151,7 @@ impl Default for DaemonConfig {
             buffers: BufferConfig::default(),
             backend: BackendConfig::default(),
             cluster: ClusterConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -232,6 +268,19 @@ impl DaemonConfig {
             if !sanvirt_iscsi::config::valid_name(name) {
                 bail!("iscsi.target_name {name:?} is not a valid iSCSI name (iqn./eui./naa. form, lowercase)");
             }
+        }
+        let cache = self.cache_limits();
+        cache.check().map_err(|e| anyhow::anyhow!("cache: {e}"))?;
+        if cache.dirty_pages_max + cache.clean_pages_max > self.buffers.pages * 3 / 4 {
+            bail!(
+                "cache.dirty_pages_max + cache.clean_pages_max ({}) must leave a quarter of \
+                 buffers.pages ({}) to the front ends",
+                cache.dirty_pages_max + cache.clean_pages_max,
+                self.buffers.pages
+            );
+        }
+        if !(1..=60_000).contains(&self.cache.destage_delay_ms.unwrap_or(200)) {
+            bail!("cache.destage_delay_ms must be between 1 and 60000");
         }
         if !(1..=256).contains(&self.backend.threads) {
             bail!("backend.threads must be between 1 and 256");

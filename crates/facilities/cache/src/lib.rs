@@ -365,8 +365,37 @@ impl<S: IoServer> Inner<S> {
             .ok_or(IoError::NoSuchDisk { disk })
     }
 
-    /// The path for a request on `vol`, waiting while the volume is held.
+    /// The path for a request on `vol`, waiting while the volume is held
+    /// (boxed: a cold path, kept out of every request's future).
     async fn path(&self, vol: &Vol) -> Result<Path, IoError> {
+        match self.path_now(vol) {
+            Some(p) => p,
+            None => Box::pin(self.path_wait(vol)).await,
+        }
+    }
+
+    /// The path unless the volume is held.
+    fn path_now(&self, vol: &Vol) -> Option<Result<Path, IoError>> {
+        let setup = vol.setup.lock().clone();
+        let mirrored = match setup.role {
+            Role::Owner { mirrored } => mirrored,
+            Role::Unavailable { reason } => {
+                return Some(Err(IoError::Unavailable {
+                    disk: vol.disk,
+                    reason,
+                }))
+            }
+            Role::Hold => return None,
+        };
+        let mirrored = mirrored && self.mirror.read().is_some();
+        Some(Ok(match (setup.mode, mirrored) {
+            (CacheMode::None, _) => Path::Pass,
+            (CacheMode::WriteBack, true) => Path::Back { mirrored: true },
+            _ => Path::Through,
+        }))
+    }
+
+    async fn path_wait(&self, vol: &Vol) -> Result<Path, IoError> {
         loop {
             let notified = vol.changed.notified();
             tokio::pin!(notified);
@@ -407,7 +436,7 @@ impl<S: IoServer> Inner<S> {
                 match path {
                     Path::Back { mirrored } if aligned && fits && !req.flags.fua => {
                         self.counters.writes_back.fetch_add(1, Ordering::Relaxed);
-                        self.write_back(&vol, req, mirrored).await
+                        Box::pin(self.write_back(&vol, req, mirrored)).await
                     }
                     _ => {
                         self.counters.writes_through.fetch_add(1, Ordering::Relaxed);
@@ -415,11 +444,16 @@ impl<S: IoServer> Inner<S> {
                     }
                 }
             }
+            // Cold paths are boxed: every request's future is as large as
+            // its largest path (docs/benchmarks.md).
             IoOp::Flush => {
-                self.destage_all(&vol).await?;
-                self.server.submit(req).await
+                Box::pin(async {
+                    self.destage_all(&vol).await?;
+                    self.server.submit(req).await
+                })
+                .await
             }
-            IoOp::Unmap | IoOp::WriteZeroes => self.direct(&vol, req).await,
+            IoOp::Unmap | IoOp::WriteZeroes => Box::pin(self.direct(&vol, req)).await,
         }
     }
 
@@ -458,11 +492,21 @@ impl<S: IoServer> Inner<S> {
         let (start, end) = (req.offset, req.offset + req.len);
         let (first, last) = pages_of(start, req.len);
         let range = (start, end);
-        self.wait_clean(vol, first, last, |d| {
+        let enter = |d: &mut Dir| {
             d.direct.push(range);
             d.bypass_gen += 1;
-        })
-        .await?;
+        };
+        let entered = {
+            let mut d = vol.dir.lock();
+            let clean = !d.any_dirty(first, last);
+            if clean {
+                enter(&mut d);
+            }
+            clean
+        };
+        if !entered {
+            Box::pin(self.wait_clean(vol, first, last, enter)).await?;
+        }
         let r = self.server.submit(req).await;
         let mut d = vol.dir.lock();
         if let Some(i) = d.direct.iter().position(|r| *r == range) {
