@@ -1,16 +1,49 @@
-//! The verifying writer of the kill tests (`common/writer.rs`) and its
-//! NBD client against a real sanvirtd, and the block format and
-//! verification rule on their own.
+//! Kill tests of host data: the verifying writer (`common/writer.rs`)
+//! writes over NBD, the daemon it writes to is killed (`kill -9`) at a
+//! random moment, the writer continues (on the restarted daemon, or on the
+//! other node of a two-node cluster), and afterwards every acknowledged
+//! block is verified (docs/failure-model.md, "The verifying writer").
+//!
+//! `SANVIRT_FAILOVER_SEED` replays a kill schedule (the seed is printed);
+//! `SANVIRT_FAILOVER_ITERATIONS` sets the kills per test (default 5).
 
 mod common;
 use common::writer::*;
 use common::*;
+
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|s| s.parse().ok())
+}
+
+fn iterations() -> u64 {
+    env_u64("SANVIRT_FAILOVER_ITERATIONS").unwrap_or(5)
+}
+
+fn seed(test: &str) -> u64 {
+    let seed = env_u64("SANVIRT_FAILOVER_SEED").unwrap_or_else(rand::random);
+    eprintln!("{test}: seed {seed} (SANVIRT_FAILOVER_SEED={seed} replays it)");
+    seed
+}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// Waits until `pred` holds, polling; panics with `what` after `secs`.
+fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn nbd_addr(d: &Daemon) -> String {
@@ -32,6 +65,223 @@ fn make_volume(d: &Daemon) {
         "64MiB",
         "--striped",
     ]);
+}
+
+/// Blocks of the writer's region: 16 MiB, small enough that many blocks
+/// are written several times per iteration.
+const REGION_BLOCKS: u64 = 4096;
+
+/// Acknowledged writes wanted after the writer reconnected, before it stops.
+const WRITES_AFTER_FAILOVER: u64 = 300;
+
+fn verify_or_panic(rt: &tokio::runtime::Runtime, w: &mut Writer, addr: &str, ctx: &str) {
+    match rt.block_on(w.verify(addr)) {
+        Ok(v) => eprintln!("{ctx}: verify through {addr}: {v:?}"),
+        Err(e) => panic!("{ctx}: verify through {addr} failed:\n{e}"),
+    }
+}
+
+/// One node: the writer writes to it, it is killed at a random moment and
+/// restarted on the same data directory, the writer reconnects (a list of
+/// one address) and continues; then every block is checked. With no cache
+/// (writes go to the back end before they are acknowledged) nothing
+/// acknowledged may be lost.
+#[test]
+fn single_node_kill9_and_restart_loses_no_acknowledged_write() {
+    let seed = seed("single_node");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rt = runtime();
+    let mut d = Daemon::start();
+    make_volume(&d);
+    let addr = nbd_addr(&d);
+    let mut w = Writer::new(WriterConfig::new(
+        vec![addr.clone()],
+        "v",
+        REGION_BLOCKS,
+        seed,
+    ));
+    let progress = w.progress();
+    let started = Instant::now();
+    for it in 0..iterations() {
+        let t0 = Instant::now();
+        let stop = Stop::new();
+        let delay = Duration::from_millis(rng.gen_range(0..1500));
+        let report = std::thread::scope(|s| {
+            let _stop_on_panic = stop.guard();
+            let writer = s.spawn(|| rt.block_on(w.run(Until::stopped(&stop))));
+            let a0 = progress.acked();
+            wait_until(30, "the writer's first writes", || {
+                progress.acked() > a0 + 50
+            });
+            std::thread::sleep(delay);
+            let (acked, conns) = (progress.acked(), progress.connections());
+            d.kill9();
+            d.spawn();
+            wait_until(60, "the writer to write again after the restart", || {
+                progress.connections() > conns && progress.acked() >= acked + WRITES_AFTER_FAILOVER
+            });
+            stop.stop();
+            writer.join().expect("writer thread")
+        });
+        let report = report.unwrap_or_else(|e| panic!("iteration {it}: {e}"));
+        eprintln!(
+            "iteration {it}: killed after {delay:?}; {} acked, {} unacknowledged at the break, \
+             max stall {:?}, {:.1} s; breaks: {:?}",
+            report.acked_writes,
+            report.unacked_writes,
+            report.max_stall,
+            t0.elapsed().as_secs_f64(),
+            report.breaks
+        );
+        assert!(
+            !report.breaks.is_empty(),
+            "iteration {it}: the kill did not break the writer's connection"
+        );
+        verify_or_panic(&rt, &mut w, &addr, &format!("iteration {it}"));
+    }
+    eprintln!(
+        "{} iterations, {} writes acknowledged, {:.1} s",
+        iterations(),
+        progress.acked(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Two nodes and a witness
+// ---------------------------------------------------------------------------
+
+fn cluster_status(d: &Daemon) -> Option<serde_json::Value> {
+    let o = d.cli(&["--json", "cluster", "status"]);
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+/// Nodes `n1`, `n2` and a witness; `n1` creates the cluster (as `form` in
+/// cluster.rs).
+fn two_nodes_and_a_witness() -> Vec<Daemon> {
+    let mut nodes = Vec::new();
+    for (i, name) in ["n1", "n2", "witness"].into_iter().enumerate() {
+        let mut d = Daemon::cluster_node(name, (i == 0).then_some("c1"), i == 2);
+        d.spawn();
+        nodes.push(d);
+    }
+    for i in 1..3 {
+        let addr = nodes[i].cluster_addr();
+        nodes[0].ok(&["node", "add", "--address", &addr]);
+    }
+    wait_until(30, "every node to see every member", || {
+        nodes.iter().all(|d| {
+            cluster_status(d).is_some_and(|s| s["members"].as_array().map(Vec::len) == Some(3))
+        })
+    });
+    nodes
+}
+
+/// How long the writer goes on writing to the survivor: past the lease
+/// (`lease_ms = 900` in `Daemon::cluster_node`) and a new boss's election,
+/// so that a lease lapse on the survivor would show.
+const KEEP_WRITING_AFTER_KILL: Duration = Duration::from_secs(3);
+
+/// Whether `addr` serves a read of block 0 of export `v`.
+fn serves(rt: &tokio::runtime::Runtime, addr: &str) -> bool {
+    rt.block_on(async {
+        match NbdConn::connect(addr, "v").await {
+            Ok(mut c) => c.read(0, 4096).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+}
+
+/// Two nodes and a witness, both nodes exporting the volume: the writer
+/// writes through the node it is connected to, that node is killed at a
+/// random moment, the writer continues on the other node; verified on the
+/// survivor, then on the restarted victim too. The victim alternates.
+#[test]
+fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
+    let seed = seed("two_nodes");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rt = runtime();
+    let mut nodes = two_nodes_and_a_witness();
+    make_volume(&nodes[0]);
+    let addrs: Vec<String> = nodes[..2].iter().map(nbd_addr).collect();
+    wait_until(30, "both nodes to serve the volume", || {
+        addrs.iter().all(|a| serves(&rt, a))
+    });
+    let mut cfg = WriterConfig::new(addrs.clone(), "v", REGION_BLOCKS, seed);
+    cfg.reconnect_timeout = Duration::from_secs(60);
+    let mut w = Writer::new(cfg);
+    let progress = w.progress();
+    let started = Instant::now();
+    for it in 0..iterations() {
+        let t0 = Instant::now();
+        let stop = Stop::new();
+        let delay = Duration::from_millis(rng.gen_range(0..1500));
+        let (report, victim) = std::thread::scope(|s| {
+            let _stop_on_panic = stop.guard();
+            let writer = s.spawn(|| rt.block_on(w.run(Until::stopped(&stop))));
+            let a0 = progress.acked();
+            wait_until(30, "the writer's first writes", || {
+                progress.acked() > a0 + 50
+            });
+            std::thread::sleep(delay);
+            // The node the writer is connected to now.
+            let mut victim = None;
+            wait_until(30, "the writer to be connected", || {
+                victim = progress.current();
+                victim.is_some()
+            });
+            let victim = victim.unwrap();
+            let (acked, conns) = (progress.acked(), progress.connections());
+            nodes[victim].kill9();
+            let killed = Instant::now();
+            // On past the survivor's lease and a new boss's election.
+            wait_until(60, "the writer to write on the survivor", || {
+                progress.connections() > conns
+                    && progress.current() == Some(1 - victim)
+                    && progress.acked() >= acked + WRITES_AFTER_FAILOVER
+                    && killed.elapsed() >= KEEP_WRITING_AFTER_KILL
+            });
+            stop.stop();
+            (writer.join().expect("writer thread"), victim)
+        });
+        let report = report.unwrap_or_else(|e| panic!("iteration {it}: {e}"));
+        let survivor = 1 - victim;
+        eprintln!(
+            "iteration {it}: killed {} after {delay:?}; {} acked, {} unacknowledged at breaks, \
+             max stall {:?}, {:.1} s; breaks: {:?}",
+            nodes[victim].node_name,
+            report.acked_writes,
+            report.unacked_writes,
+            report.max_stall,
+            t0.elapsed().as_secs_f64(),
+            report.breaks
+        );
+        verify_or_panic(
+            &rt,
+            &mut w,
+            &addrs[survivor],
+            &format!("iteration {it} (survivor)"),
+        );
+        nodes[victim].spawn();
+        wait_until(30, "the restarted node to serve the volume", || {
+            serves(&rt, &addrs[victim])
+        });
+        verify_or_panic(
+            &rt,
+            &mut w,
+            &addrs[victim],
+            &format!("iteration {it} (restarted victim)"),
+        );
+    }
+    eprintln!(
+        "{} iterations, {} writes acknowledged, {:.1} s",
+        iterations(),
+        progress.acked(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 // ---------------------------------------------------------------------------
