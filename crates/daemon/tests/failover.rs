@@ -285,6 +285,166 @@ fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
 }
 
 // ---------------------------------------------------------------------------
+// fio: write phase killed, verify phase from the saved verify state
+// ---------------------------------------------------------------------------
+
+/// An fio run in a directory of its own (its verify state files go there),
+/// killed if the test ends first.
+struct Fio(std::process::Child);
+
+impl Fio {
+    fn start(dir: &std::path::Path, args: &[String]) -> Fio {
+        let out = std::fs::File::create(dir.join("fio.out")).expect("fio.out");
+        let child = std::process::Command::new("fio")
+            .current_dir(dir)
+            .args(args)
+            .stdout(out.try_clone().expect("fio.out"))
+            .stderr(out)
+            .spawn()
+            .expect("start fio");
+        Fio(child)
+    }
+
+    /// Waits at most `secs` for fio to exit.
+    fn wait(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(st) = self.0.try_wait().expect("wait for fio") {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fio still running after {secs} s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Fio {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Values of `key:` lines of `fio-verify-state` for each state file in `dir`.
+fn fio_state_numbers(dir: &std::path::Path, key: &str) -> Vec<u64> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with("-verify.state"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            let out = run("fio-verify-state", &[f.to_str().unwrap()]);
+            out.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {}:\n{out}", f.display()))
+        })
+        .collect()
+}
+
+/// fio as the kill test's client: its nbd engine writes with
+/// `verify=crc32c` until the daemon is killed (`kill -9`) at a random
+/// moment; the job ends there (the engine does not reconnect) and saves its
+/// verify state; after a restart `verify_only=1 verify_state_load=1` checks
+/// the writes the state covers. Four jobs at queue depth 1 each, on
+/// disjoint quarters: fio 3.33's saved state is exact only at depth 1
+/// (docs/failure-model.md, "fio").
+#[test]
+fn fio_verify_after_kill() {
+    require("fio");
+    require("fio-verify-state");
+    let seed = seed("fio_verify_after_kill");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut d = Daemon::start();
+    d.pool_of_four(128, "1MiB");
+    d.ok(&[
+        "volume",
+        "create",
+        "--name",
+        "v",
+        "--pool",
+        "p0",
+        "--size",
+        "256MiB",
+        "--striped",
+    ]);
+    let dir = tempfile::tempdir_in("/var/tmp").expect("fio dir");
+    let uri = format!("--uri={}", d.uri("v"));
+    let job = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--name=w",
+            "--ioengine=nbd",
+            &uri,
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=1",
+            "--numjobs=4",
+            "--size=64m",
+            "--offset_increment=64m",
+            "--verify=crc32c",
+            // Slow enough that a job is never done before the kill.
+            "--rate_iops=2000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let write = job(&["--do_verify=0", "--verify_state_save=1"]);
+    eprintln!("write phase: fio {}", write.join(" "));
+    let mut fio = Fio::start(dir.path(), &write);
+    let delay = Duration::from_millis(rng.gen_range(500..2500));
+    std::thread::sleep(delay);
+    d.kill9();
+    let t = Instant::now();
+    let st = fio.wait(60);
+    eprintln!("write phase ended {:?} after the kill", t.elapsed());
+    let out = std::fs::read_to_string(dir.path().join("fio.out")).unwrap();
+    assert!(
+        !st.success() && out.contains("Transport endpoint is not connected"),
+        "fio's write phase did not end with the kill ({st}):\n{out}"
+    );
+    let issued = fio_state_numbers(dir.path(), "Number IOs:");
+    assert_eq!(issued.len(), 4, "one verify state per job");
+    assert!(
+        issued.iter().all(|&n| n > 10),
+        "killed after {delay:?}, jobs issued {issued:?} writes"
+    );
+
+    d.spawn();
+    let verify = job(&["--verify_only=1", "--verify_state_load=1"]);
+    eprintln!("verify phase: fio {}", verify.join(" "));
+    let t = Instant::now();
+    let mut fio = Fio::start(dir.path(), &verify);
+    let st = fio.wait(120);
+    eprintln!("verify phase took {:?}", t.elapsed());
+    let out = std::fs::read_to_string(dir.path().join("fio.out")).unwrap();
+    assert!(
+        st.success() && !out.contains("verify:"),
+        "fio verify phase failed ({st}):\n{out}"
+    );
+    // Every write before the one that failed was verified.
+    let reads: u64 = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("issued rwts: total="))
+        .map(|l| l.split(',').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    let want: u64 = issued.iter().map(|n| n - 1).sum();
+    eprintln!("killed after {delay:?}: writes issued per job {issued:?}, {reads} verified");
+    assert!(
+        reads >= want,
+        "verified {reads} blocks, want {want}:\n{out}"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // The client and the verifier against a real daemon, no failure
 // ---------------------------------------------------------------------------
 
