@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod writer;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
