@@ -90,6 +90,7 @@ impl PrStore for ConfigPrStore {
                 node.submit(Command::SetReservations {
                     volume_id: disk,
                     state,
+                    expected_generation: None,
                 })
                 .map(|_| ())
                 .map_err(|e| e.to_string())

@@ -1523,6 +1523,7 @@ async fn reservations_from_configuration() {
             key: 7,
         }),
         aptpl: true,
+        config_generation: 0,
     };
     t.t.set_reservations(1, state);
     t.ready(&a, 0).await;
