@@ -30,6 +30,8 @@
 //! ScsiTarget::data_in_len(&self, cdb: &[u8]) -> u64          // CDB's transfer/allocation length
 //! ScsiTarget::set_report_physical_blocks(&self, on: bool)    // LBPPBE from block_size_preferred (default on)
 //! ScsiTarget::reservations(&self, disk: DiskId) -> Option<PrState>
+//! ScsiTarget::set_alua(&self, disk: DiskId, groups: AluaGroups) // ALUA picture from the configuration
+//! ScsiTarget::alua(&self, disk: DiskId) -> Option<AluaGroups>
 //! Sense::{to_fixed, to_descriptor, encode, decode} and constructors; ScsiOutcome::{good, check, ...}
 //! io_error_sense(&IoError, write: bool) -> Sense
 //! ```
@@ -71,6 +73,7 @@
 
 use std::sync::Arc;
 
+pub mod alua;
 pub mod cdb;
 pub mod pages;
 pub mod params;
@@ -81,6 +84,7 @@ mod target;
 #[cfg(test)]
 mod tests;
 
+pub use alua::{AluaAccess, AluaGroups, TargetPortGroup};
 pub use target::{io_error_sense, ScsiTarget, PR_OUT_ATTEMPTS_MAX};
 
 pub use sanvirt_buffer::{Buffer, BufferPool};

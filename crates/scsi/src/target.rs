@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use sanvirt_facility::{DiskInfo, IoError, IoFlags, IoRequest, PathState};
 
+use crate::alua::{self, AluaAccess, AluaGroups, TargetPortGroup};
 use crate::cdb::{self, op, Cdb, Rw, BLOCK_SHIFT, BLOCK_SIZE};
 use crate::pages::{self, LuDesc, ModeState};
 use crate::params;
@@ -64,11 +65,22 @@ impl NexusKey {
 /// pending for it (the one target-wide unit attention).
 type NexusEntry = (Arc<str>, bool);
 
+/// A logical unit's ALUA picture as the daemon set it, and the groups whose
+/// state an implicit transition changed (STATUS CODE 02h in REPORT TARGET
+/// PORT GROUPS).
+#[derive(Debug, Clone)]
+struct AluaState {
+    groups: AluaGroups,
+    altered: Vec<u16>,
+}
+
 /// What the configuration says about a disk, kept whether or not its
 /// logical unit exists yet (a logical unit starts from it).
 #[derive(Debug, Clone, Default)]
 struct DiskConfig {
     pr: PrState,
+    /// `None`: never set; the nexus's own group is active/optimized.
+    alua: Option<AluaState>,
 }
 
 impl DiskConfig {
@@ -102,6 +114,7 @@ struct LuState {
     copies: VecDeque<(NexusKey, u8, CopyResult)>,
     /// Nexuses PREEMPT AND ABORT preempted, with the abort epoch it set.
     aborted: VecDeque<(u64, NexusKey)>,
+    alua: Option<AluaState>,
     /// A PERSISTENT RESERVE OUT of this target is between computing a state
     /// and installing it: states from the configuration wait in
     /// `pr_pending` (the newest one), so that this target's own change,
@@ -143,6 +156,17 @@ impl LuState {
         let old = std::mem::replace(&mut self.pr, new);
         for (n, s) in pr::changed_elsewhere(&old, &self.pr) {
             self.queue_pr_ua(&n, s);
+        }
+    }
+
+    /// Access state of the logical unit through `nexus`'s target port group.
+    fn alua_access(&self, nexus: &Nexus) -> AluaAccess {
+        match &self.alua {
+            None => AluaAccess::ActiveOptimized,
+            Some(a) => a
+                .groups
+                .access(nexus.target_port_group)
+                .unwrap_or(AluaAccess::Unavailable),
         }
     }
 
@@ -210,6 +234,7 @@ impl Lu {
                 mode: ModeState::default(),
                 copies: VecDeque::new(),
                 aborted: VecDeque::new(),
+                alua: cfg.alua,
                 pr_busy: false,
                 pr_pending: None,
             }),
@@ -236,7 +261,7 @@ pub struct ScsiTarget<S: IoServer> {
     pr_store: Arc<dyn PrStore>,
     access: RwLock<AccessMap>,
     lus: RwLock<HashMap<DiskId, Arc<Lu>>>,
-    /// PR state per disk, kept for disks without a logical
+    /// PR state and ALUA picture per disk, kept for disks without a logical
     /// unit yet. Lock order: `lus`, then this, then a logical unit's state.
     disk_config: Mutex<HashMap<DiskId, DiskConfig>>,
     /// Target-wide unit attentions (REPORTED LUNS DATA HAS CHANGED) and the
@@ -534,6 +559,74 @@ impl<S: IoServer> ScsiTarget<S> {
         self.disk_config.lock().get(&disk).map(|c| c.pr.clone())
     }
 
+    /// The ALUA picture of a volume from the configuration: every target
+    /// port group that serves it (one per node of its I/O group, id = node
+    /// id) with its access state. Call it whenever the configuration or the
+    /// nodes' states change; until the first call a logical unit is
+    /// active/optimized through every port. When the access state of any
+    /// group changes (or the first picture arrives) every nexus of the
+    /// logical unit gets ASYMMETRIC ACCESS STATE CHANGED, and REPORT TARGET
+    /// PORT GROUPS shows the changed groups with status "altered by
+    /// implicit ALUA".
+    ///
+    /// Panics on more than `alua::ALUA_GROUPS_MAX` groups, more than
+    /// `alua::ALUA_GROUP_PORTS_MAX` ports in one, or a group listed twice.
+    pub fn set_alua(&self, disk: DiskId, groups: AluaGroups) {
+        groups.assert_valid();
+        let lus = self.lus.read();
+        let mut cfg = self.disk_config.lock();
+        let entry = cfg.entry(disk).or_default();
+        let lu = lus.get(&disk);
+        let mut st = lu.map(|lu| lu.state.lock());
+        let prev = match &st {
+            Some(st) => st.alua.as_ref(),
+            None => entry.alua.as_ref(),
+        };
+        // Groups whose access state differs from the previous picture's
+        // (absent counts as a state). The first picture counts as a change
+        // as a whole, whatever nexuses assumed before.
+        let changed: Vec<u16> = match prev {
+            None => Vec::new(),
+            Some(p) => p
+                .groups
+                .groups
+                .iter()
+                .map(|g| g.id)
+                .chain(groups.groups.iter().map(|g| g.id))
+                .filter(|&id| p.groups.access(id) != groups.access(id))
+                .collect(),
+        };
+        let altered: Vec<u16> = match prev {
+            None => Vec::new(),
+            Some(p) => groups
+                .groups
+                .iter()
+                .map(|g| g.id)
+                .filter(|id| p.altered.contains(id) || changed.contains(id))
+                .collect(),
+        };
+        let first = prev.is_none();
+        let next = AluaState { groups, altered };
+        entry.alua = Some(next.clone());
+        if let Some(st) = st.as_mut() {
+            st.alua = Some(next);
+            if first || !changed.is_empty() {
+                st.ua_all_but(None, Sense::ua_asymmetric_access_changed());
+            }
+        }
+    }
+
+    /// The ALUA picture set for a volume (`None` until `set_alua`).
+    pub fn alua(&self, disk: DiskId) -> Option<AluaGroups> {
+        if let Some(lu) = self.lus.read().get(&disk) {
+            return lu.state.lock().alua.as_ref().map(|a| a.groups.clone());
+        }
+        self.disk_config
+            .lock()
+            .get(&disk)
+            .and_then(|c| c.alua.as_ref().map(|a| a.groups.clone()))
+    }
+
     pub fn disk_event(&self, event: &FrontEndDiskEvent) {
         match event {
             FrontEndDiskEvent::Created { disk, info, .. } => {
@@ -668,12 +761,20 @@ impl<S: IoServer> ScsiTarget<S> {
         let Some(lu) = self.mapped(nexus, lun).and_then(|d| self.lu(d)) else {
             return Err(ScsiOutcome::check(Sense::lun_not_supported()));
         };
-        // Bound the Data-Out a transport will solicit: the same range and
-        // length checks `execute` makes, in the same order.
-        let checked = c.check_param_len().and_then(|()| match c.block_range() {
-            Some((lba, blocks)) => Self::check_blocks(&c, lba, blocks, lu.desc().blocks()),
-            None => Ok(()),
-        });
+        // Bound the Data-Out a transport will solicit: the same access,
+        // range and length checks `execute` makes, in the same order.
+        let access = lu.state.lock().alua_access(nexus);
+        let checked = match access.sense() {
+            Some(s) if !alua::permitted(&c, access) => Err(s),
+            _ => Ok(()),
+        };
+        let checked =
+            checked
+                .and_then(|()| c.check_param_len())
+                .and_then(|()| match c.block_range() {
+                    Some((lba, blocks)) => Self::check_blocks(&c, lba, blocks, lu.desc().blocks()),
+                    None => Ok(()),
+                });
         if let Err(s) = checked {
             // The command ends here; a pending unit attention is what it
             // reports then (SAM-5 5.14), as `execute` would.
@@ -792,9 +893,15 @@ impl<S: IoServer> ScsiTarget<S> {
             Err(s) => return ScsiOutcome::check(s),
         };
 
-        // Reservations.
+        // Asymmetric access through this port, then reservations.
         {
             let st = lu.state.lock();
+            let access = st.alua_access(&nexus);
+            if let Some(s) = access.sense() {
+                if !alua::permitted(&c, access) {
+                    return ScsiOutcome::check(s);
+                }
+            }
             if let Some(h) = &st.spc2 {
                 if h != &k && !spc2_allowed(&c) {
                     return ScsiOutcome::reservation_conflict();
@@ -1053,8 +1160,11 @@ impl<S: IoServer> ScsiTarget<S> {
                 self.sync_data(r, alloc_len, data_in_len)
             }
             Cdb::RequestSense { desc: d, alloc_len } => {
+                // A pending unit attention, else the port's asymmetric access
+                // state if it keeps the unit from serving (SPC-4 5.15.2.4).
                 let s = self
                     .take_ua(lu, nexus, k)
+                    .or_else(|| lu.state.lock().alua_access(nexus).sense())
                     .unwrap_or(Sense::new(key::NO_SENSE, 0, 0));
                 self.data_in(&s.encode(d), alloc_len.min(data_in_len))
             }
@@ -1325,8 +1435,34 @@ impl<S: IoServer> ScsiTarget<S> {
                 }
                 self.data_in(&pages::report_tmf(repd), alloc_len.min(data_in_len))
             }
-            Cdb::ReportTpg { alloc_len } => {
-                self.data_in(&pages::report_tpg(nexus), alloc_len.min(data_in_len))
+            Cdb::ReportTpg {
+                alloc_len,
+                extended,
+            } => {
+                let d = {
+                    let st = lu.state.lock();
+                    match &st.alua {
+                        None => alua::report(&AluaGroups::single(nexus), &[], extended),
+                        Some(a) if a.groups.access(nexus.target_port_group).is_some() => {
+                            alua::report(&a.groups, &a.altered, extended)
+                        }
+                        Some(a) => {
+                            // The port the command came through serves the
+                            // unit in no group of the picture: report its
+                            // group too, unavailable, so the initiator finds
+                            // the group VPD 83h named.
+                            let mut g = a.groups.clone();
+                            g.groups.push(TargetPortGroup {
+                                id: nexus.target_port_group,
+                                access: AluaAccess::Unavailable,
+                                preferred: false,
+                                ports: vec![nexus.relative_target_port],
+                            });
+                            alua::report(&g, &a.altered, extended)
+                        }
+                    }
+                };
+                self.data_in(&d, alloc_len.min(data_in_len))
             }
             Cdb::PrIn { sa, alloc_len } => {
                 let d = pr::pr_in(&lu.state.lock().pr, sa);

@@ -16,6 +16,7 @@ const DISK_BYTES: u64 = 4 << 20;
 const BLOCKS: u64 = DISK_BYTES / BLOCK_SIZE as u64;
 const INIT: &str = "iqn.2024-01.org.test:host1";
 
+mod alua;
 mod cluster_pr;
 
 /// An in-memory PR store that behaves like the replicated configuration:
