@@ -73,9 +73,12 @@ impl ApiError {
 pub fn status_of(kind: &str) -> StatusCode {
     match kind {
         "not_found" => StatusCode::NOT_FOUND,
-        "already_exists" | "in_use" | "insufficient_capacity" | "not_in_cluster" => {
-            StatusCode::CONFLICT
-        }
+        "already_exists"
+        | "in_use"
+        | "insufficient_capacity"
+        | "not_in_cluster"
+        | "reservations_changed"
+        | "stale_cache_epoch" => StatusCode::CONFLICT,
         "invalid_name" | "invalid_argument" => StatusCode::BAD_REQUEST,
         "store_failed" | "no_quorum" | "cluster_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -209,6 +212,24 @@ mod tests {
                 "cluster_unavailable",
             ),
             (ConfigError::NotInCluster, 409, "not_in_cluster"),
+            (
+                ConfigError::ReservationsChanged {
+                    volume: s("v"),
+                    expected: 1,
+                    current: 2,
+                },
+                409,
+                "reservations_changed",
+            ),
+            (
+                ConfigError::StaleCacheEpoch {
+                    io_group: s("io_grp0"),
+                    epoch: 1,
+                    current: 2,
+                },
+                409,
+                "stale_cache_epoch",
+            ),
         ];
         for (e, code, kind) in cases {
             let a = ApiError::from(e);

@@ -1058,6 +1058,7 @@ fn command_schema_mirror_serializes_like_the_command() {
         Command::SetReservations {
             volume_id: 1,
             state: Default::default(),
+            expected_generation: None,
         },
         Command::CreateCluster {
             name: s("c"),

@@ -444,11 +444,19 @@ pub enum Command {
         portal: Option<IscsiPortal>,
     },
     /// Replaces a volume's persistent-reservation state, computed by the
-    /// SCSI layer (it must be well formed: `PrState::validate`).
+    /// SCSI layer (it must be well formed: `PrState::validate`). With
+    /// `expected_generation`, only if the stored state's `config_generation`
+    /// is that value (else `ReservationsChanged`): the SCSI layers of the
+    /// nodes serving the volume change it concurrently. `None` (commands
+    /// journalled before the field existed) replaces it unconditionally.
+    /// Either way the stored `config_generation` becomes the old one plus
+    /// one.
     SetReservations {
         #[cfg_attr(feature = "openapi", schema(value_type = u64))]
         volume_id: ObjectId,
         state: PrState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expected_generation: Option<u64>,
     },
     /// Makes this configuration a cluster of one node, `node`, which gets id
     /// 1, I/O group 0 and is online. Only while there is no cluster.
@@ -653,6 +661,18 @@ pub enum ConfigError {
     StaleCacheEpoch {
         io_group: String,
         epoch: u64,
+        current: u64,
+    },
+    /// `SetReservations` was computed from an older state of the volume's
+    /// reservations than the one stored (another node changed them
+    /// meanwhile): compute it again from the current state.
+    #[error(
+        "the persistent reservations of volume '{volume}' changed meanwhile (generation \
+         {current}, expected {expected}); compute the change again from the current state"
+    )]
+    ReservationsChanged {
+        volume: String,
+        expected: u64,
         current: u64,
     },
 }

@@ -4,6 +4,13 @@
 //! so they survive a restart and (with the cluster) are the same on every
 //! node. The SCSI layer computes the new state; the state machine only checks
 //! that it is well formed and stores it.
+//!
+//! Several nodes serve one volume, so two of them may compute a new state
+//! from the same old one at the same time. `SetReservations` is therefore a
+//! compare-and-set on [`PrState::config_generation`], which only
+//! `State::apply` advances: a node whose base state is out of date is
+//! refused (`ConfigError::ReservationsChanged`), adopts the newer state and
+//! computes its command again.
 
 use serde::{Deserialize, Serialize};
 
@@ -49,6 +56,19 @@ pub struct PrState {
     /// for REPORT CAPABILITIES; the state is persisted either way.
     #[serde(default)]
     pub aptpl: bool,
+    /// How many times the configuration replaced this state: `State::apply`
+    /// sets it to the stored value plus one on every `SetReservations`,
+    /// whatever the command carries. The compare-and-set token of
+    /// `SetReservations`, and what tells a node whether a state it is handed
+    /// is newer than the one it holds. Not PRGENERATION, which RESERVE and
+    /// RELEASE leave alone. Left out while 0, so states from before it load
+    /// and re-serialize unchanged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub config_generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Most registrations one volume may hold (bounds the state).

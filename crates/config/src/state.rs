@@ -1215,12 +1215,26 @@ impl State {
                 }
                 Ok(Prepared::SetIscsiPortal)
             }
-            Command::SetReservations { volume_id, state } => {
+            Command::SetReservations {
+                volume_id,
+                state,
+                expected_generation,
+            } => {
                 let v = self
                     .volumes
                     .values()
                     .find(|v| v.id == *volume_id)
                     .ok_or_else(|| not_found("volume id", &volume_id.to_string()))?;
+                let current = v.reservations.config_generation;
+                if let Some(expected) = *expected_generation {
+                    if expected != current {
+                        return Err(ConfigError::ReservationsChanged {
+                            volume: v.name.clone(),
+                            expected,
+                            current,
+                        });
+                    }
+                }
                 state.validate().map_err(|e| invalid("state", e))?;
                 Ok(Prepared::SetReservations {
                     volume: v.name.clone(),
@@ -1703,10 +1717,16 @@ impl State {
                 Outcome::Done
             }
             (Command::SetReservations { state, .. }, Prepared::SetReservations { volume }) => {
-                self.volumes
+                let stored = &mut self
+                    .volumes
                     .get_mut(&volume)
                     .expect("prepared")
-                    .reservations = state.clone();
+                    .reservations;
+                let config_generation = stored.config_generation.wrapping_add(1);
+                *stored = PrState {
+                    config_generation,
+                    ..state.clone()
+                };
                 Outcome::Done
             }
             (

@@ -10,10 +10,10 @@ use std::sync::{Arc, Weak};
 use arc_swap::ArcSwap;
 use sanvirt_admin::AdminService;
 use sanvirt_config::reservations::PrState;
-use sanvirt_config::{Command, State};
+use sanvirt_config::{Command, ConfigError, State};
 use sanvirt_facility::DiskId;
 use sanvirt_iscsi::config::{Authenticator, ChapConfig, Secret};
-use sanvirt_scsi::{AccessMap, PrStore};
+use sanvirt_scsi::{AccessMap, PrPersistError, PrStore};
 
 use crate::node::Node;
 
@@ -71,8 +71,13 @@ impl Authenticator for ConfigAuth {
 }
 
 /// Persistent reservations go through the configuration like every other
-/// change: `SetReservations`, journalled (fdatasync) before PERSISTENT
-/// RESERVE OUT completes.
+/// change: `SetReservations`, committed (and applied on this node) before
+/// PERSISTENT RESERVE OUT completes. Both nodes of an I/O group serve the
+/// volume, so the command is a compare-and-set on the state's
+/// `config_generation`; when the other node changed it first, the refusal
+/// comes back with the state this node has applied since (at least the one
+/// that won: `submit` returns only after this node applied the refused
+/// entry's position in the log).
 pub struct ConfigPrStore {
     pub node: Weak<Node>,
 }
@@ -81,21 +86,36 @@ impl PrStore for ConfigPrStore {
     fn persist(
         &self,
         disk: DiskId,
+        expected_generation: u64,
         state: PrState,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PrPersistError>> + Send + '_>>
+    {
         let node = self.node.clone();
         Box::pin(async move {
-            let node = node.upgrade().ok_or("node is shutting down")?;
+            let node = node
+                .upgrade()
+                .ok_or_else(|| PrPersistError::Failed("node is shutting down".into()))?;
             tokio::task::spawn_blocking(move || {
-                node.submit(Command::SetReservations {
+                let cmd = Command::SetReservations {
                     volume_id: disk,
                     state,
-                })
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+                    expected_generation: Some(expected_generation),
+                };
+                match node.submit(cmd) {
+                    Ok(_) => Ok(()),
+                    Err(ConfigError::ReservationsChanged { .. }) => {
+                        let state = node.state();
+                        let latest = state.volumes.values().find(|v| v.id == disk);
+                        Err(match latest {
+                            Some(v) => PrPersistError::Conflict(v.reservations.clone()),
+                            None => PrPersistError::Failed(format!("volume {disk} was deleted")),
+                        })
+                    }
+                    Err(e) => Err(PrPersistError::Failed(e.to_string())),
+                }
             })
             .await
-            .map_err(|e| format!("persisting panicked: {e}"))?
+            .map_err(|e| PrPersistError::Failed(format!("persisting panicked: {e}")))?
         })
     }
 }

@@ -133,6 +133,8 @@ pub enum Cdb {
     },
     ReportTpg {
         alloc_len: u32,
+        /// PARAMETER DATA FORMAT 001b: extended header.
+        extended: bool,
     },
     PrIn {
         sa: u8,
@@ -492,6 +494,11 @@ pub fn parse(cdb: &[u8]) -> Result<Cdb, Sense> {
         MAINTENANCE_IN => match c[1] & 0x1F {
             MI_REPORT_TPG => Cdb::ReportTpg {
                 alloc_len: be32(&c[6..10]),
+                extended: match c[1] >> 5 {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(Sense::invalid_cdb(1, Some(7))),
+                },
             },
             MI_REPORT_OPCODES => {
                 let options = c[2] & 0x07;
@@ -653,7 +660,7 @@ impl Cdb {
             | Cdb::GetLbaStatus { alloc_len, .. }
             | Cdb::ReportOpcodes { alloc_len, .. }
             | Cdb::ReportTmf { alloc_len, .. }
-            | Cdb::ReportTpg { alloc_len }
+            | Cdb::ReportTpg { alloc_len, .. }
             | Cdb::PrIn { alloc_len, .. }
             | Cdb::ReceiveCopyResults { alloc_len, .. }
             | Cdb::ReadDefectData { alloc_len, .. } => alloc_len as u64,
@@ -974,7 +981,7 @@ pub const SUPPORTED: &[OpInfo] = &[
     OpInfo {
         opcode: op::MAINTENANCE_IN,
         sa: Some(op::MI_REPORT_TPG),
-        usage: &[0xA3, 0x0A, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07],
+        usage: &[0xA3, 0xEA, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0x07],
     },
     OpInfo {
         opcode: op::MAINTENANCE_IN,

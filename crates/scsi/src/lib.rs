@@ -15,7 +15,7 @@
 //! ScsiTarget::execute(&self, task: ScsiTask) -> impl Future<Output = ScsiOutcome> + Send
 //! ScsiTarget::data_out_len(&self, nexus: &Nexus, lun: u64, cdb: &[u8]) -> Result<u32, ScsiOutcome>
 //! ScsiTarget::set_access(&self, access: AccessMap)            // hosts and LUN maps from the configuration
-//! ScsiTarget::set_reservations(&self, disk: DiskId, state: PrState) // PR state from the configuration
+//! ScsiTarget::set_reservations(&self, disk: DiskId, state: PrState) // PR state from the configuration (after every change, from any node)
 //! ScsiTarget::disk_event(&self, event: &FrontEndDiskEvent)    // created / deleted / resized volumes
 //! ScsiTarget::disk_path_event(&self, event: &DiskPathEvent)
 //! ScsiTarget::task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse // LUN/target reset side effects
@@ -30,6 +30,8 @@
 //! ScsiTarget::data_in_len(&self, cdb: &[u8]) -> u64          // CDB's transfer/allocation length
 //! ScsiTarget::set_report_physical_blocks(&self, on: bool)    // LBPPBE from block_size_preferred (default on)
 //! ScsiTarget::reservations(&self, disk: DiskId) -> Option<PrState>
+//! ScsiTarget::set_alua(&self, disk: DiskId, groups: AluaGroups) // ALUA picture from the configuration
+//! ScsiTarget::alua(&self, disk: DiskId) -> Option<AluaGroups>
 //! Sense::{to_fixed, to_descriptor, encode, decode} and constructors; ScsiOutcome::{good, check, ...}
 //! io_error_sense(&IoError, write: bool) -> Sense
 //! ```
@@ -71,6 +73,7 @@
 
 use std::sync::Arc;
 
+pub mod alua;
 pub mod cdb;
 pub mod pages;
 pub mod params;
@@ -81,7 +84,8 @@ mod target;
 #[cfg(test)]
 mod tests;
 
-pub use target::{io_error_sense, ScsiTarget};
+pub use alua::{AluaAccess, AluaGroups, TargetPortGroup};
+pub use target::{io_error_sense, ScsiTarget, PR_OUT_ATTEMPTS_MAX};
 
 pub use sanvirt_buffer::{Buffer, BufferPool};
 pub use sanvirt_config::reservations::{PrNexus, PrRegistration, PrReservation, PrState};
@@ -229,9 +233,30 @@ pub struct AccessMap {
 /// daemon submits `Command::SetReservations`). A PERSISTENT RESERVE OUT
 /// completes only after `persist` returns Ok.
 pub trait PrStore: Send + Sync + 'static {
+    /// Replaces the volume's state with `state` if the configuration still
+    /// holds the state of `config_generation` `expected_generation`
+    /// (compare-and-set; the configuration then stores `state` with
+    /// generation `expected_generation + 1`, which `state` already
+    /// carries). Resolves once the change is durable and applied on this
+    /// node.
     fn persist(
         &self,
         disk: DiskId,
+        expected_generation: u64,
         state: PrState,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PrPersistError>> + Send + '_>>;
+}
+
+/// Why [`PrStore::persist`] did not store a state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrPersistError {
+    /// Another node changed the volume's reservations first; this is the
+    /// configuration's state now (at least as new as the one that won). The
+    /// target adopts it and executes the command again.
+    #[error("reservations changed meanwhile (now generation {})", .0.config_generation)]
+    Conflict(PrState),
+    /// The configuration refused or could not record the change; nothing
+    /// changed.
+    #[error("{0}")]
+    Failed(String),
 }

@@ -1,6 +1,6 @@
 //! Synthetic response data: standard INQUIRY, VPD pages, READ CAPACITY,
-//! mode pages, REPORT SUPPORTED OPERATION CODES / TMF, REPORT TARGET PORT
-//! GROUPS, RECEIVE COPY RESULTS. Pure functions of the logical unit's
+//! mode pages, REPORT SUPPORTED OPERATION CODES / TMF, RECEIVE COPY
+//! RESULTS (REPORT TARGET PORT GROUPS is in `alua`). Pure functions of the logical unit's
 //! description, so they are tested without a target.
 
 use crate::cdb::{
@@ -492,25 +492,6 @@ pub fn report_tmf(repd: bool) -> Vec<u8> {
         d.resize(16, 0);
         d[3] = 0x0C;
     }
-    d
-}
-
-/// REPORT TARGET PORT GROUPS data (SPC-4 6.37): one group per node, the
-/// nexus's group active/optimized with its port.
-pub fn report_tpg(nexus: &Nexus) -> Vec<u8> {
-    let mut d = vec![0u8; 4];
-    // Descriptor: PREF, state active/optimized; supported states: T_SUP,
-    // O_SUP, U_SUP, S_SUP, AN_SUP, AO_SUP.
-    d.extend_from_slice(&[0x80, 0x80 | 0x0F | 0x10 | 0x20]);
-    d.extend_from_slice(&nexus.target_port_group.to_be_bytes());
-    d.push(0);
-    d.push(0x00); // status code: no status available
-    d.push(0); // vendor specific
-    d.push(1); // target port count
-    d.extend_from_slice(&[0, 0]);
-    d.extend_from_slice(&nexus.relative_target_port.to_be_bytes());
-    let n = (d.len() - 4) as u32;
-    d[0..4].copy_from_slice(&n.to_be_bytes());
     d
 }
 

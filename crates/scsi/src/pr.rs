@@ -408,6 +408,54 @@ pub fn pr_out(
     })
 }
 
+/// Unit attentions a change from `old` to `new` made by another node
+/// implies, as far as the difference shows (the originating command is not
+/// known here; it came through another node's port, so no nexus of this
+/// one sent it):
+///
+/// * a registration gone: REGISTRATIONS PREEMPTED (PREEMPT, PREEMPT AND
+///   ABORT), or RESERVATIONS PREEMPTED if nothing is left (CLEAR);
+/// * a registrants-only or all-registrants reservation gone (RELEASE, its
+///   holder unregistering), or any reservation's type changed (PREEMPT):
+///   RESERVATIONS RELEASED to the registrants that remain.
+///
+/// What the difference cannot show is not reported: whether a preemption
+/// was PREEMPT AND ABORT (the nexus's running tasks are not aborted here;
+/// its next commands conflict).
+pub fn changed_elsewhere(old: &PrState, new: &PrState) -> Vec<(PrNexus, Sense)> {
+    let mut ua = Vec::new();
+    let cleared = new.registrations.is_empty() && new.reservation.is_none();
+    for r in &old.registrations {
+        if registration(new, &r.nexus).is_none() {
+            let s = if cleared {
+                Sense::ua_reservations_preempted()
+            } else {
+                Sense::ua_registrations_preempted()
+            };
+            ua.push((r.nexus.clone(), s));
+        }
+    }
+    let released = match (&old.reservation, &new.reservation) {
+        (Some(o), None) => matches!(
+            o.pr_type,
+            ty::WE_REGISTRANTS_ONLY
+                | ty::EA_REGISTRANTS_ONLY
+                | ty::WE_ALL_REGISTRANTS
+                | ty::EA_ALL_REGISTRANTS
+        ),
+        (Some(o), Some(n)) => o.pr_type != n.pr_type,
+        _ => false,
+    };
+    if released {
+        for r in &new.registrations {
+            if registration(old, &r.nexus).is_some() {
+                ua.push((r.nexus.clone(), Sense::ua_reservations_released()));
+            }
+        }
+    }
+    ua
+}
+
 /// PERSISTENT RESERVE IN data (before truncation to the allocation length).
 pub fn pr_in(s: &PrState, service_action: u8) -> Vec<u8> {
     let mut d = Vec::new();

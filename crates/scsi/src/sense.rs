@@ -130,6 +130,10 @@ impl Sense {
     pub const fn ua_registrations_preempted() -> Sense {
         Sense::new(key::UNIT_ATTENTION, 0x2A, 0x05)
     }
+    /// UNIT ATTENTION, ASYMMETRIC ACCESS STATE CHANGED (2A/06).
+    pub const fn ua_asymmetric_access_changed() -> Sense {
+        Sense::new(key::UNIT_ATTENTION, 0x2A, 0x06)
+    }
     /// UNIT ATTENTION, CAPACITY DATA HAS CHANGED (2A/09).
     pub const fn ua_capacity_changed() -> Sense {
         Sense::new(key::UNIT_ATTENTION, 0x2A, 0x09)
@@ -150,6 +154,15 @@ impl Sense {
     /// NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN UNAVAILABLE STATE (04/0C).
     pub const fn not_ready_unavailable() -> Sense {
         Sense::new(key::NOT_READY, 0x04, 0x0C)
+    }
+    /// NOT READY, LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE
+    /// TRANSITION (04/0A).
+    pub const fn not_ready_transitioning() -> Sense {
+        Sense::new(key::NOT_READY, 0x04, 0x0A)
+    }
+    /// NOT READY, LOGICAL UNIT NOT ACCESSIBLE, TARGET PORT IN STANDBY STATE (04/0B).
+    pub const fn not_ready_standby() -> Sense {
+        Sense::new(key::NOT_READY, 0x04, 0x0B)
     }
 
     /// Whether the sense key is UNIT ATTENTION.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use sanvirt_facility::{DiskInfo, IoError, IoFlags, IoRequest, PathState};
 
+use crate::alua::{self, AluaAccess, AluaGroups, TargetPortGroup};
 use crate::cdb::{self, op, Cdb, Rw, BLOCK_SHIFT, BLOCK_SIZE};
 use crate::pages::{self, LuDesc, ModeState};
 use crate::params;
@@ -16,8 +17,8 @@ use crate::rangelock::RangeLock;
 use crate::sense::key;
 use crate::{
     status, AccessMap, Buffer, BufferPool, DiskId, DiskPathEvent, FrontEndDiskEvent, IoServer,
-    Nexus, PrNexus, PrState, PrStore, ScsiOutcome, ScsiTask, Sense, TargetIdentity, Tmf,
-    TmfResponse,
+    Nexus, PrNexus, PrPersistError, PrState, PrStore, ScsiOutcome, ScsiTask, Sense, TargetIdentity,
+    Tmf, TmfResponse,
 };
 
 /// Unit attentions queued per I_T nexus and logical unit; older ones are
@@ -28,6 +29,10 @@ pub const COPY_RESULTS_MAX: usize = 64;
 /// PREEMPT AND ABORT records kept per logical unit (tasks older than the
 /// oldest record that are still running are not reported aborted).
 pub const ABORTED_MAX: usize = 64;
+/// Times a PERSISTENT RESERVE OUT is computed again after another node
+/// changed the reservations first; then it completes with BUSY (the
+/// initiator retries).
+pub const PR_OUT_ATTEMPTS_MAX: usize = 8;
 /// Chunk in which WRITE SAME and EXTENDED COPY move data.
 pub const CHUNK_BYTES: usize = 1 << 20;
 const _: () = assert!(CHUNK_BYTES as u64 <= sanvirt_facility::REQUEST_BYTES_MAX);
@@ -60,6 +65,34 @@ impl NexusKey {
 /// pending for it (the one target-wide unit attention).
 type NexusEntry = (Arc<str>, bool);
 
+/// A logical unit's ALUA picture as the daemon set it, and the groups whose
+/// state an implicit transition changed (STATUS CODE 02h in REPORT TARGET
+/// PORT GROUPS).
+#[derive(Debug, Clone)]
+struct AluaState {
+    groups: AluaGroups,
+    altered: Vec<u16>,
+}
+
+/// What the configuration says about a disk, kept whether or not its
+/// logical unit exists yet (a logical unit starts from it).
+#[derive(Debug, Clone, Default)]
+struct DiskConfig {
+    pr: PrState,
+    /// `None`: never set; the nexus's own group is active/optimized.
+    alua: Option<AluaState>,
+}
+
+impl DiskConfig {
+    /// Keeps the newer of the held and the given PR state (see
+    /// `LuState::adopt_pr`).
+    fn note_pr(&mut self, state: &PrState) {
+        if state.config_generation >= self.pr.config_generation {
+            self.pr = state.clone();
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct CopyResult {
     ok: bool,
@@ -81,6 +114,14 @@ struct LuState {
     copies: VecDeque<(NexusKey, u8, CopyResult)>,
     /// Nexuses PREEMPT AND ABORT preempted, with the abort epoch it set.
     aborted: VecDeque<(u64, NexusKey)>,
+    alua: Option<AluaState>,
+    /// A PERSISTENT RESERVE OUT of this target is between computing a state
+    /// and installing it: states from the configuration wait in
+    /// `pr_pending` (the newest one), so that this target's own change,
+    /// delivered by the configuration before the command installs it, is
+    /// not taken for another node's (whose unit attentions differ).
+    pr_busy: bool,
+    pr_pending: Option<PrState>,
 }
 
 impl LuState {
@@ -93,6 +134,40 @@ impl LuState {
             q.pop_front();
         }
         q.push_back(s);
+    }
+
+    /// A unit attention caused by a reservation change, for `n` if it is a
+    /// nexus through a port of this target (one this target has seen a
+    /// nexus on): the other nodes tell their own.
+    fn queue_pr_ua(&mut self, n: &PrNexus, s: Sense) {
+        if self.seen.iter().any(|k| k.rtp == n.relative_target_port) {
+            self.queue_ua(&NexusKey::from_pr(n), s);
+        }
+    }
+
+    /// Installs `new`, the configuration's state, unless it is older than
+    /// the one held (`config_generation`) or the same; establishes the unit
+    /// attentions the change implies for this target's nexuses
+    /// (`pr::changed_elsewhere`).
+    fn adopt_pr(&mut self, new: PrState) {
+        if new.config_generation < self.pr.config_generation || new == self.pr {
+            return;
+        }
+        let old = std::mem::replace(&mut self.pr, new);
+        for (n, s) in pr::changed_elsewhere(&old, &self.pr) {
+            self.queue_pr_ua(&n, s);
+        }
+    }
+
+    /// Access state of the logical unit through `nexus`'s target port group.
+    fn alua_access(&self, nexus: &Nexus) -> AluaAccess {
+        match &self.alua {
+            None => AluaAccess::ActiveOptimized,
+            Some(a) => a
+                .groups
+                .access(nexus.target_port_group)
+                .unwrap_or(AluaAccess::Unavailable),
+        }
     }
 
     fn ua_all_but(&mut self, except: Option<&NexusKey>, s: Sense) {
@@ -120,8 +195,31 @@ pub(crate) struct Lu {
     abort_epoch: std::sync::atomic::AtomicU64,
 }
 
+/// Marks a PERSISTENT RESERVE OUT of this target in progress on a logical
+/// unit (see `LuState::pr_busy`); when it ends, however it ends, the newest
+/// state the configuration delivered meanwhile is adopted.
+struct PrOutBusy<'a>(&'a Lu);
+
+impl<'a> PrOutBusy<'a> {
+    fn new(lu: &'a Lu) -> PrOutBusy<'a> {
+        lu.state.lock().pr_busy = true;
+        PrOutBusy(lu)
+    }
+}
+
+impl Drop for PrOutBusy<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock();
+        st.pr_busy = false;
+        if let Some(p) = st.pr_pending.take() {
+            st.adopt_pr(p);
+        }
+    }
+}
+
 impl Lu {
-    fn new(disk: DiskId, info: DiskInfo, pr: PrState) -> Lu {
+    fn new(disk: DiskId, info: DiskInfo, cfg: Option<&DiskConfig>) -> Lu {
+        let cfg = cfg.cloned().unwrap_or_default();
         Lu {
             disk,
             state: Mutex::new(LuState {
@@ -131,11 +229,14 @@ impl Lu {
                 ua: HashMap::new(),
                 seen: HashSet::new(),
                 spc2: None,
-                pr,
+                pr: cfg.pr,
                 prevent: HashSet::new(),
                 mode: ModeState::default(),
                 copies: VecDeque::new(),
                 aborted: VecDeque::new(),
+                alua: cfg.alua,
+                pr_busy: false,
+                pr_pending: None,
             }),
             pr_out: tokio::sync::Mutex::new(()),
             ranges: RangeLock::default(),
@@ -160,8 +261,9 @@ pub struct ScsiTarget<S: IoServer> {
     pr_store: Arc<dyn PrStore>,
     access: RwLock<AccessMap>,
     lus: RwLock<HashMap<DiskId, Arc<Lu>>>,
-    /// PR state per disk, kept for disks without a logical unit yet.
-    pr_config: Mutex<HashMap<DiskId, PrState>>,
+    /// PR state and ALUA picture per disk, kept for disks without a logical
+    /// unit yet. Lock order: `lus`, then this, then a logical unit's state.
+    disk_config: Mutex<HashMap<DiskId, DiskConfig>>,
     /// Target-wide unit attentions (REPORTED LUNS DATA HAS CHANGED) and the
     /// initiator name of each nexus seen.
     nexuses: Mutex<HashMap<NexusKey, NexusEntry>>,
@@ -383,7 +485,7 @@ impl<S: IoServer> ScsiTarget<S> {
             pr_store,
             access: RwLock::new(AccessMap::default()),
             lus: RwLock::new(HashMap::new()),
-            pr_config: Mutex::new(HashMap::new()),
+            disk_config: Mutex::new(HashMap::new()),
             nexuses: Mutex::new(HashMap::new()),
             luns_changed_pending: std::sync::atomic::AtomicUsize::new(0),
             report_physical: std::sync::atomic::AtomicBool::new(true),
@@ -421,12 +523,31 @@ impl<S: IoServer> ScsiTarget<S> {
         }
     }
 
-    /// PR state of a volume from the configuration (start-up, or a change
-    /// made through another node).
+    /// PR state of a volume from the configuration: at start-up and after
+    /// every change, made through this node or another. A state older than
+    /// the one held (`PrState::config_generation`) is ignored, so a stale
+    /// delivery never undoes a newer change. Adopting another node's change
+    /// establishes, for this target's nexuses, the unit attentions SPC-4
+    /// requires of it as far as the difference shows them
+    /// (`pr::changed_elsewhere`).
     pub fn set_reservations(&self, disk: DiskId, state: PrState) {
-        self.pr_config.lock().insert(disk, state.clone());
-        if let Some(lu) = self.lus.read().get(&disk) {
-            lu.state.lock().pr = state;
+        let lus = self.lus.read();
+        self.disk_config
+            .lock()
+            .entry(disk)
+            .or_default()
+            .note_pr(&state);
+        if let Some(lu) = lus.get(&disk) {
+            let mut st = lu.state.lock();
+            if !st.pr_busy {
+                st.adopt_pr(state);
+            } else if st
+                .pr_pending
+                .as_ref()
+                .is_none_or(|p| state.config_generation >= p.config_generation)
+            {
+                st.pr_pending = Some(state);
+            }
         }
     }
 
@@ -435,20 +556,88 @@ impl<S: IoServer> ScsiTarget<S> {
         if let Some(lu) = self.lus.read().get(&disk) {
             return Some(lu.state.lock().pr.clone());
         }
-        self.pr_config.lock().get(&disk).cloned()
+        self.disk_config.lock().get(&disk).map(|c| c.pr.clone())
+    }
+
+    /// The ALUA picture of a volume from the configuration: every target
+    /// port group that serves it (one per node of its I/O group, id = node
+    /// id) with its access state. Call it whenever the configuration or the
+    /// nodes' states change; until the first call a logical unit is
+    /// active/optimized through every port. When the access state of any
+    /// group changes (or the first picture arrives) every nexus of the
+    /// logical unit gets ASYMMETRIC ACCESS STATE CHANGED, and REPORT TARGET
+    /// PORT GROUPS shows the changed groups with status "altered by
+    /// implicit ALUA".
+    ///
+    /// Panics on more than `alua::ALUA_GROUPS_MAX` groups, more than
+    /// `alua::ALUA_GROUP_PORTS_MAX` ports in one, or a group listed twice.
+    pub fn set_alua(&self, disk: DiskId, groups: AluaGroups) {
+        groups.assert_valid();
+        let lus = self.lus.read();
+        let mut cfg = self.disk_config.lock();
+        let entry = cfg.entry(disk).or_default();
+        let lu = lus.get(&disk);
+        let mut st = lu.map(|lu| lu.state.lock());
+        let prev = match &st {
+            Some(st) => st.alua.as_ref(),
+            None => entry.alua.as_ref(),
+        };
+        // Groups whose access state differs from the previous picture's
+        // (absent counts as a state). The first picture counts as a change
+        // as a whole, whatever nexuses assumed before.
+        let changed: Vec<u16> = match prev {
+            None => Vec::new(),
+            Some(p) => p
+                .groups
+                .groups
+                .iter()
+                .map(|g| g.id)
+                .chain(groups.groups.iter().map(|g| g.id))
+                .filter(|&id| p.groups.access(id) != groups.access(id))
+                .collect(),
+        };
+        let altered: Vec<u16> = match prev {
+            None => Vec::new(),
+            Some(p) => groups
+                .groups
+                .iter()
+                .map(|g| g.id)
+                .filter(|id| p.altered.contains(id) || changed.contains(id))
+                .collect(),
+        };
+        let first = prev.is_none();
+        let next = AluaState { groups, altered };
+        entry.alua = Some(next.clone());
+        if let Some(st) = st.as_mut() {
+            st.alua = Some(next);
+            if first || !changed.is_empty() {
+                st.ua_all_but(None, Sense::ua_asymmetric_access_changed());
+            }
+        }
+    }
+
+    /// The ALUA picture set for a volume (`None` until `set_alua`).
+    pub fn alua(&self, disk: DiskId) -> Option<AluaGroups> {
+        if let Some(lu) = self.lus.read().get(&disk) {
+            return lu.state.lock().alua.as_ref().map(|a| a.groups.clone());
+        }
+        self.disk_config
+            .lock()
+            .get(&disk)
+            .and_then(|c| c.alua.as_ref().map(|a| a.groups.clone()))
     }
 
     pub fn disk_event(&self, event: &FrontEndDiskEvent) {
         match event {
             FrontEndDiskEvent::Created { disk, info, .. } => {
-                let pr = self.pr_config.lock().get(disk).cloned().unwrap_or_default();
-                self.lus
-                    .write()
-                    .insert(*disk, Arc::new(Lu::new(*disk, *info, pr)));
+                let mut lus = self.lus.write();
+                let lu = Lu::new(*disk, *info, self.disk_config.lock().get(disk));
+                lus.insert(*disk, Arc::new(lu));
             }
             FrontEndDiskEvent::Deleted { disk } => {
-                self.lus.write().remove(disk);
-                self.pr_config.lock().remove(disk);
+                let mut lus = self.lus.write();
+                lus.remove(disk);
+                self.disk_config.lock().remove(disk);
             }
             FrontEndDiskEvent::Resized { disk, info } => {
                 if let Some(lu) = self.lus.read().get(disk) {
@@ -572,12 +761,20 @@ impl<S: IoServer> ScsiTarget<S> {
         let Some(lu) = self.mapped(nexus, lun).and_then(|d| self.lu(d)) else {
             return Err(ScsiOutcome::check(Sense::lun_not_supported()));
         };
-        // Bound the Data-Out a transport will solicit: the same range and
-        // length checks `execute` makes, in the same order.
-        let checked = c.check_param_len().and_then(|()| match c.block_range() {
-            Some((lba, blocks)) => Self::check_blocks(&c, lba, blocks, lu.desc().blocks()),
-            None => Ok(()),
-        });
+        // Bound the Data-Out a transport will solicit: the same access,
+        // range and length checks `execute` makes, in the same order.
+        let access = lu.state.lock().alua_access(nexus);
+        let checked = match access.sense() {
+            Some(s) if !alua::permitted(&c, access) => Err(s),
+            _ => Ok(()),
+        };
+        let checked =
+            checked
+                .and_then(|()| c.check_param_len())
+                .and_then(|()| match c.block_range() {
+                    Some((lba, blocks)) => Self::check_blocks(&c, lba, blocks, lu.desc().blocks()),
+                    None => Ok(()),
+                });
         if let Err(s) = checked {
             // The command ends here; a pending unit attention is what it
             // reports then (SAM-5 5.14), as `execute` would.
@@ -625,18 +822,10 @@ impl<S: IoServer> ScsiTarget<S> {
         }
         // A mapped volume whose Created event has not arrived yet.
         let info = self.server.disk_info(disk)?;
-        let pr = self
-            .pr_config
-            .lock()
-            .get(&disk)
-            .cloned()
-            .unwrap_or_default();
-        Some(Arc::clone(
-            self.lus
-                .write()
-                .entry(disk)
-                .or_insert_with(|| Arc::new(Lu::new(disk, info, pr))),
-        ))
+        let mut lus = self.lus.write();
+        Some(Arc::clone(lus.entry(disk).or_insert_with(|| {
+            Arc::new(Lu::new(disk, info, self.disk_config.lock().get(&disk)))
+        })))
     }
 
     fn data_in(&self, data: &[u8], alloc_len: u32) -> ScsiOutcome {
@@ -704,9 +893,15 @@ impl<S: IoServer> ScsiTarget<S> {
             Err(s) => return ScsiOutcome::check(s),
         };
 
-        // Reservations.
+        // Asymmetric access through this port, then reservations.
         {
             let st = lu.state.lock();
+            let access = st.alua_access(&nexus);
+            if let Some(s) = access.sense() {
+                if !alua::permitted(&c, access) {
+                    return ScsiOutcome::check(s);
+                }
+            }
             if let Some(h) = &st.spc2 {
                 if h != &k && !spc2_allowed(&c) {
                     return ScsiOutcome::reservation_conflict();
@@ -965,8 +1160,11 @@ impl<S: IoServer> ScsiTarget<S> {
                 self.sync_data(r, alloc_len, data_in_len)
             }
             Cdb::RequestSense { desc: d, alloc_len } => {
+                // A pending unit attention, else the port's asymmetric access
+                // state if it keeps the unit from serving (SPC-4 5.15.2.4).
                 let s = self
                     .take_ua(lu, nexus, k)
+                    .or_else(|| lu.state.lock().alua_access(nexus).sense())
                     .unwrap_or(Sense::new(key::NO_SENSE, 0, 0));
                 self.data_in(&s.encode(d), alloc_len.min(data_in_len))
             }
@@ -1237,8 +1435,34 @@ impl<S: IoServer> ScsiTarget<S> {
                 }
                 self.data_in(&pages::report_tmf(repd), alloc_len.min(data_in_len))
             }
-            Cdb::ReportTpg { alloc_len } => {
-                self.data_in(&pages::report_tpg(nexus), alloc_len.min(data_in_len))
+            Cdb::ReportTpg {
+                alloc_len,
+                extended,
+            } => {
+                let d = {
+                    let st = lu.state.lock();
+                    match &st.alua {
+                        None => alua::report(&AluaGroups::single(nexus), &[], extended),
+                        Some(a) if a.groups.access(nexus.target_port_group).is_some() => {
+                            alua::report(&a.groups, &a.altered, extended)
+                        }
+                        Some(a) => {
+                            // The port the command came through serves the
+                            // unit in no group of the picture: report its
+                            // group too, unavailable, so the initiator finds
+                            // the group VPD 83h named.
+                            let mut g = a.groups.clone();
+                            g.groups.push(TargetPortGroup {
+                                id: nexus.target_port_group,
+                                access: AluaAccess::Unavailable,
+                                preferred: false,
+                                ports: vec![nexus.relative_target_port],
+                            });
+                            alua::report(&g, &a.altered, extended)
+                        }
+                    }
+                };
+                self.data_in(&d, alloc_len.min(data_in_len))
             }
             Cdb::PrIn { sa, alloc_len } => {
                 let d = pr::pr_in(&lu.state.lock().pr, sa);
@@ -1608,42 +1832,84 @@ impl<S: IoServer> ScsiTarget<S> {
             Err(s) => return ScsiOutcome::check(s),
         };
         let _serial = lu.pr_out.lock().await;
-        let cur = lu.state.lock().pr.clone();
-        let change = match pr::pr_out(&cur, &k.pr(), sa, scope, pr_type, &p) {
-            Ok(c) => c,
-            Err(PrError::Conflict) => return ScsiOutcome::reservation_conflict(),
-            Err(PrError::Check(s)) => return ScsiOutcome::check(s),
-        };
-        let Some(next) = change.state else {
-            return ScsiOutcome::good();
-        };
-        if let Err(e) = self.pr_store.persist(lu.disk, next.clone()).await {
-            tracing::warn!(disk = lu.disk, error = %e, "persistent reservation not persisted");
-            // The state machine refused or could not journal the change:
-            // nothing changes and the initiator sees a target failure.
-            return ScsiOutcome::check(Sense::new(key::HARDWARE_ERROR, 0x44, 0x00));
-        }
-        self.pr_config.lock().insert(lu.disk, next.clone());
-        let mut st = lu.state.lock();
-        st.pr = next;
-        for (n, s) in change.unit_attentions {
-            st.queue_ua(&NexusKey::from_pr(&n), s);
-        }
-        if !change.aborted.is_empty() {
-            let e = lu.abort_epoch.fetch_add(1, Ordering::AcqRel) + 1;
-            for n in change
-                .aborted
-                .iter()
-                .map(NexusKey::from_pr)
-                .filter(|n| n != k)
-            {
-                if st.aborted.len() == ABORTED_MAX {
-                    st.aborted.pop_front();
+        let _busy = PrOutBusy::new(lu);
+        for attempt in 1..=PR_OUT_ATTEMPTS_MAX {
+            let cur = {
+                let mut st = lu.state.lock();
+                if let Some(p) = st.pr_pending.take() {
+                    st.adopt_pr(p);
                 }
-                st.aborted.push_back((e, n));
+                st.pr.clone()
+            };
+            let change = match pr::pr_out(&cur, &k.pr(), sa, scope, pr_type, &p) {
+                Ok(c) => c,
+                Err(PrError::Conflict) => return ScsiOutcome::reservation_conflict(),
+                Err(PrError::Check(s)) => return ScsiOutcome::check(s),
+            };
+            let Some(mut next) = change.state else {
+                return ScsiOutcome::good();
+            };
+            let expected = cur.config_generation;
+            next.config_generation = expected.wrapping_add(1);
+            match self.pr_store.persist(lu.disk, expected, next.clone()).await {
+                Ok(()) => {}
+                Err(PrPersistError::Conflict(latest)) => {
+                    // Another node's change came first: start again from it.
+                    tracing::debug!(
+                        disk = lu.disk,
+                        attempt,
+                        expected,
+                        now = latest.config_generation,
+                        "persistent reservations changed meanwhile"
+                    );
+                    self.disk_config
+                        .lock()
+                        .entry(lu.disk)
+                        .or_default()
+                        .note_pr(&latest);
+                    lu.state.lock().adopt_pr(latest);
+                    continue;
+                }
+                Err(PrPersistError::Failed(e)) => {
+                    tracing::warn!(disk = lu.disk, error = %e, "persistent reservation not persisted");
+                    // The state machine refused or could not journal the
+                    // change: nothing changes and the initiator sees a
+                    // target failure.
+                    return ScsiOutcome::check(Sense::new(key::HARDWARE_ERROR, 0x44, 0x00));
+                }
             }
+            self.disk_config
+                .lock()
+                .entry(lu.disk)
+                .or_default()
+                .note_pr(&next);
+            let mut st = lu.state.lock();
+            st.pr = next;
+            for (n, s) in change.unit_attentions {
+                st.queue_pr_ua(&n, s);
+            }
+            if !change.aborted.is_empty() {
+                let e = lu.abort_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                for n in change
+                    .aborted
+                    .iter()
+                    .map(NexusKey::from_pr)
+                    .filter(|n| n != k)
+                {
+                    if st.aborted.len() == ABORTED_MAX {
+                        st.aborted.pop_front();
+                    }
+                    st.aborted.push_back((e, n));
+                }
+            }
+            return ScsiOutcome::good();
         }
-        ScsiOutcome::good()
+        tracing::warn!(
+            disk = lu.disk,
+            attempts = PR_OUT_ATTEMPTS_MAX,
+            "persistent reservations kept changing under PERSISTENT RESERVE OUT; BUSY"
+        );
+        ScsiOutcome::status_only(status::BUSY)
     }
 
     async fn extended_copy(

@@ -16,24 +16,76 @@ const DISK_BYTES: u64 = 4 << 20;
 const BLOCKS: u64 = DISK_BYTES / BLOCK_SIZE as u64;
 const INIT: &str = "iqn.2024-01.org.test:host1";
 
+mod alua;
+mod cluster_pr;
+
+/// An in-memory PR store that behaves like the replicated configuration:
+/// compare-and-set on `config_generation` per disk, which it advances.
 #[derive(Default)]
 struct MemPr {
     log: Mutex<Vec<(DiskId, PrState)>>,
+    states: Mutex<std::collections::HashMap<DiskId, PrState>>,
     fail: Mutex<bool>,
+    /// Targets the configuration hands every committed state to, as the
+    /// daemon's `reconfigure_io` does on every node.
+    targets: Mutex<Vec<std::sync::Weak<ScsiTarget<MemDisks>>>>,
+    /// Deliver to `targets` before `persist` returns (the node that
+    /// submitted applies the change before its submit returns).
+    deliver: std::sync::atomic::AtomicBool,
+}
+
+impl MemPr {
+    fn state(&self, disk: DiskId) -> PrState {
+        self.states.lock().get(&disk).cloned().unwrap_or_default()
+    }
+
+    /// What `reconfigure_io` does on every node after a change.
+    fn deliver_to_all(&self, disk: DiskId) {
+        let state = self.state(disk);
+        let targets: Vec<_> = self
+            .targets
+            .lock()
+            .iter()
+            .filter_map(|t| t.upgrade())
+            .collect();
+        for t in targets {
+            t.set_reservations(disk, state.clone());
+        }
+    }
 }
 
 impl PrStore for MemPr {
     fn persist(
         &self,
         disk: DiskId,
+        expected_generation: u64,
         state: PrState,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), PrPersistError>> + Send + '_>>
+    {
         Box::pin(async move {
+            // A round trip to the configuration: concurrent PR OUTs of
+            // other targets compute meanwhile.
+            tokio::task::yield_now().await;
             if *self.fail.lock() {
-                return Err("store down".into());
+                return Err(PrPersistError::Failed("store down".into()));
             }
-            state.validate()?;
-            self.log.lock().push((disk, state));
+            state.validate().map_err(PrPersistError::Failed)?;
+            let stored = {
+                let mut states = self.states.lock();
+                let stored = states.entry(disk).or_default();
+                if stored.config_generation != expected_generation {
+                    return Err(PrPersistError::Conflict(stored.clone()));
+                }
+                *stored = PrState {
+                    config_generation: expected_generation + 1,
+                    ..state
+                };
+                stored.clone()
+            };
+            self.log.lock().push((disk, stored.clone()));
+            if self.deliver.load(std::sync::atomic::Ordering::Relaxed) {
+                self.deliver_to_all(disk);
+            }
             Ok(())
         })
     }
@@ -1523,6 +1575,7 @@ async fn reservations_from_configuration() {
             key: 7,
         }),
         aptpl: true,
+        config_generation: 3,
     };
     t.t.set_reservations(1, state);
     t.ready(&a, 0).await;

@@ -892,6 +892,8 @@ fn pr_state() -> impl Strategy<Value = PrState> {
                 key,
             }),
             aptpl: false,
+            // Whatever the command carries, apply sets it.
+            config_generation: 0,
         })
 }
 
@@ -932,8 +934,12 @@ fn host_command() -> impl Strategy<Value = Command> {
                 enabled: true,
             }),
         }),
-        2 => (0..16u64, pr_state())
-            .prop_map(|(volume_id, state)| Command::SetReservations { volume_id, state }),
+        2 => (0..16u64, pr_state(), proptest::option::of(0..3u64))
+            .prop_map(|(volume_id, state, expected_generation)| Command::SetReservations {
+                volume_id,
+                state,
+                expected_generation,
+            }),
     ]
 }
 
@@ -1298,12 +1304,18 @@ fn reservations_are_stored_per_volume() {
             key: 0xabc,
         }),
         aptpl: false,
+        config_generation: 0,
     };
     let set = |volume_id, state: &PrState| Command::SetReservations {
         volume_id,
         state: state.clone(),
+        expected_generation: None,
     };
     ok(&mut s, set(id, &good));
+    let good = PrState {
+        config_generation: 1,
+        ..good
+    };
     assert_eq!(s.volumes["v0"].reservations, good);
     let mut bad = good.clone();
     bad.reservation.as_mut().unwrap().key = 1;
@@ -1323,6 +1335,76 @@ fn reservations_are_stored_per_volume() {
     ok(&mut s, Command::DeleteVolume { name: "w".into() });
     ok(&mut s, vol("w", "p0", MIB, VolumeLayout::Striped, &[]));
     assert_eq!(s.volumes["w"].reservations, PrState::default());
+}
+
+/// `SetReservations` with `expected_generation` is a compare-and-set: two
+/// nodes computing from the same state, the second is refused and nothing
+/// changes; `apply` alone advances the generation.
+#[test]
+fn reservations_compare_and_set() {
+    use crate::reservations::*;
+    let mut s = with_volumes(1);
+    let id = s.volumes["v0"].id;
+    let reg = |port: &str, key| PrState {
+        generation: 1,
+        registrations: vec![PrRegistration {
+            nexus: PrNexus {
+                initiator_port: format!("{IQN_A},i,0x{port}"),
+                relative_target_port: 1,
+            },
+            key,
+        }],
+        // Ignored: apply sets it.
+        config_generation: 77,
+        ..PrState::default()
+    };
+    let set = |state: PrState, expected| Command::SetReservations {
+        volume_id: id,
+        state,
+        expected_generation: Some(expected),
+    };
+    ok(&mut s, set(reg("000000000001", 1), 0));
+    assert_eq!(s.volumes["v0"].reservations.config_generation, 1);
+    let e = err(&mut s, set(reg("000000000002", 2), 0));
+    assert_eq!(
+        e,
+        ConfigError::ReservationsChanged {
+            volume: "v0".into(),
+            expected: 0,
+            current: 1,
+        }
+    );
+    assert!(e.to_string().contains("changed meanwhile"), "{e}");
+    assert_eq!(s.volumes["v0"].reservations.registrations[0].key, 1);
+    ok(&mut s, set(reg("000000000002", 2), 1));
+    assert_eq!(s.volumes["v0"].reservations.config_generation, 2);
+    assert_eq!(s.volumes["v0"].reservations.registrations[0].key, 2);
+    // Commands from before the field: unconditional, still counted.
+    let legacy: Command = serde_json::from_str(&format!(
+        r#"{{"op":"set_reservations","volume_id":{id},"state":{{"generation":0,"registrations":[],"reservation":null}}}}"#
+    ))
+    .unwrap();
+    assert_eq!(
+        legacy,
+        Command::SetReservations {
+            volume_id: id,
+            state: PrState::default(),
+            expected_generation: None,
+        }
+    );
+    ok(&mut s, legacy);
+    assert_eq!(
+        s.volumes["v0"].reservations,
+        PrState {
+            config_generation: 3,
+            ..PrState::default()
+        }
+    );
+    // A state without the field serializes as before.
+    assert_eq!(
+        serde_json::to_string(&PrState::default()).unwrap(),
+        r#"{"generation":0,"registrations":[],"reservation":null,"aptpl":false}"#
+    );
 }
 
 #[test]

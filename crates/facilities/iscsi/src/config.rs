@@ -179,6 +179,7 @@ impl std::fmt::Debug for IscsiConfig {
             .field("portal", &self.portal)
             .field("portal_group_tag", &self.portal_group_tag)
             .field("relative_target_port", &self.relative_target_port)
+            .field("target_port_group", &self.target_port_group)
             .field("offer", &self.offer)
             .field("connections_max", &self.connections_max)
             .field("login_timeout", &self.login_timeout)

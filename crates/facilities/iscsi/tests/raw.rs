@@ -141,3 +141,36 @@ fn reinstatement_closes_the_old_session() {
     assert!(old.recv().is_none(), "old session closed");
     assert_eq!(s.front_end.sessions().len(), 1);
 }
+
+/// The configured relative target port and target port group reach every
+/// nexus: VPD 83h and REPORT TARGET PORT GROUPS name them (node 2 here,
+/// as a second node of an I/O group would be).
+#[test]
+fn target_port_and_group_reach_the_scsi_layer() {
+    let target = sanvirt_iscsi::config::default_target_name(2);
+    let s = server_with(
+        8 * MIB,
+        sanvirt_iscsi::IscsiConfig {
+            node: 2,
+            target_name: target.clone(),
+            relative_target_port: 2,
+            target_port_group: 2,
+            ..Default::default()
+        },
+    );
+    let mut r = Raw::connect(s.addr);
+    let h = r.login(INITIATOR, &target, &[]);
+    assert_eq!(&h[36..38], &[0, 0], "login status");
+    let (st, d, _) = r.scsi(0, &[0x12, 1, 0x83, 1, 0, 0], &[], 256);
+    assert_eq!(st, 0);
+    // NAA (4 + 16), T10 vendor id (4 + 8 + 25), then the two target port
+    // designators.
+    let at = 4 + 20 + 37;
+    assert_eq!(&d[at..at + 8], &[0x51, 0x94, 0, 4, 0, 0, 0, 2]);
+    assert_eq!(&d[at + 8..at + 16], &[0x51, 0x95, 0, 4, 0, 0, 0, 2]);
+    let (st, _, _) = r.scsi(0, &[0; 6], &[], 0);
+    assert_eq!(st, 2, "POWER ON unit attention first");
+    let (st, d, _) = r.scsi(0, &[0xA3, 0x0A, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0], &[], 256);
+    assert_eq!(st, 0);
+    assert_eq!(&d, &[0, 0, 0, 12, 0x80, 0xCF, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2]);
+}

@@ -15,7 +15,7 @@ use sanvirt_facility::scaffold::MemDisks;
 use sanvirt_facility::*;
 use sanvirt_iscsi::testing::{self, RunningServer};
 use sanvirt_iscsi::{IscsiConfig, IscsiFrontEnd};
-use sanvirt_scsi::{AccessMap, PrState, PrStore, ScsiTarget, TargetIdentity};
+use sanvirt_scsi::{AccessMap, PrPersistError, PrState, PrStore, ScsiTarget, TargetIdentity};
 
 pub const MIB: u64 = 1 << 20;
 pub const INITIATOR: &str = "iqn.2026-11.dev.sanvirt:test-initiator";
@@ -44,8 +44,9 @@ impl PrStore for NoPr {
     fn persist(
         &self,
         _disk: DiskId,
+        _expected_generation: u64,
         _state: PrState,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), PrPersistError>> + Send + '_>> {
         Box::pin(async { Ok(()) })
     }
 }
