@@ -131,6 +131,7 @@ fn volume_view_of(state: &State, names: &BTreeMap<ObjectId, &str>, v: &Volume) -
             .and_then(|id| state.nodes.get(&id))
             .map(|n| n.name.clone()),
         preferred_node_id: v.preferred_node,
+        cache_mode: v.cache_mode,
     }
 }
 

@@ -720,6 +720,37 @@ pub async fn set_preferred_node(
     volume_response(&ctx, &name, StatusCode::OK).await
 }
 
+/// Set a volume's cache mode.
+///
+/// `write_back` (completed once in both nodes' memory; write-through while
+/// the I/O group's pair is not mirrored), `write_through` or `none`
+/// (docs/cache.md).
+#[utoipa::path(post, path = "/v1/volumes/{name}/cache-mode", tag = "volumes",
+    params(("name" = String, Path, description = "volume name")),
+    request_body = SetCacheModeRequest,
+    responses(
+        (status = 200, description = "the volume", body = VolumeView),
+        (status = 400, description = "invalid request", body = ErrorBody),
+        (status = 401, description = "missing or wrong token", body = ErrorBody),
+        (status = 404, description = "no such volume", body = ErrorBody),
+        (status = 503, description = "the cluster cannot commit now", body = ErrorBody),
+    ))]
+pub async fn set_cache_mode(
+    AxumState(ctx): AxumState<Ctx>,
+    ApiPath(name): ApiPath<String>,
+    ApiJson(req): ApiJson<SetCacheModeRequest>,
+) -> Result<Response, ApiError> {
+    submit(
+        &ctx,
+        Command::SetVolumeCacheMode {
+            volume: name.clone(),
+            mode: req.mode,
+        },
+    )
+    .await?;
+    volume_response(&ctx, &name, StatusCode::OK).await
+}
+
 // --------------------------------------------------------------- cluster
 
 /// Create a cluster.

@@ -107,6 +107,7 @@ fn protected_routes() -> Vec<(&'static str, MethodRouter<handlers::Ctx>)> {
         ("/v1/volumes/:name/rename", post(rename_volume)),
         ("/v1/volumes/:name/expand", post(expand_volume)),
         ("/v1/volumes/:name/preferred-node", post(set_preferred_node)),
+        ("/v1/volumes/:name/cache-mode", post(set_cache_mode)),
         ("/v1/cluster", get(get_cluster).post(create_cluster)),
         ("/v1/nodes", get(list_nodes).post(add_node)),
         ("/v1/nodes/:name", delete(remove_node)),

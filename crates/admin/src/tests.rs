@@ -910,7 +910,7 @@ async fn openapi_lists_every_route() {
         }
     }
     assert_eq!(answered, documented);
-    assert_eq!(documented.len(), 45);
+    assert_eq!(documented.len(), 46);
 
     // The documented limits are the configuration model's.
     let schemas = &doc["components"]["schemas"];
@@ -1589,6 +1589,38 @@ async fn cluster_create_status_and_nodes() {
         .as_str()
         .is_some_and(|m| m.contains("last node that serves I/O")));
     assert_eq!(api.svc.state().nodes.len(), 1);
+}
+
+#[tokio::test]
+async fn a_volume_has_a_cache_mode() {
+    let api = Api::new();
+    api.pool_with_two_mdisks().await;
+    let r = api
+        .post(
+            "/v1/volumes",
+            json!({"name": "v", "pool": "p0", "size_bytes": 16u64 << 20}),
+        )
+        .await;
+    assert_eq!(r.json["cache_mode"], "write_back", "{}", r.json);
+    let r = api
+        .post("/v1/volumes/v/cache-mode", json!({"mode": "write_through"}))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["cache_mode"], "write_through");
+    assert_eq!(
+        api.svc.state().volumes["v"].cache_mode,
+        sanvirt_config::VolumeCacheMode::WriteThrough
+    );
+    let r = api
+        .post("/v1/volumes/v/cache-mode", json!({"mode": "fast"}))
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    assert_error(
+        &api.post("/v1/volumes/nope/cache-mode", json!({"mode": "none"}))
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    );
 }
 
 #[tokio::test]

@@ -234,6 +234,14 @@ pub struct SetPreferredNodeRequest {
     pub node: String,
 }
 
+/// `POST /v1/volumes/{name}/cache-mode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetCacheModeRequest {
+    /// `write_back`, `write_through` or `none`.
+    pub mode: sanvirt_config::VolumeCacheMode,
+}
+
 // --------------------------------------------------------------- responses
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -336,6 +344,9 @@ pub struct VolumeView {
     pub preferred_node: Option<String>,
     #[serde(default)]
     pub preferred_node_id: Option<u64>,
+    /// How its writes are cached (docs/cache.md).
+    #[serde(default)]
+    pub cache_mode: sanvirt_config::VolumeCacheMode,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

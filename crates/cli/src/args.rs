@@ -181,6 +181,12 @@ pub enum VolumeCmd {
         #[arg(long, value_name = "N", value_parser = io_group)]
         io_group: Option<u32>,
     },
+    /// How the volume's writes are cached: write-back, write-through or none.
+    SetCacheMode {
+        name: String,
+        #[arg(long, value_parser = ["write-back", "write-through", "none"])]
+        mode: String,
+    },
     /// Choose the node of the volume's I/O group that serves it by preference.
     SetPreferredNode {
         name: String,

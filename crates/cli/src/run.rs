@@ -332,6 +332,15 @@ fn volume(c: &Client, out: &Out, cmd: VolumeCmd) -> Result<String, Failure> {
                 ) + &served_by(&v)
             })
         }
+        VolumeCmd::SetCacheMode { name: n, mode } => {
+            let v = c.post(
+                &format!("/v1/volumes/{}/cache-mode", name(&n)?),
+                &json!({"mode": mode.replace('-', "_")}),
+            )?;
+            out.show(v, |v: VolumeView| {
+                format!("volume '{}' cache mode: {}\n", v.name, v.cache_mode)
+            })
+        }
         VolumeCmd::SetPreferredNode { name: n, node } => {
             let v = c.post(
                 &format!("/v1/volumes/{}/preferred-node", name(&n)?),

@@ -29,7 +29,7 @@ use sanvirt_facility::fanout::FanOut;
 use sanvirt_facility::{IoRequest, IoServer};
 use sanvirt_iscsi::IscsiFrontEnd;
 use sanvirt_nbd::{NbdConfig, NbdFrontEnd};
-use sanvirt_scsi::{ScsiTarget, TargetIdentity};
+use sanvirt_scsi::{AluaAccess, AluaGroups, ScsiTarget, TargetIdentity, TargetPortGroup};
 use sanvirt_thin::Thin;
 use sanvirt_virt::Virtualization;
 
@@ -145,9 +145,36 @@ impl Node {
         self.auth.update(state);
         for v in state.volumes.values() {
             self.scsi.set_reservations(v.id, v.reservations.clone());
+            if state.cluster.is_some() {
+                self.scsi.set_alua(v.id, alua_groups(state, v));
+            }
         }
         self.scsi.set_access(access_map(state));
     }
+}
+
+/// The ALUA picture of volume `v` (docs/scsi.md): one target port group per
+/// node of its I/O group, with that node's one port; active/optimized on
+/// the preferred node, active/non-optimized on its partner, unavailable on
+/// a node that is offline.
+fn alua_groups(state: &State, v: &sanvirt_config::Volume) -> AluaGroups {
+    let groups = state
+        .io_group_nodes(v.io_group)
+        .map(|n| {
+            let preferred = v.preferred_node == Some(n.id);
+            TargetPortGroup {
+                id: n.id as u16,
+                access: match (n.online, preferred) {
+                    (false, _) => AluaAccess::Unavailable,
+                    (true, true) => AluaAccess::ActiveOptimized,
+                    (true, false) => AluaAccess::ActiveNonOptimized,
+                },
+                preferred,
+                ports: vec![n.id as u16],
+            }
+        })
+        .collect();
+    AluaGroups { groups }
 }
 
 /// How this node's cache serves volume `v`. A standalone node or a
@@ -441,7 +468,7 @@ pub async fn run(
         product: "sanvirt volume".into(),
         revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
         naa_company_id: NAA_COMPANY_ID,
-        cluster_uid: uid,
+        cluster_uid: identity_uid(&cluster.state(), uid),
     };
     let auth = Arc::new(ConfigAuth::default());
     let scsi_pool = Arc::clone(&pool);
@@ -523,6 +550,11 @@ pub async fn run(
         let nbd = Arc::clone(&nbd);
         tokio::spawn(async move { nbd.serve(nbd_listener).await })
     };
+    let port_id = node
+        .cluster
+        .status()
+        .node_id
+        .map_or(1, |id| u16::try_from(id).unwrap_or(1));
     let iscsi = match iscsi_listener {
         Some(listener) => {
             let target_name = node.iscsi_target.clone();
@@ -531,6 +563,10 @@ pub async fn run(
                 Arc::clone(&node.pool),
                 sanvirt_iscsi::IscsiConfig {
                     node: cfg.node_id,
+                    // One target port per node, in its own port group
+                    // (ALUA): numbered by the cluster's node id.
+                    relative_target_port: port_id,
+                    target_port_group: port_id,
                     target_name,
                     auth: auth.clone(),
                     ..sanvirt_iscsi::IscsiConfig::default()
@@ -615,6 +651,19 @@ pub async fn run(
     let _ = admin.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What volumes' NAA identifiers are derived from: the cluster's uid, the
+/// same on every node (so a volume has one identity whichever node a host
+/// reaches); a node in no cluster yet uses its data directory's uid.
+fn identity_uid(state: &State, node_uid: u64) -> u64 {
+    match &state.cluster {
+        // FNV-1a: stable across builds and platforms, unlike std's hasher.
+        Some(c) => c.uid.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        }),
+        None => node_uid,
+    }
 }
 
 fn cfg_is_witness(node: &Node) -> bool {
