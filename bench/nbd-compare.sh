@@ -60,7 +60,7 @@ listen = "127.0.0.1:$port"
 io_mode = "$mode"
 inline_writes = ${INLINE:-true}
 TOML
-  "$SANVIRTD" --config "$d/sanvirtd.toml" > "$d/log" 2>&1 &
+  "$SANVIRTD" --config "$d/sanvirtd.toml" --create-cluster bench > "$d/log" 2>&1 &
   pids+=($!); SERVER_PID=$!
   wait_port "$aport"
   export SANVIRT_API=http://127.0.0.1:$aport SANVIRT_TOKEN_FILE=$d/data/api-token
