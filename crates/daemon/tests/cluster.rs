@@ -14,63 +14,6 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-/// Cluster status as `sanvirt --json cluster status` prints it on `d`, or
-/// `None` if the node does not answer.
-fn status(d: &Daemon) -> Option<serde_json::Value> {
-    let o = d.cli(&["--json", "cluster", "status"]);
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
-}
-
-/// Waits until `pred` holds, polling; panics with `what` after `secs`.
-fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Node 1 creates the cluster; the others are added through it.
-fn form(n: usize, witness_last: bool) -> Vec<Daemon> {
-    form_with(n, witness_last, |name, create, witness, _| {
-        Daemon::cluster_node(name, create, witness)
-    })
-}
-
-/// `form`, each node made by `make(name, create, witness, index)`.
-fn form_with(
-    n: usize,
-    witness_last: bool,
-    make: impl Fn(&str, Option<&str>, bool, usize) -> Daemon,
-) -> Vec<Daemon> {
-    let mut nodes = Vec::new();
-    for i in 0..n {
-        let witness = witness_last && i == n - 1;
-        let name = if witness {
-            "witness".to_string()
-        } else {
-            format!("n{}", i + 1)
-        };
-        let mut d = make(&name, (i == 0).then_some("c1"), witness, i);
-        d.spawn();
-        nodes.push(d);
-    }
-    for i in 1..n {
-        let addr = nodes[i].cluster_addr();
-        nodes[0].ok(&["node", "add", "--address", &addr]);
-    }
-    let want = n;
-    wait_until(30, "every node to see every member", || {
-        nodes
-            .iter()
-            .all(|d| status(d).is_some_and(|s| s["members"].as_array().map(Vec::len) == Some(want)))
-    });
-    nodes
-}
-
 /// The node (index into `nodes`) that leads, as the live nodes agree.
 fn leader(nodes: &[Daemon], alive: &[bool]) -> Option<usize> {
     for (i, d) in nodes.iter().enumerate() {

@@ -37,15 +37,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
-/// Waits until `pred` holds, polling; panics with `what` after `secs`.
-fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn nbd_addr(d: &Daemon) -> String {
     format!("{}:{}", d.ip, d.nbd_port)
 }
@@ -151,33 +142,9 @@ fn single_node_kill9_and_restart_loses_no_acknowledged_write() {
 // Two nodes and a witness
 // ---------------------------------------------------------------------------
 
-fn cluster_status(d: &Daemon) -> Option<serde_json::Value> {
-    let o = d.cli(&["--json", "cluster", "status"]);
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
-}
-
-/// Nodes `n1`, `n2` and a witness; `n1` creates the cluster (as `form` in
-/// cluster.rs).
+/// Nodes `n1`, `n2` and a witness; `n1` creates the cluster.
 fn two_nodes_and_a_witness() -> Vec<Daemon> {
-    let mut nodes = Vec::new();
-    for (i, name) in ["n1", "n2", "witness"].into_iter().enumerate() {
-        let mut d = Daemon::cluster_node(name, (i == 0).then_some("c1"), i == 2);
-        d.spawn();
-        nodes.push(d);
-    }
-    for i in 1..3 {
-        let addr = nodes[i].cluster_addr();
-        nodes[0].ok(&["node", "add", "--address", &addr]);
-    }
-    wait_until(30, "every node to see every member", || {
-        nodes.iter().all(|d| {
-            cluster_status(d).is_some_and(|s| s["members"].as_array().map(Vec::len) == Some(3))
-        })
-    });
-    nodes
+    form(3, true)
 }
 
 /// How long the writer goes on writing to the survivor: past the lease
