@@ -32,7 +32,9 @@ pub(crate) async fn run<S: IoServer>(inner: Weak<Inner<S>>) {
         Some(i) => (Arc::clone(&i.wake_handle()), i.limits.destage_delay),
         None => return,
     };
-    let mut tick = tokio::time::interval(delay);
+    // The first tick one delay from now (an interval's first tick is
+    // immediate, which would destage whatever the first writes left).
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + delay, delay);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let aged = tokio::select! {
@@ -54,6 +56,9 @@ impl<S: IoServer> Inner<S> {
         let pressure = self.dirty_total.load(Ordering::Relaxed) >= self.limits.destage_start_pages;
         let vols: Vec<Arc<Vol>> = self.vols.read().values().cloned().collect();
         for vol in vols {
+            if vol.frozen.load(Ordering::SeqCst) {
+                continue;
+            }
             let urgent = vol.urgent.load(Ordering::Relaxed) > 0;
             let full = vol.dir.lock().dirty_pages() * 2 >= self.limits.volume_dirty_pages_max;
             if !(aged || pressure || urgent || full) {

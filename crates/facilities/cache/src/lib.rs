@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -42,10 +42,12 @@ use tokio::sync::Notify;
 
 mod destage;
 pub mod dir;
+mod pair;
 #[cfg(test)]
 mod tests;
 
 use dir::{Dir, Track, ALL, PAGE, SECTOR};
+pub use pair::{Adopted, Forward, LineLost};
 
 /// Bounds and pacing of one node's cache.
 #[derive(Debug, Clone)]
@@ -119,6 +121,10 @@ pub enum Role {
     /// Requests wait until the role changes (the pair is breaking, or the
     /// volume is moving between nodes).
     Hold,
+    /// The partner node owns the volume: requests go to it through the
+    /// [`Forward`] set with [`Cache::set_forward`] (the cache keeps
+    /// nothing of the volume).
+    Forward,
     /// This node does not serve the volume now.
     Unavailable { reason: Arc<str> },
 }
@@ -205,6 +211,17 @@ struct Vol {
     /// The last destage error and how many there were.
     error: Mutex<Option<IoError>>,
     errors: AtomicU64,
+    /// Requests being served by this node's cache (not forwarded); a
+    /// volume changes hands once none is left.
+    active: AtomicUsize,
+    /// `active` reached zero.
+    idle: Notify,
+    /// Bumped by every change of the setup: a request that waited compares
+    /// it with the value it started under to see that the volume may have
+    /// changed hands.
+    gen: AtomicU64,
+    /// Destage of the volume stops (the pair is breaking).
+    frozen: AtomicBool,
 }
 
 impl Vol {
@@ -224,6 +241,7 @@ struct Inner<S: IoServer> {
     /// The node's hardening rights: one per page that may be dirty.
     rights: Pool<()>,
     mirror: RwLock<Option<Arc<dyn Mirror>>>,
+    forward: RwLock<Option<Arc<dyn Forward>>>,
     wake: Arc<Notify>,
     dirty_total: AtomicUsize,
     clean_total: AtomicUsize,
@@ -257,6 +275,8 @@ enum Path {
     Through,
     /// To the back end; nothing cached.
     Pass,
+    /// To the owner on the partner node.
+    Forward,
 }
 
 impl<S: IoServer> Cache<S> {
@@ -278,6 +298,7 @@ impl<S: IoServer> Cache<S> {
             setups: Mutex::new(HashMap::new()),
             rights,
             mirror: RwLock::new(None),
+            forward: RwLock::new(None),
             wake: Arc::new(Notify::new()),
             dirty_total: AtomicUsize::new(0),
             clean_total: AtomicUsize::new(0),
@@ -306,7 +327,12 @@ impl<S: IoServer> Cache<S> {
         let vol = self.inner.vols.read().get(&disk).cloned();
         match vol {
             Some(v) => {
-                *v.setup.lock() = setup;
+                {
+                    let mut s = v.setup.lock();
+                    *s = setup;
+                    v.gen.fetch_add(1, Ordering::SeqCst);
+                    v.frozen.store(false, Ordering::SeqCst);
+                }
                 v.urgent.fetch_add(1, Ordering::Relaxed);
                 v.changed.notify_waiters();
                 self.inner.wake.notify_one();
@@ -366,8 +392,9 @@ impl<S: IoServer> Inner<S> {
     }
 
     /// The path for a request on `vol`, waiting while the volume is held
-    /// (boxed: a cold path, kept out of every request's future).
-    async fn path(&self, vol: &Vol) -> Result<Path, IoError> {
+    /// (boxed: a cold path, kept out of every request's future). A request
+    /// served locally is counted in `vol.active` until its guard drops.
+    async fn path<'v>(&self, vol: &'v Vol) -> Result<(Path, Active<'v>), IoError> {
         match self.path_now(vol) {
             Some(p) => p,
             None => Box::pin(self.path_wait(vol)).await,
@@ -375,10 +402,19 @@ impl<S: IoServer> Inner<S> {
     }
 
     /// The path unless the volume is held.
-    fn path_now(&self, vol: &Vol) -> Option<Result<Path, IoError>> {
-        let setup = vol.setup.lock().clone();
+    fn path_now<'v>(&self, vol: &'v Vol) -> Option<Result<(Path, Active<'v>), IoError>> {
+        // Counted before the role is read, so whoever sets `Hold` and then
+        // waits for `active` to reach zero sees this request (the setup
+        // lock orders the two).
+        let mut active = Active::enter(vol);
+        let setup = {
+            let s = vol.setup.lock();
+            active.gen = vol.gen.load(Ordering::SeqCst);
+            s.clone()
+        };
         let mirrored = match setup.role {
             Role::Owner { mirrored } => mirrored,
+            Role::Forward => return Some(Ok((Path::Forward, Active::none()))),
             Role::Unavailable { reason } => {
                 return Some(Err(IoError::Unavailable {
                     disk: vol.disk,
@@ -388,47 +424,54 @@ impl<S: IoServer> Inner<S> {
             Role::Hold => return None,
         };
         let mirrored = mirrored && self.mirror.read().is_some();
-        Some(Ok(match (setup.mode, mirrored) {
+        let path = match (setup.mode, mirrored) {
             (CacheMode::None, _) => Path::Pass,
             (CacheMode::WriteBack, true) => Path::Back { mirrored: true },
             _ => Path::Through,
-        }))
+        };
+        Some(Ok((path, active)))
     }
 
-    async fn path_wait(&self, vol: &Vol) -> Result<Path, IoError> {
+    async fn path_wait<'v>(&self, vol: &'v Vol) -> Result<(Path, Active<'v>), IoError> {
         loop {
             let notified = vol.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let setup = vol.setup.lock().clone();
-            let mirrored = match setup.role {
-                Role::Owner { mirrored } => mirrored,
-                Role::Unavailable { reason } => {
-                    return Err(IoError::Unavailable {
-                        disk: vol.disk,
-                        reason,
-                    })
-                }
-                Role::Hold => {
-                    notified.await;
-                    continue;
-                }
-            };
-            let mirrored = mirrored && self.mirror.read().is_some();
-            return Ok(match (setup.mode, mirrored) {
-                (CacheMode::None, _) => Path::Pass,
-                (CacheMode::WriteBack, true) => Path::Back { mirrored: true },
-                _ => Path::Through,
-            });
+            if let Some(p) = self.path_now(vol) {
+                return p;
+            }
+            notified.await;
         }
     }
 
     async fn submit(&self, req: IoRequest) -> IoResult {
         let vol = self.vol(req.disk)?;
         req.validate(vol.size())?;
-        let path = self.path(&vol).await?;
-        match req.op {
-            IoOp::Read => self.read(&vol, req, path != Path::Pass).await,
+        let (path, active) = self.path(&vol).await?;
+        if path == Path::Forward {
+            return Box::pin(self.reroute(&vol, req)).await;
+        }
+        let r = self.serve(&vol, req, path, active.gen).await;
+        drop(active);
+        match r {
+            Served::Done(r) => r,
+            Served::Again(req) => Box::pin(self.reroute(&vol, req)).await,
+            Served::Unmirrored { offset, buf, gen } => {
+                Box::pin(async {
+                    match self.mirror_lost(&vol, offset, buf, gen).await {
+                        Served::Done(r) => r,
+                        Served::Again(req) => self.reroute(&vol, req).await,
+                        Served::Unmirrored { .. } => unreachable!("resolved"),
+                    }
+                })
+                .await
+            }
+        }
+    }
+
+    async fn serve(&self, vol: &Arc<Vol>, req: IoRequest, path: Path, gen: u64) -> Served {
+        Served::Done(match req.op {
+            IoOp::Read => self.read(vol, req, path != Path::Pass).await,
             IoOp::Write => {
                 let aligned = req.offset.is_multiple_of(SECTOR) && req.len.is_multiple_of(SECTOR);
                 let fits = pages_of(req.offset, req.len).1 - pages_of(req.offset, req.len).0
@@ -436,11 +479,11 @@ impl<S: IoServer> Inner<S> {
                 match path {
                     Path::Back { mirrored } if aligned && fits && !req.flags.fua => {
                         self.counters.writes_back.fetch_add(1, Ordering::Relaxed);
-                        Box::pin(self.write_back(&vol, req, mirrored)).await
+                        return Box::pin(self.write_back(vol, req, mirrored, gen)).await;
                     }
                     _ => {
                         self.counters.writes_through.fetch_add(1, Ordering::Relaxed);
-                        self.direct(&vol, req).await
+                        return self.direct(vol, req, gen).await;
                     }
                 }
             }
@@ -448,24 +491,27 @@ impl<S: IoServer> Inner<S> {
             // its largest path (docs/benchmarks.md).
             IoOp::Flush => {
                 Box::pin(async {
-                    self.destage_all(&vol).await?;
+                    self.destage_all(vol).await?;
                     self.server.submit(req).await
                 })
                 .await
             }
-            IoOp::Unmap | IoOp::WriteZeroes => Box::pin(self.direct(&vol, req)).await,
-        }
+            IoOp::Unmap | IoOp::WriteZeroes => return Box::pin(self.direct(vol, req, gen)).await,
+        })
     }
 
     /// Waits until no page of `[first, last]` is dirty, then runs `then`
     /// under the directory lock (so no write dirties the range in between).
+    /// With `gen`, gives up (`Ok(None)`) once the volume's setup changes
+    /// from that generation: it may have changed hands.
     async fn wait_clean<T>(
         &self,
         vol: &Arc<Vol>,
         first: u64,
         last: u64,
+        gen: Option<u64>,
         then: impl Fn(&mut Dir) -> T,
-    ) -> Result<T, IoError> {
+    ) -> Result<Option<T>, IoError> {
         loop {
             let notified = vol.changed.notified();
             tokio::pin!(notified);
@@ -473,8 +519,11 @@ impl<S: IoServer> Inner<S> {
             let errors = vol.errors.load(Ordering::Acquire);
             {
                 let mut d = vol.dir.lock();
+                if gen.is_some_and(|g| g != vol.gen.load(Ordering::SeqCst)) {
+                    return Ok(None);
+                }
                 if !d.any_dirty(first, last) {
-                    return Ok(then(&mut d));
+                    return Ok(Some(then(&mut d)));
                 }
             }
             vol.urgent.fetch_add(1, Ordering::Relaxed);
@@ -487,8 +536,9 @@ impl<S: IoServer> Inner<S> {
 
     /// A request that goes straight to the IOServer once no dirty page of
     /// its range is left (they would later overwrite its data on the back
-    /// end); the range's clean pages are dropped afterwards.
-    async fn direct(&self, vol: &Arc<Vol>, req: IoRequest) -> IoResult {
+    /// end); the range's clean pages are dropped afterwards. If the volume
+    /// changes hands while it waits, it is handed back to be served again.
+    async fn direct(&self, vol: &Arc<Vol>, req: IoRequest, gen: u64) -> Served {
         let (start, end) = (req.offset, req.offset + req.len);
         let (first, last) = pages_of(start, req.len);
         let range = (start, end);
@@ -505,7 +555,11 @@ impl<S: IoServer> Inner<S> {
             clean
         };
         if !entered {
-            Box::pin(self.wait_clean(vol, first, last, enter)).await?;
+            match Box::pin(self.wait_clean(vol, first, last, Some(gen), enter)).await {
+                Ok(Some(())) => {}
+                Ok(None) => return Served::Again(req),
+                Err(e) => return Served::Done(Err(e)),
+            }
         }
         let r = self.server.submit(req).await;
         let mut d = vol.dir.lock();
@@ -517,7 +571,7 @@ impl<S: IoServer> Inner<S> {
             let gone = d.invalidate_clean(first, last);
             self.clean_total.fetch_sub(gone, Ordering::Relaxed);
         }
-        r
+        Served::Done(r)
     }
 
     /// Fails with the volume's destage error if one happened after
@@ -570,7 +624,13 @@ impl<S: IoServer> Inner<S> {
     /// A write completed from memory: its pages become dirty in the
     /// directory (sharing the host's pages where whole pages are written)
     /// and, if mirrored, copied to the partner.
-    async fn write_back(&self, vol: &Arc<Vol>, mut req: IoRequest, mirrored: bool) -> IoResult {
+    async fn write_back(
+        &self,
+        vol: &Arc<Vol>,
+        mut req: IoRequest,
+        mirrored: bool,
+        gen: u64,
+    ) -> Served {
         let buf = req.buf.take().expect("validated write has a buffer");
         let (first, last) = pages_of(req.offset, req.len);
         let npages = (last - first + 1) as usize;
@@ -579,14 +639,16 @@ impl<S: IoServer> Inner<S> {
         }
         // Hardening rights first: this is where a writer waits when its
         // volume or the node holds as much dirty data as it may.
-        self.take_rights(vol, npages).await?;
+        if let Err(e) = self.take_rights(vol, npages).await {
+            return Served::Done(Err(e));
+        }
         // Pieces of the host buffer, one per page, made before the lock
         // (they may fail for want of buffers, and then nothing changed).
         let pieces = match self.pieces(&buf, req.offset, first, last) {
             Ok(p) => p,
             Err(e) => {
                 self.give_back_rights(vol, npages);
-                return Err(e);
+                return Served::Done(Err(e));
             }
         };
         let mirror = if mirrored {
@@ -599,7 +661,7 @@ impl<S: IoServer> Inner<S> {
                 Ok(b) => Some(b),
                 Err(_) => {
                     self.give_back_rights(vol, npages);
-                    return Err(IoError::Exhausted { disk: vol.disk });
+                    return Served::Done(Err(IoError::Exhausted { disk: vol.disk }));
                 }
             },
             None => None,
@@ -629,7 +691,17 @@ impl<S: IoServer> Inner<S> {
                         let page = match piece {
                             Piece::Whole(b) => b,
                             Piece::Part { at, data } => {
-                                let mut page = data_page(&self.pool, vol.disk)?;
+                                // Allocated before the lock would be
+                                // better; a failure here leaves the
+                                // earlier pages of the write dirty, which
+                                // is harmless (the host sees an error and
+                                // rewrites).
+                                let Ok(mut page) = data_page(&self.pool, vol.disk) else {
+                                    drop(d);
+                                    return Served::Done(Err(IoError::Exhausted {
+                                        disk: vol.disk,
+                                    }));
+                                };
                                 copy_into(&mut page, at, &data);
                                 page
                             }
@@ -659,12 +731,16 @@ impl<S: IoServer> Inner<S> {
         self.dirty_total.fetch_add(newly_dirty, Ordering::Relaxed);
         self.clean_total.fetch_sub(recleaned, Ordering::Relaxed);
         if let Some(f) = mirrored_fut {
-            f.await.map_err(|e| IoError::Unavailable {
-                disk: vol.disk,
-                reason: e.to_string().into(),
-            })?;
+            if let Err(e) = f.await {
+                tracing::warn!(disk = vol.disk, %e, "no partner copy; the write waits for the pair to settle");
+                return Served::Unmirrored {
+                    offset: req.offset,
+                    buf,
+                    gen,
+                };
+            }
         }
-        Ok(Some(buf))
+        Served::Done(Ok(Some(buf)))
     }
 
     /// Reserves `n` hardening rights for `vol`: first within the volume's
@@ -866,6 +942,50 @@ impl<S: IoServer> Inner<S> {
     }
 }
 
+/// How a request served on this node ended.
+enum Served {
+    Done(IoResult),
+    /// Serve it again: the volume changed hands meanwhile.
+    Again(IoRequest),
+    /// A write-back write whose partner copy failed ([`Inner::mirror_lost`]).
+    Unmirrored {
+        offset: u64,
+        buf: Buffer,
+        gen: u64,
+    },
+}
+
+/// Counts a request in its volume's `active` while it is served locally;
+/// `gen` is the volume's setup generation it was admitted under.
+struct Active<'v> {
+    vol: Option<&'v Vol>,
+    gen: u64,
+}
+
+impl<'v> Active<'v> {
+    fn enter(vol: &'v Vol) -> Active<'v> {
+        vol.active.fetch_add(1, Ordering::SeqCst);
+        Active {
+            vol: Some(vol),
+            gen: 0,
+        }
+    }
+
+    fn none() -> Active<'v> {
+        Active { vol: None, gen: 0 }
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if let Some(v) = self.vol {
+            if v.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+                v.idle.notify_waiters();
+            }
+        }
+    }
+}
+
 enum Piece {
     /// A whole page of the host's buffer, shared.
     Whole(Buffer),
@@ -911,6 +1031,10 @@ impl<S: IoServer> IoClient for Inner<S> {
                     urgent: AtomicUsize::new(0),
                     error: Mutex::new(None),
                     errors: AtomicU64::new(0),
+                    active: AtomicUsize::new(0),
+                    idle: Notify::new(),
+                    gen: AtomicU64::new(0),
+                    frozen: AtomicBool::new(false),
                 });
                 self.vols.write().insert(*disk, vol);
             }
@@ -976,9 +1100,12 @@ impl<S: IoServer> IoServer for Cache<S> {
         let inner = Arc::clone(&self.inner);
         async move {
             let vol = inner.vol(disk)?;
+            if let Some(r) = inner.forwarded_block_status(&vol, offset, len).await {
+                return r;
+            }
             if len > 0 && offset.checked_add(len).is_some_and(|e| e <= vol.size()) {
                 let (first, last) = pages_of(offset, len);
-                inner.wait_clean(&vol, first, last, |_| ()).await?;
+                inner.wait_clean(&vol, first, last, None, |_| ()).await?;
             }
             inner.server.block_status(disk, offset, len).await
         }

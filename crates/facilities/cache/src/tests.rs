@@ -252,15 +252,197 @@ async fn a_volume_over_its_dirty_quota_waits_for_destage() {
     }
 }
 
+/// Reads `len` bytes at `off` straight from the back end under the cache.
+async fn back_end(c: &Cache<MemDisks>, pool: &Arc<BufferPool>, off: u64, len: usize) -> Vec<u8> {
+    read(c.server(), pool, off, len).await
+}
+
+fn owner(mirrored: bool) -> VolumeSetup {
+    VolumeSetup {
+        mode: CacheMode::WriteBack,
+        role: Role::Owner { mirrored },
+    }
+}
+
 #[tokio::test]
-async fn a_failed_mirror_fails_the_write() {
+async fn a_write_without_its_partner_copy_waits_until_the_pair_settles() {
     let (c, pool) = cache_with(limits());
     let m = mirrored(&c);
     m.fail.store(true, Ordering::Relaxed);
-    let mut b = pool.alloc(4096).unwrap();
-    b.copy_from_slice(0, &[1; 4096]);
-    let r = c.submit(IoRequest::write(DISK, 0, b, false)).await;
-    assert!(matches!(r, Err(IoError::Unavailable { .. })), "{r:?}");
+    let (c2, p2) = (c.clone(), Arc::clone(&pool));
+    let w = tokio::spawn(async move { write(&c2, &p2, 0, &[1; 4096], false).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!w.is_finished(), "completed with its data in one node only");
+    // The pair breaks: this node quiesces (the write is not counted: it
+    // waits outside), wins, and owns the volume alone.
+    tokio::time::timeout(Duration::from_secs(5), c.quiesce(DISK, true))
+        .await
+        .expect("quiesce does not wait for a write waiting on the pair");
+    assert!(!w.is_finished());
+    assert!(
+        back_end(&c, &pool, 0, 4096).await == vec![0; 4096],
+        "frozen: no destage"
+    );
+    c.set_volume(DISK, owner(false));
+    tokio::time::timeout(Duration::from_secs(5), w)
+        .await
+        .expect("completes once alone")
+        .unwrap();
+    // Completed only once on the back end (the node is alone: write-through).
+    assert!(back_end(&c, &pool, 0, 4096).await == vec![1; 4096]);
+}
+
+/// The owner's cache on the "partner", reached in-process; fails the first
+/// `fail` requests as a lost line would.
+struct ToOwner {
+    owner: Cache<MemDisks>,
+    fail: AtomicUsize,
+    sent: AtomicUsize,
+}
+
+impl Forward for ToOwner {
+    fn submit(
+        &self,
+        req: IoRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<IoResult, (IoRequest, LineLost)>> + Send>> {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let fail = self
+            .fail
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| f.checked_sub(1))
+            .is_ok();
+        let owner = self.owner.clone();
+        Box::pin(async move {
+            if fail {
+                return Err((req, LineLost("test line cut".into())));
+            }
+            Ok(owner.submit(req).await)
+        })
+    }
+
+    fn block_status(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        len: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<Result<Vec<AllocExtent>, IoError>, LineLost>> + Send>>
+    {
+        let owner = self.owner.clone();
+        Box::pin(async move { Ok(owner.block_status(disk, offset, len).await) })
+    }
+}
+
+#[tokio::test]
+async fn forwarded_requests_reach_the_owner_and_are_resent_after_a_lost_line() {
+    let (owner_cache, pool) = cache_with(limits());
+    let (c, _) = cache_with(limits());
+    let to = Arc::new(ToOwner {
+        owner: owner_cache.clone(),
+        fail: AtomicUsize::new(2),
+        sent: AtomicUsize::new(0),
+    });
+    c.set_forward(Some(to.clone() as Arc<dyn Forward>));
+    c.set_volume(
+        DISK,
+        VolumeSetup {
+            mode: CacheMode::WriteBack,
+            role: Role::Forward,
+        },
+    );
+    write(&c, &pool, 8192, &[7; 4096], false).await;
+    assert_eq!(
+        to.sent.load(Ordering::Relaxed),
+        3,
+        "two lost, the third went through"
+    );
+    assert_eq!(read(&owner_cache, &pool, 8192, 4096).await, vec![7; 4096]);
+    assert_eq!(read(&c, &pool, 8192, 4096).await, vec![7; 4096]);
+    assert_eq!(c.dirty_pages(DISK), 0, "the forwarding node keeps nothing");
+    assert_eq!(
+        back_end(&c, &pool, 8192, 4096).await,
+        vec![0; 4096],
+        "the forwarding node's back end was not touched"
+    );
+    let ext = c.block_status(DISK, 0, SIZE).await.unwrap();
+    assert!(!ext.is_empty());
+    // The volume comes to this node (say, the owner died and this node
+    // adopted its copies): requests are served here again.
+    c.set_volume(DISK, owner(false));
+    let before = to.sent.load(Ordering::Relaxed);
+    write(&c, &pool, 0, &[9; 4096], false).await;
+    assert_eq!(to.sent.load(Ordering::Relaxed), before);
+    assert_eq!(back_end(&c, &pool, 0, 4096).await, vec![9; 4096]);
+}
+
+#[tokio::test]
+async fn adopted_copies_are_read_and_destaged_as_dirty_pages() {
+    let (c, pool) = cache_with(limits());
+    write(&c, &pool, 0, &[1; 8192], true).await;
+    c.quiesce(DISK, true).await;
+    let mut page = pool.alloc(4096).unwrap();
+    page.copy_from_slice(0, &[5; 4096]);
+    let n = c
+        .adopt(
+            DISK,
+            vec![Adopted {
+                page: 1,
+                // The second half of page 1.
+                mask: 0xF0,
+                data: page,
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(c.dirty_pages(DISK), 1);
+    c.set_volume(DISK, owner(false));
+    let mut want = vec![1; 8192];
+    want[4096 + 2048..].fill(5);
+    assert_eq!(read(&c, &pool, 0, 8192).await, want);
+    c.submit(IoRequest::flush(DISK)).await.unwrap();
+    assert_eq!(c.dirty_pages(DISK), 0);
+    assert_eq!(back_end(&c, &pool, 0, 8192).await, want);
+}
+
+#[tokio::test]
+async fn quiesce_waits_for_requests_in_progress_and_discard_drops_everything() {
+    let (c, pool) = cache_with(limits());
+    let m = mirrored(&c);
+    m.fail.store(false, Ordering::Relaxed);
+    write(&c, &pool, 0, &[3; 16384], false).await;
+    assert_eq!(c.dirty_pages(DISK), 4);
+    assert_eq!(c.dirty_total(), 4);
+    c.quiesce(DISK, false).await;
+    assert_eq!(c.active(DISK), 0);
+    // Held: a new request waits.
+    let (c2, p2) = (c.clone(), Arc::clone(&pool));
+    let r = tokio::spawn(async move { read(&c2, &p2, 0, 4096).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(!r.is_finished());
+    // Not frozen: the volume can be destaged and handed over.
+    c.destage_volume(DISK).await.unwrap();
+    assert_eq!(back_end(&c, &pool, 0, 16384).await, vec![3; 16384]);
+    write_direct_to_back_end(&c, &pool, 0, &[4; 4096]).await;
+    assert_eq!(c.discard(DISK), 0, "all destaged");
+    assert_eq!(c.stats().clean_pages, 0);
+    c.set_volume(DISK, owner(true));
+    assert_eq!(r.await.unwrap(), vec![4; 4096], "nothing stale was kept");
+    // Discarding dirty pages (a lost break) gives their rights back.
+    write(&c, &pool, 0, &[6; 8192], false).await;
+    c.quiesce(DISK, true).await;
+    assert_eq!(c.discard(DISK), 2);
+    assert_eq!(c.dirty_total(), 0);
+    c.set_volume(DISK, owner(true));
+    assert_eq!(read(&c, &pool, 0, 4096).await, vec![4; 4096]);
+}
+
+/// The partner wrote the back end after this node handed the volume over.
+async fn write_direct_to_back_end(
+    c: &Cache<MemDisks>,
+    pool: &Arc<BufferPool>,
+    off: u64,
+    data: &[u8],
+) {
+    write(c.server(), pool, off, data, false).await;
 }
 
 #[tokio::test]
