@@ -47,7 +47,7 @@ mod pair;
 mod tests;
 
 use dir::{Dir, Track, ALL, PAGE, SECTOR};
-pub use pair::{Adopted, Forward, LineLost};
+pub use pair::{Adopted, Forward, Forwarded, ForwardedStatus, LineLost};
 
 /// Bounds and pacing of one node's cache.
 #[derive(Debug, Clone)]

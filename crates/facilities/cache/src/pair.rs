@@ -25,6 +25,12 @@ use crate::{pages_of, Cache, Inner, Path, Role, Served, Vol, VolumeSetup};
 #[error("the line to the partner node is down: {0}")]
 pub struct LineLost(pub Arc<str>);
 
+/// What [`Forward::submit`] resolves to.
+pub type Forwarded = Pin<Box<dyn Future<Output = Result<IoResult, (IoRequest, LineLost)>> + Send>>;
+/// What [`Forward::block_status`] resolves to.
+pub type ForwardedStatus =
+    Pin<Box<dyn Future<Output = Result<Result<Vec<AllocExtent>, IoError>, LineLost>> + Send>>;
+
 /// The owner of a volume on the partner node, as a forwarding node sees it.
 pub trait Forward: Send + Sync + 'static {
     /// Sends `req` to the partner's cache and resolves with its result, or
@@ -32,19 +38,11 @@ pub trait Forward: Send + Sync + 'static {
     /// whether the partner executed it; the cache sends it again once the
     /// line or the volume's role changed, which is harmless since the host
     /// has not been told it completed).
-    fn submit(
-        &self,
-        req: IoRequest,
-    ) -> Pin<Box<dyn Future<Output = Result<IoResult, (IoRequest, LineLost)>> + Send>>;
+    fn submit(&self, req: IoRequest) -> Forwarded;
 
     /// Block status of a range, answered by the owner (which destages the
     /// range first).
-    fn block_status(
-        &self,
-        disk: DiskId,
-        offset: u64,
-        len: u64,
-    ) -> Pin<Box<dyn Future<Output = Result<Result<Vec<AllocExtent>, IoError>, LineLost>> + Send>>;
+    fn block_status(&self, disk: DiskId, offset: u64, len: u64) -> ForwardedStatus;
 }
 
 /// A copy of one of the partner's dirty pages, taken over when this node
