@@ -119,6 +119,7 @@ impl AdminService for FakeService {
                 admin_addr: "127.0.0.1:7480".into(),
                 nbd_portal: Some("127.0.0.1:10809".into()),
                 iscsi_portal: Some("127.0.0.1:3260".into()),
+                cache_line: None,
                 witness: false,
             },
             import: None,
@@ -160,6 +161,7 @@ impl AdminService for FakeService {
                 admin_addr: format!("{host}:{admin_port}"),
                 nbd_portal: None,
                 iscsi_portal: None,
+                cache_line: None,
                 witness: false,
             },
         })?;

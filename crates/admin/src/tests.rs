@@ -967,6 +967,7 @@ fn node_spec(name: &str) -> sanvirt_config::NodeSpec {
         admin_addr: format!("{name}.example.com:7480"),
         nbd_portal: None,
         iscsi_portal: None,
+        cache_line: None,
         witness: false,
     }
 }

@@ -68,6 +68,7 @@ fn setup(role: Role) -> VolumeSetup {
     VolumeSetup {
         mode: CacheMode::WriteBack,
         role,
+        epoch: 0,
     }
 }
 

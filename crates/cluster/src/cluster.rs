@@ -84,6 +84,8 @@ pub struct ClusterConfig {
     pub admin_addr: String,
     pub nbd_portal: Option<String>,
     pub iscsi_portal: Option<String>,
+    /// Where the partner's cache reaches this node's cache line.
+    pub cache_line: Option<String>,
     /// A witness votes but serves no I/O.
     pub witness: bool,
     pub heartbeat_ms: u64,
@@ -184,6 +186,7 @@ impl ClusterConfig {
             admin_addr: self.admin_addr.clone(),
             nbd_portal: self.nbd_portal.clone(),
             iscsi_portal: self.iscsi_portal.clone(),
+            cache_line: self.cache_line.clone(),
             witness: self.witness,
         }
     }
@@ -199,6 +202,7 @@ impl Default for ClusterConfig {
             admin_addr: String::new(),
             nbd_portal: None,
             iscsi_portal: None,
+            cache_line: None,
             witness: false,
             heartbeat_ms: Self::HEARTBEAT_MS_DEFAULT,
             election_timeout_ms: Self::ELECTION_TIMEOUT_MS_DEFAULT,

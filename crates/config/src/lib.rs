@@ -284,6 +284,10 @@ pub struct NodeSpec {
     /// Where hosts reach its iSCSI target (none for a witness).
     #[serde(default)]
     pub iscsi_portal: Option<String>,
+    /// Where its partner's cache reaches its cache line (none for a
+    /// witness; docs/cache.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_line: Option<String>,
     /// A witness votes but serves no I/O and is in no I/O group.
     #[serde(default)]
     pub witness: bool,
@@ -302,6 +306,8 @@ pub struct Node {
     pub nbd_portal: Option<String>,
     #[serde(default)]
     pub iscsi_portal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_line: Option<String>,
     #[serde(default)]
     pub witness: bool,
     /// `None` for a witness; otherwise one of at most

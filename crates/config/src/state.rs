@@ -1761,10 +1761,18 @@ impl State {
                 Outcome::Done
             }
             (Command::SetPreferredNode { volume, .. }, Prepared::SetPreferredNode { node }) => {
-                self.volumes
-                    .get_mut(volume)
-                    .expect("prepared")
-                    .preferred_node = Some(node);
+                let v = self.volumes.get_mut(volume).expect("prepared");
+                let moved = v.preferred_node != Some(node);
+                v.preferred_node = Some(node);
+                let g = v.io_group;
+                // In a mirrored pair the volume changes owner: a new epoch,
+                // so the old owner's handover and the new owner's wait for
+                // it name the same epoch (docs/cache.md).
+                if let Some(p) = self.cache_pairs.get_mut(&g) {
+                    if moved && p.mode == PairMode::Mirrored {
+                        p.epoch += 1;
+                    }
+                }
                 Outcome::Done
             }
             (cmd, _) => unreachable!("prepare returned a plan for another command than {cmd:?}"),

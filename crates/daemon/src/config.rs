@@ -44,6 +44,12 @@ pub struct CacheConfig {
     /// Dirty data wait at most about this long before destage starts.
     /// Default: 200.
     pub destage_delay_ms: Option<u64>,
+    /// The cache line's listener (the partner node's cache connects to
+    /// it). Default: the cluster listener's address, any free port.
+    pub line_listen: Option<SocketAddr>,
+    /// `host:port` the partner uses to reach `line_listen`. Default: the
+    /// host of `cluster.advertise` with the port bound.
+    pub line_advertise: Option<String>,
 }
 
 impl DaemonConfig {

@@ -6,6 +6,7 @@ mod config;
 mod demo;
 mod leased;
 mod node;
+mod pair;
 mod probe;
 mod scsi;
 mod token;

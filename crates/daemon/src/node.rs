@@ -21,7 +21,7 @@ use sanvirt_admin::{
 };
 use sanvirt_backend::{BackEnd, BackEndConfig, CacheMode, EngineKind};
 use sanvirt_buffer::BufferPool;
-use sanvirt_cache::{Cache, CacheMode as CachePolicy, Role, VolumeSetup};
+use sanvirt_cache::{Cache, VolumeSetup};
 use sanvirt_cluster::{Cluster, IoModules, Lease, Response};
 use sanvirt_config::journal::Store;
 use sanvirt_config::{Command, ConfigError, Outcome, State};
@@ -35,14 +35,16 @@ use sanvirt_virt::Virtualization;
 
 use crate::config::DaemonConfig;
 use crate::leased::{LeaseCheck, Leased};
+use crate::pair::{cache_mode, Pair};
 use crate::scsi::{access_map, ConfigAuth, ConfigPrStore};
 
 /// The facilities under the front ends: the lease check, the fast-write
-/// cache, thin provisioning → virtualization → back end, shared by every
-/// front end through a [`FanOut`].
+/// cache, the lease check again (so destage, and requests the partner
+/// forwards, stop with the lease too), thin provisioning → virtualization →
+/// back end, shared by every front end through a [`FanOut`].
 pub type Server = FanOut<Leased<NodeCache, Lease>>;
 /// The cache facility of this build, over everything that maps volumes.
-pub type NodeCache = Cache<Thin<Virtualization<BackEnd>>>;
+pub type NodeCache = Cache<Leased<Thin<Virtualization<BackEnd>>, Lease>>;
 
 impl LeaseCheck for Lease {
     fn held(&self) -> bool {
@@ -107,6 +109,7 @@ pub struct Node {
     virt: Virtualization<BackEnd>,
     thin: Thin<Virtualization<BackEnd>>,
     cache: NodeCache,
+    pair: Option<Arc<Pair>>,
     scsi: Arc<ScsiTarget<Server>>,
     auth: Arc<ConfigAuth>,
     pool: Arc<BufferPool>,
@@ -136,9 +139,27 @@ impl Node {
         }
         // The cache's setup first, so a new volume is served as configured
         // from its first request; then thin, so a new thin volume is never
-        // announced as plain.
-        for v in state.volumes.values() {
-            self.cache.set_volume(v.id, cache_setup(state, v));
+        // announced as plain. In a cluster, the cache pair controller gives
+        // each volume its role (docs/cache.md); until it has, a new volume
+        // is held.
+        match (&self.pair, &state.cluster) {
+            (Some(pair), Some(_)) => {
+                for v in state.volumes.values() {
+                    self.cache.set_mode(v.id, cache_mode(v));
+                }
+                pair.configure(&Arc::new(state.clone()));
+            }
+            _ => {
+                for v in state.volumes.values() {
+                    self.cache.set_volume(
+                        v.id,
+                        VolumeSetup {
+                            mode: cache_mode(v),
+                            ..VolumeSetup::default()
+                        },
+                    );
+                }
+            }
         }
         self.thin.reconfigure(state);
         self.virt.reconfigure(state);
@@ -150,6 +171,18 @@ impl Node {
             }
         }
         self.scsi.set_access(access_map(state));
+    }
+}
+
+impl Node {
+    /// This node's id in the cluster, once it is in one.
+    pub fn node_id(&self) -> Option<sanvirt_config::NodeId> {
+        self.cluster.status().node_id
+    }
+
+    /// Proposes `cmd` to the cluster (the I/O modules' own events).
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, ConfigError> {
+        self.cluster.propose(cmd).await
     }
 }
 
@@ -175,25 +208,6 @@ fn alua_groups(state: &State, v: &sanvirt_config::Volume) -> AluaGroups {
         })
         .collect();
     AluaGroups { groups }
-}
-
-/// How this node's cache serves volume `v`. A standalone node or a
-/// one-node I/O group owns its volumes and has no partner (write-back runs
-/// write-through). An I/O group with two nodes serves a volume from both
-/// nodes straight from the back end until the cache pair protocol makes
-/// one node the owner (docs/cache.md): a node caching clean data there could
-/// return data the other node has since overwritten.
-fn cache_setup(state: &State, v: &sanvirt_config::Volume) -> VolumeSetup {
-    let mode = match v.cache_mode {
-        sanvirt_config::VolumeCacheMode::WriteBack => CachePolicy::WriteBack,
-        sanvirt_config::VolumeCacheMode::WriteThrough => CachePolicy::WriteThrough,
-        sanvirt_config::VolumeCacheMode::None => CachePolicy::None,
-    };
-    let shared = state.io_group_nodes(v.io_group).count() > 1;
-    VolumeSetup {
-        mode: if shared { CachePolicy::None } else { mode },
-        role: Role::Owner { mirrored: false },
-    }
 }
 
 impl AdminService for Node {
@@ -384,6 +398,36 @@ pub async fn run(
     // be created or added.
     let io = Arc::new(NodeIo::default());
     let c = &cfg.cluster;
+    // The cache line's listener (not on a witness): bound first, so its
+    // address is in the node's description from the start.
+    let line_listener = if c.witness {
+        None
+    } else {
+        let listen = cfg
+            .cache
+            .line_listen
+            .unwrap_or_else(|| SocketAddr::new(c.listen.ip(), 0));
+        let l = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("cannot listen for the cache line on {listen}"))?;
+        let addr = l.local_addr()?;
+        Some((l, addr))
+    };
+    let line_advertise = line_listener.as_ref().map(|(_, addr)| {
+        cfg.cache.line_advertise.clone().unwrap_or_else(|| {
+            let host = c
+                .advertise
+                .as_deref()
+                .and_then(|a| a.rsplit_once(':').map(|(h, _)| h.to_string()))
+                .unwrap_or_else(|| c.listen.ip().to_string());
+            let host = if host == "0.0.0.0" {
+                "127.0.0.1".to_string()
+            } else {
+                host
+            };
+            format!("{host}:{}", addr.port())
+        })
+    });
     let cluster_cfg = sanvirt_cluster::ClusterConfig {
         data_dir: cfg.data_dir.join("cluster"),
         node_name: node_name(&cfg, uid),
@@ -392,6 +436,7 @@ pub async fn run(
         admin_addr: admin_addr.to_string(),
         nbd_portal: (!c.witness).then(|| nbd_portal.to_string()),
         iscsi_portal: (!c.witness && cfg.iscsi.enabled).then(|| cfg.iscsi.listen.to_string()),
+        cache_line: line_advertise,
         witness: c.witness,
         heartbeat_ms: c.heartbeat_ms,
         election_timeout_ms: c.election_timeout_ms,
@@ -427,7 +472,14 @@ pub async fn run(
         }
     }
     let lease = cluster.lease();
-    let cache = Cache::new(thin.clone(), Arc::clone(&pool), cfg.cache_limits());
+    let cache = Cache::new(
+        Leased::new(thin.clone(), lease.clone()),
+        Arc::clone(&pool),
+        cfg.cache_limits(),
+    );
+    let pair = line_listener
+        .as_ref()
+        .map(|_| Pair::new(cache.clone(), Arc::clone(&pool)));
     let server: Server = FanOut::new(Leased::new(cache.clone(), lease));
     let nbd: Arc<Stack> = NbdFrontEnd::try_new(
         server.clone(),
@@ -494,6 +546,7 @@ pub async fn run(
         virt,
         thin,
         cache,
+        pair: pair.clone(),
         pool,
         started: Instant::now(),
         nbd_portal,
@@ -512,6 +565,9 @@ pub async fn run(
             "configuration recovered"
         );
         io.bind(&node);
+    }
+    if let (Some(pair), Some((l, _))) = (&node.pair, line_listener) {
+        pair.start(l, Arc::downgrade(&node));
     }
     if demo {
         let n = Arc::clone(&node);

@@ -96,6 +96,7 @@ impl TestNode {
             election_timeout_ms: ELECTION_MS,
             lease_ms: LEASE_MS,
             iscsi_portal: Some(format!("127.0.0.1:{}", port + 1)),
+            cache_line: None,
             ..ClusterConfig::new(
                 dir.path().join("cluster"),
                 name,

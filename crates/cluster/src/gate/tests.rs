@@ -65,6 +65,7 @@ fn node(id: NodeId, online: bool) -> Node {
         admin_addr: format!("10.0.0.{id}:8080"),
         nbd_portal: None,
         iscsi_portal: None,
+        cache_line: None,
         witness: false,
         io_group: Some(0),
         online,

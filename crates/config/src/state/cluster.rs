@@ -115,6 +115,7 @@ pub fn check_node_spec(spec: &NodeSpec) -> Result<(), ConfigError> {
     for (field, portal) in [
         ("nbd_portal", &spec.nbd_portal),
         ("iscsi_portal", &spec.iscsi_portal),
+        ("cache_line", &spec.cache_line),
     ] {
         if let Some(p) = portal {
             if spec.witness {
@@ -138,6 +139,7 @@ impl Node {
             admin_addr: self.admin_addr.clone(),
             nbd_portal: self.nbd_portal.clone(),
             iscsi_portal: self.iscsi_portal.clone(),
+            cache_line: self.cache_line.clone(),
             witness: self.witness,
         }
     }
@@ -383,6 +385,7 @@ impl State {
                 admin_addr: node.admin_addr.clone(),
                 nbd_portal: node.nbd_portal.clone(),
                 iscsi_portal: node.iscsi_portal.clone(),
+                cache_line: node.cache_line.clone(),
                 witness: false,
                 io_group: Some(0),
                 online: true,
@@ -435,6 +438,7 @@ impl State {
                 admin_addr: spec.admin_addr.clone(),
                 nbd_portal: spec.nbd_portal.clone(),
                 iscsi_portal: spec.iscsi_portal.clone(),
+                cache_line: spec.cache_line.clone(),
                 witness: spec.witness,
                 io_group,
                 online: false,

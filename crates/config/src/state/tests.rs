@@ -777,6 +777,7 @@ fn node_spec_strategy() -> impl Strategy<Value = NodeSpec> {
             },
             nbd_portal: None,
             iscsi_portal: (!witness && name % 2 == 0).then(|| format!("10.0.1.{name}:3260")),
+            cache_line: None,
             witness,
         })
 }
@@ -1587,6 +1588,7 @@ fn node_spec(i: u8) -> NodeSpec {
         admin_addr: format!("10.0.0.{i}:7200"),
         nbd_portal: Some(format!("10.0.1.{i}:10809")),
         iscsi_portal: Some(format!("10.0.1.{i}:3260")),
+        cache_line: None,
         witness: false,
     }
 }
@@ -1598,6 +1600,7 @@ fn witness_spec(i: u8) -> NodeSpec {
         admin_addr: format!("10.0.0.{i}:7200"),
         nbd_portal: None,
         iscsi_portal: None,
+        cache_line: None,
         witness: true,
     }
 }
@@ -1680,6 +1683,7 @@ fn create_cluster_makes_node_one() {
             admin_addr: "10.0.0.1:7200".into(),
             nbd_portal: Some("10.0.1.1:10809".into()),
             iscsi_portal: Some("10.0.1.1:3260".into()),
+            cache_line: None,
             witness: false,
             io_group: Some(0),
             online: true,

@@ -133,6 +133,9 @@ pub enum Role {
 pub struct VolumeSetup {
     pub mode: CacheMode,
     pub role: Role,
+    /// The cache pair's epoch the role belongs to (0 without a pair): a
+    /// write whose partner copy failed completes in a later epoch only.
+    pub epoch: u64,
 }
 
 impl Default for VolumeSetup {
@@ -142,6 +145,7 @@ impl Default for VolumeSetup {
         VolumeSetup {
             mode: CacheMode::WriteBack,
             role: Role::Owner { mirrored: false },
+            epoch: 0,
         }
     }
 }
@@ -344,6 +348,26 @@ impl<S: IoServer> Cache<S> {
         }
     }
 
+    /// Changes the cache mode of `disk`, keeping its role (a configuration
+    /// change that does not move the volume).
+    pub fn set_mode(&self, disk: DiskId, mode: CacheMode) {
+        let vol = self.inner.vols.read().get(&disk).cloned();
+        match vol {
+            Some(v) => {
+                v.setup.lock().mode = mode;
+                v.changed.notify_waiters();
+            }
+            None => {
+                let mut setups = self.inner.setups.lock();
+                let s = setups.entry(disk).or_insert_with(|| VolumeSetup {
+                    role: Role::Hold,
+                    ..VolumeSetup::default()
+                });
+                s.mode = mode;
+            }
+        }
+    }
+
     /// The setup of `disk`, if the cache serves it.
     pub fn volume(&self, disk: DiskId) -> Option<VolumeSetup> {
         let vol = self.inner.vols.read().get(&disk).cloned();
@@ -410,6 +434,7 @@ impl<S: IoServer> Inner<S> {
         let setup = {
             let s = vol.setup.lock();
             active.gen = vol.gen.load(Ordering::SeqCst);
+            active.epoch = s.epoch;
             s.clone()
         };
         let mirrored = match setup.role {
@@ -451,14 +476,19 @@ impl<S: IoServer> Inner<S> {
         if path == Path::Forward {
             return Box::pin(self.reroute(&vol, req)).await;
         }
-        let r = self.serve(&vol, req, path, active.gen).await;
+        let r = self.serve(&vol, req, path, active.gen, active.epoch).await;
         drop(active);
         match r {
             Served::Done(r) => r,
             Served::Again(req) => Box::pin(self.reroute(&vol, req)).await,
-            Served::Unmirrored { offset, buf, gen } => {
+            Served::Unmirrored {
+                offset,
+                buf,
+                gen,
+                epoch,
+            } => {
                 Box::pin(async {
-                    match self.mirror_lost(&vol, offset, buf, gen).await {
+                    match self.mirror_lost(&vol, offset, buf, gen, epoch).await {
                         Served::Done(r) => r,
                         Served::Again(req) => self.reroute(&vol, req).await,
                         Served::Unmirrored { .. } => unreachable!("resolved"),
@@ -469,7 +499,14 @@ impl<S: IoServer> Inner<S> {
         }
     }
 
-    async fn serve(&self, vol: &Arc<Vol>, req: IoRequest, path: Path, gen: u64) -> Served {
+    async fn serve(
+        &self,
+        vol: &Arc<Vol>,
+        req: IoRequest,
+        path: Path,
+        gen: u64,
+        epoch: u64,
+    ) -> Served {
         Served::Done(match req.op {
             IoOp::Read => self.read(vol, req, path != Path::Pass).await,
             IoOp::Write => {
@@ -479,7 +516,7 @@ impl<S: IoServer> Inner<S> {
                 match path {
                     Path::Back { mirrored } if aligned && fits && !req.flags.fua => {
                         self.counters.writes_back.fetch_add(1, Ordering::Relaxed);
-                        return Box::pin(self.write_back(vol, req, mirrored, gen)).await;
+                        return Box::pin(self.write_back(vol, req, mirrored, gen, epoch)).await;
                     }
                     _ => {
                         self.counters.writes_through.fetch_add(1, Ordering::Relaxed);
@@ -630,6 +667,7 @@ impl<S: IoServer> Inner<S> {
         mut req: IoRequest,
         mirrored: bool,
         gen: u64,
+        epoch: u64,
     ) -> Served {
         let buf = req.buf.take().expect("validated write has a buffer");
         let (first, last) = pages_of(req.offset, req.len);
@@ -737,6 +775,7 @@ impl<S: IoServer> Inner<S> {
                     offset: req.offset,
                     buf,
                     gen,
+                    epoch,
                 };
             }
         }
@@ -952,6 +991,7 @@ enum Served {
         offset: u64,
         buf: Buffer,
         gen: u64,
+        epoch: u64,
     },
 }
 
@@ -960,6 +1000,7 @@ enum Served {
 struct Active<'v> {
     vol: Option<&'v Vol>,
     gen: u64,
+    epoch: u64,
 }
 
 impl<'v> Active<'v> {
@@ -968,11 +1009,16 @@ impl<'v> Active<'v> {
         Active {
             vol: Some(vol),
             gen: 0,
+            epoch: 0,
         }
     }
 
     fn none() -> Active<'v> {
-        Active { vol: None, gen: 0 }
+        Active {
+            vol: None,
+            gen: 0,
+            epoch: 0,
+        }
     }
 }
 

@@ -80,11 +80,13 @@ impl<S: IoServer> Cache<S> {
             return;
         };
         let mode = vol.setup.lock().mode;
+        let epoch = vol.setup.lock().epoch;
         self.set_volume(
             disk,
             VolumeSetup {
                 mode,
                 role: Role::Hold,
+                epoch,
             },
         );
         if freeze {
@@ -250,18 +252,21 @@ impl<S: IoServer> Inner<S> {
         loop {
             let (path, active) = self.path(vol).await?;
             if path != Path::Forward {
-                let r = self.serve(vol, req, path, active.gen).await;
+                let r = self.serve(vol, req, path, active.gen, active.epoch).await;
                 drop(active);
                 match r {
                     Served::Done(r) => return r,
                     Served::Again(r) => req = r,
-                    Served::Unmirrored { offset, buf, gen } => {
-                        match self.mirror_lost(vol, offset, buf, gen).await {
-                            Served::Done(r) => return r,
-                            Served::Again(r) => req = r,
-                            Served::Unmirrored { .. } => unreachable!("resolved"),
-                        }
-                    }
+                    Served::Unmirrored {
+                        offset,
+                        buf,
+                        gen,
+                        epoch,
+                    } => match self.mirror_lost(vol, offset, buf, gen, epoch).await {
+                        Served::Done(r) => return r,
+                        Served::Again(r) => req = r,
+                        Served::Unmirrored { .. } => unreachable!("resolved"),
+                    },
                 }
                 continue;
             }
@@ -323,16 +328,18 @@ impl<S: IoServer> Inner<S> {
 
     /// A write-back write whose partner copy failed: its pages are dirty
     /// here only. It completes once the pair has settled who holds the
-    /// group's data (the volume's setup changed since the write began):
-    /// if this node still owns the volume (it won, or the pair rejoined),
-    /// once the write's pages are on the back end; if the partner does, it
-    /// is sent there.
+    /// group's data: if this node owns the volume alone (it won the break)
+    /// or in a later epoch (the pair rejoined, which it does only once the
+    /// lone node's dirty pages are destaged), once the write's pages are on
+    /// the back end; if the partner owns it, it is sent there. A change of
+    /// setup within the same mirrored epoch settles nothing.
     pub(crate) async fn mirror_lost(
         &self,
         vol: &Arc<Vol>,
         offset: u64,
         buf: Buffer,
         gen: u64,
+        epoch: u64,
     ) -> Served {
         let (first, last) = pages_of(offset, buf.len() as u64);
         loop {
@@ -340,9 +347,10 @@ impl<S: IoServer> Inner<S> {
             tokio::pin!(notified);
             notified.as_mut().enable();
             if vol.gen.load(Ordering::SeqCst) != gen {
-                let role = vol.setup.lock().role.clone();
-                match role {
+                let setup = vol.setup.lock().clone();
+                match setup.role {
                     Role::Hold => {}
+                    Role::Owner { mirrored: true } if setup.epoch == epoch => {}
                     Role::Owner { .. } => {
                         return Served::Done(
                             self.wait_clean(vol, first, last, None, |_| ())

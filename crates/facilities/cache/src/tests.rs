@@ -77,6 +77,7 @@ fn mirrored(c: &Cache<MemDisks>) -> Arc<RecordingMirror> {
         VolumeSetup {
             mode: CacheMode::WriteBack,
             role: Role::Owner { mirrored: true },
+            epoch: 0,
         },
     );
     m
@@ -116,6 +117,7 @@ async fn conformance_in_every_mode() {
                 role: Role::Owner {
                     mirrored: mirrored_,
                 },
+                epoch: 0,
             },
         );
         conformance::run(&c, &pool, DISK).await;
@@ -261,6 +263,7 @@ fn owner(mirrored: bool) -> VolumeSetup {
     VolumeSetup {
         mode: CacheMode::WriteBack,
         role: Role::Owner { mirrored },
+        epoch: 0,
     }
 }
 
@@ -346,6 +349,7 @@ async fn forwarded_requests_reach_the_owner_and_are_resent_after_a_lost_line() {
         VolumeSetup {
             mode: CacheMode::WriteBack,
             role: Role::Forward,
+            epoch: 0,
         },
     );
     write(&c, &pool, 8192, &[7; 4096], false).await;
@@ -453,6 +457,7 @@ async fn held_volumes_wait_and_unavailable_ones_fail() {
         VolumeSetup {
             mode: CacheMode::WriteBack,
             role: Role::Hold,
+            epoch: 0,
         },
     );
     let c2 = c.clone();
@@ -469,6 +474,7 @@ async fn held_volumes_wait_and_unavailable_ones_fail() {
             role: Role::Unavailable {
                 reason: "no node of io_grp0 is online".into(),
             },
+            epoch: 0,
         },
     );
     let b = pool.alloc(4096).unwrap();
@@ -598,7 +604,7 @@ proptest! {
                             2 => (CacheMode::WriteThrough, true),
                             _ => (CacheMode::None, false),
                         };
-                        c.set_volume(DISK, VolumeSetup { mode, role: Role::Owner { mirrored } });
+                        c.set_volume(DISK, VolumeSetup { mode, role: Role::Owner { mirrored }, epoch: 0 });
                     }
                 }
             }
