@@ -34,12 +34,13 @@ pub struct DaemonConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     /// Pages this node may hold dirty (its hardening rights). Default: a
-    /// quarter of `buffers.pages`.
+    /// fifth of the smaller of `buffers.pages` and `buffers.iobs` (each
+    /// cached page holds one page and one IOB, and the node also holds a
+    /// copy of each of its partner's dirty pages).
     pub dirty_pages_max: Option<usize>,
     /// Pages one volume may hold dirty. Default: half of `dirty_pages_max`.
     pub volume_dirty_pages_max: Option<usize>,
-    /// Clean pages kept for read hits. Default: a quarter of
-    /// `buffers.pages`.
+    /// Clean pages kept for read hits. Default: as `dirty_pages_max`.
     pub clean_pages_max: Option<usize>,
     /// Dirty data wait at most about this long before destage starts.
     /// Default: 200.
@@ -56,11 +57,12 @@ impl DaemonConfig {
     /// The cache's limits with the defaults filled in.
     pub fn cache_limits(&self) -> sanvirt_cache::CacheLimits {
         let c = &self.cache;
-        let dirty = c.dirty_pages_max.unwrap_or(self.buffers.pages / 4);
+        let share = self.buffers.pages.min(self.buffers.iobs) / 5;
+        let dirty = c.dirty_pages_max.unwrap_or(share);
         sanvirt_cache::CacheLimits {
             dirty_pages_max: dirty,
             volume_dirty_pages_max: c.volume_dirty_pages_max.unwrap_or(dirty / 2),
-            clean_pages_max: c.clean_pages_max.unwrap_or(self.buffers.pages / 4),
+            clean_pages_max: c.clean_pages_max.unwrap_or(share),
             destage_start_pages: dirty / 4,
             destage_delay: std::time::Duration::from_millis(c.destage_delay_ms.unwrap_or(200)),
             ..sanvirt_cache::CacheLimits::default()
@@ -277,12 +279,15 @@ impl DaemonConfig {
         }
         let cache = self.cache_limits();
         cache.check().map_err(|e| anyhow::anyhow!("cache: {e}"))?;
-        if cache.dirty_pages_max + cache.clean_pages_max > self.buffers.pages * 3 / 4 {
+        // Own dirty pages, the partner's copies (as many) and clean pages,
+        // each one page and one IOB.
+        let held = 2 * cache.dirty_pages_max + cache.clean_pages_max;
+        let room = self.buffers.pages.min(self.buffers.iobs);
+        if held > room * 3 / 4 {
             bail!(
-                "cache.dirty_pages_max + cache.clean_pages_max ({}) must leave a quarter of \
-                 buffers.pages ({}) to the front ends",
-                cache.dirty_pages_max + cache.clean_pages_max,
-                self.buffers.pages
+                "2 × cache.dirty_pages_max + cache.clean_pages_max ({held}) must leave a quarter \
+                 of buffers.pages and buffers.iobs (the smaller is {room}) to the front ends \
+                 (the node also holds a copy of each of its partner's dirty pages)",
             );
         }
         if !(1..=60_000).contains(&self.cache.destage_delay_ms.unwrap_or(200)) {

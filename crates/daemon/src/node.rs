@@ -403,14 +403,26 @@ pub async fn run(
     let line_listener = if c.witness {
         None
     } else {
-        let listen = cfg
-            .cache
-            .line_listen
-            .unwrap_or_else(|| SocketAddr::new(c.listen.ip(), 0));
+        // Without a configured address, the port first bound is kept in
+        // the data directory: the partner knows this node's line by the
+        // address in the cluster's configuration, which a restart must not
+        // change.
+        let saved = cfg.data_dir.join("cache-line-port");
+        let listen = cfg.cache.line_listen.unwrap_or_else(|| {
+            let port = std::fs::read_to_string(&saved)
+                .ok()
+                .and_then(|p| p.trim().parse::<u16>().ok())
+                .unwrap_or(0);
+            SocketAddr::new(c.listen.ip(), port)
+        });
         let l = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("cannot listen for the cache line on {listen}"))?;
         let addr = l.local_addr()?;
+        if cfg.cache.line_listen.is_none() && listen.port() == 0 {
+            std::fs::write(&saved, format!("{}\n", addr.port()))
+                .with_context(|| format!("cannot write {}", saved.display()))?;
+        }
         Some((l, addr))
     };
     let line_advertise = line_listener.as_ref().map(|(_, addr)| {

@@ -233,7 +233,7 @@ fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
             &format!("iteration {it} (survivor)"),
         );
         nodes[victim].spawn();
-        wait_until(30, "the restarted node to serve the volume", || {
+        wait_until_or_logs(&nodes, 30, "the restarted node to serve the volume", || {
             serves(&rt, &addrs[victim])
         });
         verify_or_panic(

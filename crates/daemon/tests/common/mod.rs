@@ -384,6 +384,29 @@ pub fn status(d: &Daemon) -> Option<serde_json::Value> {
     serde_json::from_slice(&o.stdout).ok()
 }
 
+/// Like [`wait_until`], but the panic shows the end of every daemon's log.
+pub fn wait_until_or_logs(nodes: &[Daemon], secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !pred() {
+        if Instant::now() >= deadline {
+            let mut logs = String::new();
+            for n in nodes {
+                let log = n.log();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(60)..];
+                logs.push_str(&format!(
+                    "\n--- {} (last {} lines) ---\n",
+                    n.node_name,
+                    tail.len()
+                ));
+                logs.push_str(&tail.join("\n"));
+            }
+            panic!("timed out waiting for {what}{logs}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until `pred` holds, polling; panics with `what` after `secs`.
 pub fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
