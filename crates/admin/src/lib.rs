@@ -35,7 +35,8 @@ pub mod views;
 pub use handlers::parse_command;
 pub use openapi::openapi_json;
 pub use service::{
-    AdminService, ClusterStatus, DiskState, MdiskStatus, MemberRole, MemberStatus, NodeStatus,
+    AdminService, CachePairView, ClusterStatus, DiskState, MdiskStatus, MemberRole, MemberStatus,
+    NodeStatus,
 };
 pub use views::*;
 

@@ -8,7 +8,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::handlers;
-use crate::service::{ClusterStatus, DiskState, MdiskStatus, MemberRole, MemberStatus};
+use crate::service::{
+    CachePairView, ClusterStatus, DiskState, MdiskStatus, MemberRole, MemberStatus,
+};
 use crate::views::*;
 
 struct BearerAuth;
@@ -94,7 +96,7 @@ impl Modify for BearerAuth {
         CreateImageVolumeRequest, ThinRequest, ThinView, CreateHostRequest, HostInitiatorRequest,
         SetChapRequest, MutualChapRequest, MapVolumeRequest, IscsiPortalRequest, HostView,
         HostLunView, VolumeMappingView, MappingView, IscsiPortalView, SetPreferredNodeRequest, SetCacheModeRequest,
-        CreateClusterRequest, AddNodeRequest, ClusterStatus, MemberStatus, MemberRole,
+        CreateClusterRequest, AddNodeRequest, ClusterStatus, CachePairView, MemberStatus, MemberRole,
         sanvirt_config::Command, sanvirt_config::Outcome, sanvirt_config::VolumeLayout,
         sanvirt_config::ThinParams, sanvirt_config::ChapSettings, sanvirt_config::ChapMutual,
         sanvirt_config::ChapSecret, sanvirt_config::ChapMode, sanvirt_config::IscsiPortal,

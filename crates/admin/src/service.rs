@@ -100,6 +100,43 @@ pub struct ClusterStatus {
     pub applied_index: u64,
     /// By id.
     pub members: Vec<MemberStatus>,
+    /// The fast-write cache pair of each I/O group (docs/cache.md).
+    #[serde(default)]
+    pub cache_pairs: Vec<CachePairView>,
+}
+
+/// One I/O group's cache pair: whether its two nodes mirror write-back
+/// data, or which one holds the group's data alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CachePairView {
+    pub io_group: u32,
+    pub epoch: u64,
+    /// `mirrored`, `breaking`, `alone` or `down`.
+    pub mode: String,
+    /// `alone`: the node that holds the group's data (write-through).
+    pub node: Option<u64>,
+    /// `breaking`: the nodes that stopped and reported.
+    #[serde(default)]
+    pub quiesced: Vec<u64>,
+}
+
+impl CachePairView {
+    pub fn from_pair(io_group: u32, p: &sanvirt_config::CachePair) -> CachePairView {
+        use sanvirt_config::PairMode;
+        let (mode, node, quiesced) = match &p.mode {
+            PairMode::Mirrored => ("mirrored", None, vec![]),
+            PairMode::Breaking { quiesced } => ("breaking", None, quiesced.clone()),
+            PairMode::Alone { node } => ("alone", Some(*node), vec![]),
+            PairMode::Down => ("down", None, vec![]),
+        };
+        CachePairView {
+            io_group,
+            epoch: p.epoch,
+            mode: mode.into(),
+            node,
+            quiesced,
+        }
+    }
 }
 
 /// A member's role in the cluster. A witness is reported as `witness`
@@ -178,6 +215,11 @@ impl ClusterStatus {
             committed_index: state.applied,
             applied_index: state.applied,
             members: state.nodes.values().map(MemberStatus::from_node).collect(),
+            cache_pairs: state
+                .cache_pairs
+                .iter()
+                .map(|(g, p)| CachePairView::from_pair(*g, p))
+                .collect(),
         }
     }
 }

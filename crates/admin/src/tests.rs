@@ -1483,7 +1483,8 @@ async fn cluster_create_status_and_nodes() {
         r.json,
         json!({
             "name": null, "uid": null, "node_id": null, "leader_id": null, "term": 0,
-            "quorum": true, "committed_index": 0, "applied_index": 0, "members": []
+            "quorum": true, "committed_index": 0, "applied_index": 0, "members": [],
+            "cache_pairs": []
         })
     );
     let before = api.svc.state();

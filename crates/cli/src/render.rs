@@ -506,6 +506,25 @@ pub fn cluster_status(s: &ClusterStatus) -> String {
     ]);
     out.push('\n');
     out.push_str(&node_table(&s.members));
+    for p in &s.cache_pairs {
+        let name = |id: u64| node_id_name(Some(id), &s.members);
+        let what = match p.mode.as_str() {
+            "mirrored" => "mirrored: write-back, every dirty page in both nodes".to_string(),
+            "alone" => format!(
+                "alone on {}: write-through until the partner is back",
+                p.node.map_or("-".into(), name)
+            ),
+            "breaking" => format!(
+                "breaking: I/O waits; quiesced: {}",
+                p.quiesced.iter().map(|n| name(*n)).collect::<Vec<_>>().join(", ")
+            ),
+            other => other.to_string(),
+        };
+        out.push_str(&format!(
+            "cache pair io_grp{}  {what} (epoch {})\n",
+            p.io_group, p.epoch
+        ));
+    }
     out
 }
 
@@ -680,6 +699,13 @@ mod tests {
                 member(2, "node2", MemberRole::Follower, Some(820)),
                 member(3, "w", MemberRole::Witness, None),
             ],
+            cache_pairs: vec![sanvirt_admin::CachePairView {
+                io_group: 0,
+                epoch: 3,
+                mode: "alone".into(),
+                node: Some(1),
+                quiesced: vec![],
+            }],
         };
         assert_eq!(
             cluster_status(&s),
@@ -695,7 +721,8 @@ mod tests {
              ID  NAME   ROLE      ONLINE  LEASE  IO_GROUP  CLUSTER ADDRESS  ADMIN ADDRESS\n\
              \x201  node1  leader    yes      1.5s  io_grp0   10.0.0.1:7100    10.0.0.1:7480\n\
              \x202  node2  follower  yes     820ms  io_grp0   10.0.0.2:7100    10.0.0.2:7480\n\
-             \x203  w      witness   no          -  -         10.0.0.3:7100    10.0.0.3:7480\n"
+             \x203  w      witness   no          -  -         10.0.0.3:7100    10.0.0.3:7480\n\
+             cache pair io_grp0  alone on 1 (node1): write-through until the partner is back (epoch 3)\n"
         );
         let standalone = ClusterStatus {
             name: None,
@@ -707,6 +734,7 @@ mod tests {
             committed_index: 5,
             applied_index: 5,
             members: vec![],
+            cache_pairs: vec![],
         };
         assert!(cluster_status(&standalone).starts_with("this node is not in a cluster"));
         assert_eq!(node_table(&[]), "no nodes\n");
