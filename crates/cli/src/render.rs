@@ -516,7 +516,11 @@ pub fn cluster_status(s: &ClusterStatus) -> String {
             ),
             "breaking" => format!(
                 "breaking: I/O waits; quiesced: {}",
-                p.quiesced.iter().map(|n| name(*n)).collect::<Vec<_>>().join(", ")
+                p.quiesced
+                    .iter()
+                    .map(|n| name(*n))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             other => other.to_string(),
         };

@@ -175,6 +175,30 @@ impl Node {
 }
 
 impl Node {
+    /// Power is failing: write-back stops (every volume this node owns
+    /// runs write-through), the cache is destaged and the mdisks flushed.
+    /// Writes acknowledged before this returns, and after it, are on the
+    /// back end.
+    pub async fn power_failing(&self) {
+        tracing::warn!("power failing: write-back stops, destaging the cache");
+        if let Some(pair) = &self.pair {
+            pair.set_power_failing().await;
+        }
+        let mut result = self.cache.drain().await;
+        let state = self.state();
+        for m in state.mdisks.values() {
+            if let Err(e) = self.virt.server().submit(IoRequest::flush(m.id)).await {
+                result = result.and(Err(e));
+            }
+        }
+        match result {
+            Ok(()) => tracing::warn!(
+                "power failing: cache destaged and mdisks flushed; every acknowledged write is on the back end"
+            ),
+            Err(e) => tracing::error!(%e, "power failing: destaging the cache failed"),
+        }
+    }
+
     /// This node's id in the cluster, once it is in one.
     pub fn node_id(&self) -> Option<sanvirt_config::NodeId> {
         self.cluster.status().node_id
@@ -689,6 +713,19 @@ pub async fn run(
     }
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // SIGUSR1: power is failing (a UPS or the BMC says so). The node stops
+    // caching writes and destages everything, so every acknowledged write
+    // is on the back end before the power goes (docs/cache.md).
+    {
+        let node = Arc::clone(&node);
+        let mut usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+        tokio::spawn(async move {
+            while usr1.recv().await.is_some() {
+                node.power_failing().await;
+            }
+        });
+    }
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),

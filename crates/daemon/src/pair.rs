@@ -58,6 +58,11 @@ pub struct Pair {
     pool: Arc<sanvirt_buffer::BufferPool>,
     line: Mutex<Option<Line<NodeCache>>>,
     states: watch::Sender<Option<Arc<State>>>,
+    /// Power is failing: no volume is mirrored write-back any more, and the
+    /// pair does not rejoin.
+    power_failing: std::sync::atomic::AtomicBool,
+    /// The controller's passes (to wait for one).
+    passes: watch::Sender<u64>,
 }
 
 impl Pair {
@@ -68,12 +73,30 @@ impl Pair {
             pool,
             line: Mutex::new(None),
             states,
+            power_failing: std::sync::atomic::AtomicBool::new(false),
+            passes: watch::channel(0).0,
         })
     }
 
     /// A new configuration (from the node's call gate).
     pub fn configure(&self, state: &Arc<State>) {
         self.states.send_replace(Some(Arc::clone(state)));
+    }
+
+    /// Stops mirrored write-back on this node and waits until the
+    /// controller has set every volume it owns write-through.
+    pub async fn set_power_failing(&self) {
+        self.power_failing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut passes = self.passes.subscribe();
+        let now = *passes.borrow_and_update();
+        // Two passes: one may have been under way when the flag was set.
+        let _ =
+            tokio::time::timeout(Duration::from_secs(5), passes.wait_for(|p| *p >= now + 2)).await;
+    }
+
+    fn is_power_failing(&self) -> bool {
+        self.power_failing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn line(&self) -> Option<Line<NodeCache>> {
@@ -217,6 +240,7 @@ impl Controller {
                     }
                 }
             }
+            self.pair.passes.send_modify(|p| *p += 1);
             let line_changed = async {
                 match line_rx.as_mut() {
                     Some(rx) => {
@@ -234,6 +258,12 @@ impl Controller {
     }
 
     fn set(&mut self, disk: DiskId, mode: CacheMode, local: Local, epoch: u64) {
+        let local = match local {
+            Local::Owner { mirrored: true } if self.pair.is_power_failing() => {
+                Local::Owner { mirrored: false }
+            }
+            l => l,
+        };
         if self.roles.get(&disk) == Some(&local) {
             self.pair.cache.set_mode(disk, mode);
             return;
@@ -423,6 +453,7 @@ impl Controller {
                 // every page it could need is on the back end).
                 let ready = partner.online
                     && up
+                    && !self.pair.is_power_failing()
                     && self.pair.cache.dirty_total() == 0
                     && vols
                         .iter()

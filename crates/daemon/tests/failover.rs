@@ -5,7 +5,8 @@
 //! block is verified (docs/failure-model.md, "The verifying writer").
 //!
 //! `SANVIRT_FAILOVER_SEED` replays a kill schedule (the seed is printed);
-//! `SANVIRT_FAILOVER_ITERATIONS` sets the kills per test (default 5).
+//! `SANVIRT_FAILOVER_ITERATIONS` sets the kills per test (default 50 for
+//! the two-node tests, 5 for the others).
 
 mod common;
 use common::writer::*;
@@ -162,13 +163,36 @@ fn serves(rt: &tokio::runtime::Runtime, addr: &str) -> bool {
     })
 }
 
-/// Two nodes and a witness, both nodes exporting the volume: the writer
-/// writes through the node it is connected to, that node is killed at a
-/// random moment, the writer continues on the other node; verified on the
-/// survivor, then on the restarted victim too. The victim alternates.
-#[test]
-fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
-    let seed = seed("two_nodes");
+/// Kills per two-node test (`SANVIRT_FAILOVER_ITERATIONS` overrides).
+fn pair_iterations() -> u64 {
+    env_u64("SANVIRT_FAILOVER_ITERATIONS").unwrap_or(50)
+}
+
+/// The mode of I/O group 0's cache pair, as `cluster status` on `d` shows it.
+fn pair_mode(d: &Daemon) -> Option<String> {
+    let s = status(d)?;
+    let p = s["cache_pairs"].as_array()?.first()?.clone();
+    p["mode"].as_str().map(str::to_string)
+}
+
+/// Which node a two-node kill test kills.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Victim {
+    /// The node the writer is connected to: the writer fails over.
+    Connected,
+    /// The other node (holding the copies of the writes, or owning the
+    /// volume the writer's node forwards to): the writer stays.
+    Partner,
+}
+
+/// Two nodes and a witness, both nodes exporting the volume from a
+/// mirrored write-back cache (the pair is mirrored before every kill): the
+/// writer writes through the node it is connected to, one node is killed
+/// at a random moment, the writer continues on the survivor; verified on
+/// the survivor, then on the restarted victim too. Which node is killed
+/// alternates between the volume's owner and its partner.
+fn two_node_kills(name: &str, kill: Victim) {
+    let seed = seed(name);
     let mut rng = StdRng::seed_from_u64(seed);
     let rt = runtime();
     let mut nodes = two_nodes_and_a_witness();
@@ -182,8 +206,12 @@ fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
     let mut w = Writer::new(cfg);
     let progress = w.progress();
     let started = Instant::now();
-    for it in 0..iterations() {
+    let mut stalls = Vec::new();
+    for it in 0..pair_iterations() {
         let t0 = Instant::now();
+        wait_until_or_logs(&nodes, 60, "the cache pair to be mirrored", || {
+            pair_mode(&nodes[0]).as_deref() == Some("mirrored")
+        });
         let stop = Stop::new();
         let delay = Duration::from_millis(rng.gen_range(0..1500));
         let (report, victim) = std::thread::scope(|s| {
@@ -195,18 +223,22 @@ fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
             });
             std::thread::sleep(delay);
             // The node the writer is connected to now.
-            let mut victim = None;
+            let mut connected = None;
             wait_until(30, "the writer to be connected", || {
-                victim = progress.current();
-                victim.is_some()
+                connected = progress.current();
+                connected.is_some()
             });
-            let victim = victim.unwrap();
+            let connected = connected.unwrap();
+            let victim = match kill {
+                Victim::Connected => connected,
+                Victim::Partner => 1 - connected,
+            };
             let (acked, conns) = (progress.acked(), progress.connections());
             nodes[victim].kill9();
             let killed = Instant::now();
             // On past the survivor's lease and a new boss's election.
             wait_until(60, "the writer to write on the survivor", || {
-                progress.connections() > conns
+                (kill == Victim::Partner || progress.connections() > conns)
                     && progress.current() == Some(1 - victim)
                     && progress.acked() >= acked + WRITES_AFTER_FAILOVER
                     && killed.elapsed() >= KEEP_WRITING_AFTER_KILL
@@ -216,6 +248,7 @@ fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
         });
         let report = report.unwrap_or_else(|e| panic!("iteration {it}: {e}"));
         let survivor = 1 - victim;
+        stalls.push(report.max_stall);
         eprintln!(
             "iteration {it}: killed {} after {delay:?}; {} acked, {} unacknowledged at breaks, \
              max stall {:?}, {:.1} s; breaks: {:?}",
@@ -243,12 +276,111 @@ fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
             &format!("iteration {it} (restarted victim)"),
         );
     }
+    stalls.sort();
     eprintln!(
-        "{} iterations, {} writes acknowledged, {:.1} s",
-        iterations(),
+        "{name}: {} iterations, {} writes acknowledged, {:.1} s; longest gap between \
+         completions per kill: median {:?}, max {:?}",
+        pair_iterations(),
         progress.acked(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        stalls[stalls.len() / 2],
+        stalls.last().unwrap()
     );
+}
+
+/// The node the writer writes through is killed; the writer fails over.
+#[test]
+fn two_nodes_writer_fails_over_to_the_survivor_on_kill9() {
+    two_node_kills("two_nodes", Victim::Connected);
+}
+
+/// The other node is killed: the one holding copies of the writer's
+/// node's dirty pages, or owning the volume the writer's node forwards to.
+#[test]
+fn two_nodes_partner_killed_loses_no_acknowledged_write() {
+    two_node_kills("partner_killed", Victim::Partner);
+}
+
+/// Power is failing: both nodes get SIGUSR1 (they stop caching writes and
+/// destage everything), the writer goes on writing, then both nodes are
+/// killed at once. After both restart, every acknowledged write is there.
+#[test]
+fn both_nodes_killed_after_power_failing_loses_no_acknowledged_write() {
+    let seed = seed("power_failing");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rt = runtime();
+    let mut nodes = two_nodes_and_a_witness();
+    make_volume(&nodes[0]);
+    let addrs: Vec<String> = nodes[..2].iter().map(nbd_addr).collect();
+    wait_until(30, "both nodes to serve the volume", || {
+        addrs.iter().all(|a| serves(&rt, a))
+    });
+    let mut cfg = WriterConfig::new(addrs.clone(), "v", REGION_BLOCKS, seed);
+    cfg.reconnect_timeout = Duration::from_secs(60);
+    let mut w = Writer::new(cfg);
+    let progress = w.progress();
+    for it in 0..iterations() {
+        wait_until_or_logs(&nodes, 60, "the cache pair to be mirrored", || {
+            pair_mode(&nodes[0]).as_deref() == Some("mirrored")
+        });
+        let stop = Stop::new();
+        let report = std::thread::scope(|s| {
+            let _stop_on_panic = stop.guard();
+            let writer = s.spawn(|| rt.block_on(w.run(Until::stopped(&stop))));
+            let a0 = progress.acked();
+            wait_until(30, "the writer's first writes", || {
+                progress.acked() > a0 + 200
+            });
+            let marks: Vec<usize> = nodes[..2]
+                .iter()
+                .map(|n| {
+                    n.log()
+                        .matches("every acknowledged write is on the back end")
+                        .count()
+                })
+                .collect();
+            for n in &nodes[..2] {
+                n.signal(libc::SIGUSR1);
+            }
+            wait_until_or_logs(
+                &nodes,
+                30,
+                "both nodes to report their cache destaged",
+                || {
+                    nodes[..2].iter().zip(&marks).all(|(n, m)| {
+                        n.log()
+                            .matches("every acknowledged write is on the back end")
+                            .count()
+                            > *m
+                    })
+                },
+            );
+            // Writes go on (write-through now) until the power goes.
+            let a1 = progress.acked();
+            std::thread::sleep(Duration::from_millis(rng.gen_range(0..500)));
+            wait_until(30, "writes after the signal", || progress.acked() > a1 + 20);
+            nodes[0].kill9();
+            nodes[1].kill9();
+            stop.stop();
+            writer.join().expect("writer thread")
+        });
+        let report = report.unwrap_or_else(|e| panic!("iteration {it}: {e}"));
+        eprintln!(
+            "iteration {it}: both killed after power failing; {} acked, {} unacknowledged at breaks",
+            report.acked_writes, report.unacked_writes
+        );
+        nodes[0].spawn();
+        nodes[1].spawn();
+        for (i, a) in addrs.iter().enumerate() {
+            wait_until_or_logs(
+                &nodes,
+                60,
+                "the restarted nodes to serve the volume",
+                || serves(&rt, a),
+            );
+            verify_or_panic(&rt, &mut w, a, &format!("iteration {it} (node {})", i + 1));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------

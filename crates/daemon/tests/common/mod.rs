@@ -273,6 +273,14 @@ impl Daemon {
         std::fs::read_to_string(self.dir.path().join("sanvirtd.log")).unwrap_or_default()
     }
 
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        let c = self.child.as_ref().expect("daemon running");
+        // SAFETY: kill(2) on our own child's pid.
+        let r = unsafe { libc::kill(c.id() as i32, sig) };
+        assert_eq!(r, 0, "kill({}, {sig})", c.id());
+    }
+
     /// `kill -9`: no chance to clean up.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
