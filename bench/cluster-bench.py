@@ -28,13 +28,16 @@ def free_port():
 
 
 class Node:
-    def __init__(self, work, name, create, timings):
+    def __init__(self, work, name, create, timings, witness=False, buffers=(8192, 2048), extra=""):
         self.dir = os.path.join(work, name)
         os.makedirs(self.dir, exist_ok=True)
         self.name = name
         self.admin, self.nbd, self.iscsi, self.cluster = (free_port() for _ in range(4))
         self.create = create
         self.timings = timings
+        self.witness = witness
+        self.buffers = buffers
+        self.extra = extra
         self.proc = None
 
     def start(self):
@@ -43,9 +46,11 @@ class Node:
         with open(cfg, "w") as f:
             f.write(f'data_dir = "{self.dir}/data"\n[admin]\nlisten = "127.0.0.1:{self.admin}"\n'
                     f'[nbd]\nlisten = "127.0.0.1:{self.nbd}"\n[iscsi]\nlisten = "127.0.0.1:{self.iscsi}"\n'
-                    f'[buffers]\npages = 8192\niobs = 2048\n'
+                    f'[buffers]\npages = {self.buffers[0]}\niobs = {self.buffers[1]}\n'
+                    f'{self.extra}'
                     f'[cluster]\nlisten = "127.0.0.1:{self.cluster}"\nnode_name = "{self.name}"\n'
-                    f'heartbeat_ms = {hb}\nelection_timeout_ms = {el}\nlease_ms = {lease}\n')
+                    f'heartbeat_ms = {hb}\nelection_timeout_ms = {el}\nlease_ms = {lease}\n'
+                    f'witness = {"true" if self.witness else "false"}\n')
         args = [SANVIRTD, "--config", cfg]
         if self.create:
             args += ["--create-cluster", "bench"]
