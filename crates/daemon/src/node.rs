@@ -43,6 +43,8 @@ use crate::scsi::{access_map, ConfigAuth, ConfigPrStore};
 /// forwards, stop with the lease too), thin provisioning → virtualization →
 /// back end, shared by every front end through a [`FanOut`].
 pub type Server = FanOut<Leased<NodeCache, Lease>>;
+/// The thin provisioning facility of this build.
+pub type NodeThin = Thin<Virtualization<BackEnd>>;
 /// The cache facility of this build, over everything that maps volumes.
 pub type NodeCache = Cache<Leased<Thin<Virtualization<BackEnd>>, Lease>>;
 
@@ -142,6 +144,14 @@ impl Node {
         // announced as plain. In a cluster, the cache pair controller gives
         // each volume its role (docs/cache.md); until it has, a new volume
         // is held.
+        // A node sharing its I/O group opens a thin volume only when it
+        // serves it (the pair controller decides which node does).
+        let shared = self
+            .node_id()
+            .and_then(|me| state.nodes.get(&me))
+            .and_then(|n| n.io_group)
+            .is_some_and(|g| state.io_group_nodes(g).count() > 1);
+        self.thin.set_background_open(!shared);
         match (&self.pair, &state.cluster) {
             (Some(pair), Some(_)) => {
                 for v in state.volumes.values() {
@@ -515,7 +525,7 @@ pub async fn run(
     );
     let pair = line_listener
         .as_ref()
-        .map(|_| Pair::new(cache.clone(), Arc::clone(&pool)));
+        .map(|_| Pair::new(cache.clone(), thin.clone(), Arc::clone(&pool)));
     let server: Server = FanOut::new(Leased::new(cache.clone(), lease));
     let nbd: Arc<Stack> = NbdFrontEnd::try_new(
         server.clone(),

@@ -16,10 +16,10 @@ use parking_lot::Mutex;
 use sanvirt_cache::{CacheMode, Role, VolumeSetup};
 use sanvirt_cacheline::{Line, LineConfig};
 use sanvirt_config::{CachePair, Command, ConfigError, NodeId, PairMode, State, Volume};
-use sanvirt_facility::DiskId;
+use sanvirt_facility::{DiskId, IoRequest, IoServer};
 use tokio::sync::watch;
 
-use crate::node::{Node, NodeCache};
+use crate::node::{Node, NodeCache, NodeThin};
 
 const TICK: Duration = Duration::from_millis(50);
 const DIAL_EVERY: Duration = Duration::from_millis(200);
@@ -55,6 +55,10 @@ pub fn cache_mode(v: &Volume) -> CacheMode {
 /// The cache pair side of a node.
 pub struct Pair {
     cache: NodeCache,
+    /// The thin facility under the cache: a thin volume this node stops
+    /// serving is closed, so it is read again from the back end if it comes
+    /// back.
+    thin: NodeThin,
     pool: Arc<sanvirt_buffer::BufferPool>,
     line: Mutex<Option<Line<NodeCache>>>,
     states: watch::Sender<Option<Arc<State>>>,
@@ -66,10 +70,15 @@ pub struct Pair {
 }
 
 impl Pair {
-    pub fn new(cache: NodeCache, pool: Arc<sanvirt_buffer::BufferPool>) -> Arc<Pair> {
+    pub fn new(
+        cache: NodeCache,
+        thin: NodeThin,
+        pool: Arc<sanvirt_buffer::BufferPool>,
+    ) -> Arc<Pair> {
         let (states, _) = watch::channel(None);
         Arc::new(Pair {
             cache,
+            thin,
             pool,
             line: Mutex::new(None),
             states,
@@ -280,6 +289,11 @@ impl Controller {
         self.pair
             .cache
             .set_volume(disk, VolumeSetup { mode, role, epoch });
+        if matches!(local, Local::Forward | Local::Unavailable) {
+            // Not served here: read again from the back end if it comes
+            // back (the partner changes a thin volume's map meanwhile).
+            self.pair.thin.close(disk);
+        }
         self.roles.insert(disk, local);
     }
 
@@ -339,6 +353,11 @@ impl Controller {
             return None;
         };
         let line = self.pair.line_for(me, g, cluster_tag(state));
+        for v in &vols {
+            // The partner may drop its copy of a thin volume's page only
+            // once the map that points to it is on the back end.
+            self.pair.cache.set_flush_destage(v.id, v.thin.is_some());
+        }
         let up = line.state().up;
         let was = self.last.as_ref().map(|(p, _)| p.clone());
         match &pair.mode {
@@ -392,9 +411,21 @@ impl Controller {
                             // Hand the volume over: nothing of it in
                             // progress here, its dirty pages destaged.
                             self.pair.cache.quiesce(v.id, false).await;
-                            if let Err(err) = self.pair.cache.destage_volume(v.id).await {
+                            // Destaged and flushed (a thin volume's map
+                            // changes are on the back end only then).
+                            let flushed = match self.pair.cache.destage_volume(v.id).await {
+                                Ok(()) => self
+                                    .pair
+                                    .cache
+                                    .server()
+                                    .submit(IoRequest::flush(v.id))
+                                    .await
+                                    .map(|_| ()),
+                                Err(e) => Err(e),
+                            };
+                            if let Err(err) = flushed {
+                                // Still this node's (held): tried again next pass.
                                 tracing::warn!(disk = v.id, %err, "destage before handover failed; retrying");
-                                self.roles.insert(v.id, Local::Hold { frozen: false });
                                 continue;
                             }
                             self.pair.cache.discard(v.id);

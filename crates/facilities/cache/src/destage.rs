@@ -198,6 +198,11 @@ impl<S: IoServer> Inner<S> {
                 break;
             }
         }
+        if failed.is_none() && vol.flush_destage.load(Ordering::SeqCst) {
+            if let Err(e) = self.server.submit(IoRequest::flush(vol.disk)).await {
+                failed = Some(e);
+            }
+        }
         let mut cleaned = Vec::new();
         {
             let mut d = vol.dir.lock();

@@ -226,6 +226,9 @@ struct Vol {
     gen: AtomicU64,
     /// Destage of the volume stops (the pair is breaking).
     frozen: AtomicBool,
+    /// A destage write counts only once the IOServer is flushed after it
+    /// (see [`Cache::set_flush_destage`]).
+    flush_destage: AtomicBool,
 }
 
 impl Vol {
@@ -1081,6 +1084,7 @@ impl<S: IoServer> IoClient for Inner<S> {
                     idle: Notify::new(),
                     gen: AtomicU64::new(0),
                     frozen: AtomicBool::new(false),
+                    flush_destage: AtomicBool::new(false),
                 });
                 self.vols.write().insert(*disk, vol);
             }

@@ -230,6 +230,17 @@ impl<S: IoServer> Cache<S> {
         Ok(adopted)
     }
 
+    /// Whether a destage of `disk` is followed by a flush of the IOServer
+    /// before its pages count as clean (and the partner drops its copies).
+    /// For a volume whose data written to the IOServer are not readable by
+    /// another node until flushed: a thin volume keeps map changes in
+    /// memory until a flush.
+    pub fn set_flush_destage(&self, disk: DiskId, on: bool) {
+        if let Some(v) = self.inner.vols.read().get(&disk) {
+            v.flush_destage.store(on, Ordering::SeqCst);
+        }
+    }
+
     /// Dirty pages of the whole node.
     pub fn dirty_total(&self) -> usize {
         self.inner.dirty_total.load(Ordering::Relaxed)

@@ -170,6 +170,8 @@ struct Inner<S> {
     client: ClientLink,
     /// Where thin disks are opened in the background (if any).
     runtime: Option<tokio::runtime::Handle>,
+    /// Open new thin volumes in the background (else on first use).
+    background_open: std::sync::atomic::AtomicBool,
     me: Weak<Inner<S>>,
 }
 
@@ -197,6 +199,7 @@ impl<S: IoServer> Thin<S> {
             control: Mutex::new(Control::default()),
             client: ClientLink::default(),
             runtime,
+            background_open: std::sync::atomic::AtomicBool::new(true),
             me: me.clone(),
         });
         let weak: Weak<Inner<S>> = Arc::downgrade(&inner);
@@ -232,6 +235,37 @@ impl<S: IoServer> Thin<S> {
         }
         let mut control = self.inner.control.lock();
         self.inner.apply_specs(&mut control, specs);
+    }
+
+    /// Whether thin volumes are opened (or formatted, if new) in the
+    /// background as they appear, or only by their first request. A node
+    /// that shares its volumes with a partner opens only those it serves:
+    /// two nodes formatting one new volume would overwrite each other.
+    pub fn set_background_open(&self, on: bool) {
+        self.inner
+            .background_open
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Forgets what this node read of thin volume `disk`: its next request
+    /// opens it again from the back end. For a volume this node stops
+    /// serving (its partner serves it now and changes its map); flush it
+    /// first, or map changes still in memory are lost.
+    pub fn close(&self, disk: DiskId) {
+        let mut control = self.inner.control.lock();
+        let Some(d) = control.disks.get(&disk).cloned() else {
+            return;
+        };
+        if d.vol.get().is_none() {
+            return;
+        }
+        let (spec, real) = {
+            let ctl = d.ctl.lock();
+            (ctl.spec, ctl.real)
+        };
+        let Some(real) = real else { return };
+        control.disks.insert(disk, Inner::<S>::new_disk(spec, real));
+        self.inner.publish(&control);
     }
 
     /// Status of thin volume `disk`, if it is one.
@@ -400,6 +434,12 @@ impl<S: IoServer> Inner<S> {
         let (Some(rt), Some(me)) = (&self.runtime, self.me.upgrade()) else {
             return;
         };
+        if !self
+            .background_open
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
         if d.vol.get().is_some() {
             return;
         }
