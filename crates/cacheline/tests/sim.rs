@@ -58,20 +58,19 @@
 //! `the_checker_catches_a_lost_write` runs a variant in which the winner
 //! does not adopt the copies and asserts that the checker reports it.
 //!
-//! **Known bugs** (found by this simulation; see the `known_bug_*` tests at
-//! the end of the file, which reproduce them step by step, assert the
-//! correct behaviour and are `#[ignore]`d until the cache is fixed):
-//! * A: a FLUSH being served on the owner when its line breaks keeps
-//!   `quiesce(freeze)` from ever returning (the FLUSH waits for a destage
-//!   that freeze stopped; quiesce waits for the FLUSH);
-//! * B: so does a write waiting for hardening rights (the rights come back
+//! **Bugs this simulation found** (fixed; the `bug_*` tests at the end of
+//! the file reproduce them step by step and now pass):
+//! * A: a FLUSH being served on the owner when its line broke kept
+//!   `quiesce(freeze)` from ever returning (the FLUSH waited for a destage
+//!   that freeze stopped; quiesce waited for the FLUSH);
+//! * B: so did a write waiting for hardening rights (the rights come back
 //!   only by destage, which freeze stopped).
 //!
-//! Either way the node never reports the break and the pair never settles.
-//! `Plan::draw` steers clear of them (no FLUSH from 500 ms before the first
-//! link fault or crash; a volume bound the workload never reaches) unless
-//! `SANVIRT_SIM_KNOWN_BUGS=1`, with which some seeds fail with "the pair did
-//! not settle".
+//! Either way the node never reported the break and the pair never settled.
+//! Both now give up when the volume's setup changes and are served again on
+//! its new path. Plans no longer steer clear of them (FLUSHes near faults,
+//! volume bounds the workload reaches); `SANVIRT_SIM_KNOWN_BUGS=0` brings the
+//! old steering back (to compare).
 //!
 //! **Stale forwarded writes** (a limit of the protocol, not a bug under the
 //! host model above): a write forwarded by a node that then crashes may
@@ -1231,9 +1230,10 @@ fn run_seed(seed: u64, plan: Plan) -> Report {
     }
 }
 
-/// `SANVIRT_SIM_KNOWN_BUGS=1`: plans do not steer clear of the known bugs.
+/// Whether plans include what once hit bugs A and B (the default);
+/// `SANVIRT_SIM_KNOWN_BUGS=0` steers clear of it as before the fix.
 fn known_bugs() -> bool {
-    std::env::var("SANVIRT_SIM_KNOWN_BUGS").is_ok_and(|v| v == "1")
+    std::env::var("SANVIRT_SIM_KNOWN_BUGS").map_or(true, |v| v != "0")
 }
 
 fn seeds() -> Vec<u64> {
@@ -1455,7 +1455,7 @@ async fn break_and_quiesce(p: &GatedPair) -> bool {
         .is_ok()
 }
 
-/// KNOWN BUG A. Sequence: pages 0 and 2 are dirty on the owner (mirrored,
+/// BUG A (fixed). Sequence: pages 0 and 2 are dirty on the owner (mirrored,
 /// acknowledged); a FLUSH starts, its destage of page 0 is in flight (page
 /// 2 waits for a destage slot); the line breaks; the owner calls
 /// `quiesce(DISK, freeze = true)`, which stops destage of the volume and
@@ -1470,8 +1470,7 @@ async fn break_and_quiesce(p: &GatedPair) -> bool {
 /// goes down at once while n1 serves a FLUSH; n1's quiesce never returns
 /// (1 request active, 21 dirty pages), so n1 never reports.
 #[tokio::test]
-#[ignore = "KNOWN BUG A (found by tests/sim.rs): a FLUSH in progress when the pair breaks keeps quiesce(freeze) from ever returning"]
-async fn known_bug_a_flush_in_progress_blocks_the_break_quiesce() {
+async fn bug_a_flush_in_progress_does_not_block_the_break_quiesce() {
     let p = gated_pair(16).await;
     for page in [0, 2] {
         spawn_write(&p.owner, &p.pool, page, 1)
@@ -1493,7 +1492,7 @@ async fn known_bug_a_flush_in_progress_blocks_the_break_quiesce() {
     );
 }
 
-/// KNOWN BUG B. Sequence: the volume may hold 2 dirty pages; pages 0 and 1
+/// BUG B (fixed). Sequence: the volume may hold 2 dirty pages; pages 0 and 1
 /// are dirty on the owner (mirrored, acknowledged), the destage of page 0
 /// is in flight; a write of pages 4-5 waits for 2 hardening rights (in
 /// `take_rights`, counted as an active request); the line breaks; the owner
@@ -1506,8 +1505,7 @@ async fn known_bug_a_flush_in_progress_blocks_the_break_quiesce() {
 /// hold 8 dirty pages): n2 crashes during a hold of the link, n1's quiesce
 /// never returns (3 writers active, 8 dirty pages).
 #[tokio::test]
-#[ignore = "KNOWN BUG B (found by tests/sim.rs): a write waiting for hardening rights when the pair breaks keeps quiesce(freeze) from ever returning"]
-async fn known_bug_b_writer_waiting_for_rights_blocks_the_break_quiesce() {
+async fn bug_b_writer_waiting_for_rights_does_not_block_the_break_quiesce() {
     let p = gated_pair(2).await;
     for page in [0, 1] {
         spawn_write(&p.owner, &p.pool, page, 1)

@@ -132,6 +132,83 @@ fn skip_explained(test: &str) -> bool {
     .any(|p| test.starts_with(p))
 }
 
+/// Runs the whole `iscsi-test-cu` suite (family ALL) against `urls` (the
+/// second one is the multipath tests' other path) and checks the verdicts:
+/// no failure, every skip explained in docs/scsi.md, at least 195 real
+/// passes.
+fn run_cu(what: &str, urls: &[&str]) {
+    let started = Instant::now();
+    let mut args = vec!["--dataloss", "-t", "ALL"];
+    args.extend_from_slice(urls);
+    let o = run_limited(
+        // The ALL family holds every test once (230 in libiscsi 1.19); the
+        // SCSI and iSCSI families repeat subsets of it.
+        Command::new("iscsi-test-cu").args(&args),
+        Duration::from_secs(900),
+    );
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (res, script_fails) = parse_cunit(&text);
+    let count = |v| res.values().filter(|&&x| x == v).count();
+    let (pass, skip, fail) = (
+        count(Verdict::Pass),
+        count(Verdict::Skip),
+        count(Verdict::Fail),
+    );
+    println!(
+        "iscsi-test-cu {what}: {} distinct tests, pass={pass} skip={skip} fail={fail} \
+         (testcu-summary.py would count {script_fails} as failed) in {:.0?}",
+        res.len(),
+        started.elapsed()
+    );
+    let failed: Vec<_> = res
+        .iter()
+        .filter(|(_, &v)| v == Verdict::Fail)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(failed.is_empty(), "{what}: failed: {failed:?}\n{text}");
+    let unexplained: Vec<_> = res
+        .iter()
+        .filter(|(k, &v)| v == Verdict::Skip && !skip_explained(k))
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        unexplained.is_empty(),
+        "{what}: skips not explained in docs/scsi.md: {unexplained:?}"
+    );
+    assert!(
+        res.len() >= 200,
+        "{what}: the suite ran ({} tests)\n{text}",
+        res.len()
+    );
+    assert!(pass >= 195, "{what}: only {pass} real passes\n{text}");
+    for t in [
+        "ALL.MultipathIO.Simple",
+        "ALL.MultipathIO.Reset",
+        "ALL.MultipathIO.CompareAndWrite",
+        "ALL.MultipathIO.CompareAndWriteAsync",
+    ] {
+        assert_eq!(
+            res.get(t),
+            Some(&Verdict::Pass),
+            "{what}: {t} did not really pass\n{text}"
+        );
+    }
+}
+
+/// The CU initiators' host, with `volume` mapped at LUN 0.
+fn map_for_cu(d: &Daemon, volume: &str) {
+    d.ok(&[
+        "host",
+        "create",
+        "cu",
+        "--initiator",
+        CU_INIT1,
+        "--initiator",
+        CU_INIT2,
+    ]);
+    d.ok(&["volume", "map", volume, "--host", "cu", "--lun", "0"]);
+}
+
 #[test]
 fn iscsi_test_cu_passes_through_the_daemon() {
     require("iscsi-test-cu");
@@ -150,61 +227,46 @@ fn iscsi_test_cu_passes_through_the_daemon() {
         "--real-size",
         "208MiB",
     ]);
-    d.ok(&[
-        "host",
-        "create",
-        "cu",
-        "--initiator",
-        CU_INIT1,
-        "--initiator",
-        CU_INIT2,
-    ]);
-    d.ok(&["volume", "map", "cu", "--host", "cu", "--lun", "0"]);
+    map_for_cu(&d, "cu");
     let url = format!("iscsi://127.0.0.1:{}/{TARGET}/0", d.iscsi_port);
-    let started = Instant::now();
-    let o = run_limited(
-        // The ALL family holds every test once (230 in libiscsi 1.19); the
-        // SCSI and iSCSI families repeat subsets of it.
-        Command::new("iscsi-test-cu").args(["--dataloss", "-t", "ALL", &url, &url]),
-        Duration::from_secs(900),
-    );
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (res, script_fails) = parse_cunit(&text);
-    let count = |v| res.values().filter(|&&x| x == v).count();
-    let (pass, skip, fail) = (
-        count(Verdict::Pass),
-        count(Verdict::Skip),
-        count(Verdict::Fail),
-    );
-    println!(
-        "iscsi-test-cu: {} distinct tests, pass={pass} skip={skip} fail={fail} \
-         (testcu-summary.py would count {script_fails} as failed) in {:.0?}",
-        res.len(),
-        started.elapsed()
-    );
-    let failed: Vec<_> = res
-        .iter()
-        .filter(|(_, &v)| v == Verdict::Fail)
-        .map(|(k, _)| k)
-        .collect();
-    assert!(failed.is_empty(), "failed: {failed:?}\n{text}");
-    let unexplained: Vec<_> = res
-        .iter()
-        .filter(|(k, &v)| v == Verdict::Skip && !skip_explained(k))
-        .map(|(k, _)| k)
-        .collect();
-    assert!(
-        unexplained.is_empty(),
-        "skips not explained in docs/scsi.md: {unexplained:?}"
-    );
-    assert!(
-        res.len() >= 200,
-        "the suite ran ({} tests)\n{text}",
-        res.len()
-    );
-    assert!(pass >= 195, "only {pass} real passes\n{text}");
+    run_cu("one node", &[&url, &url]);
     // The daemon survived the whole suite and still serves.
     assert!(std::net::TcpStream::connect(("127.0.0.1", d.iscsi_port)).is_ok());
+}
+
+/// Two nodes of one I/O group (and a witness), the volume served by both
+/// with one identity: the whole suite through each node's portal, the
+/// multipath tests with one URL per node (one path direct to the volume's
+/// owner, the other forwarded by its partner through the cache line).
+#[test]
+fn iscsi_test_cu_passes_through_either_node_of_a_pair() {
+    require("iscsi-test-cu");
+    let nodes = form(3, true);
+    nodes[0].pool_of_four(256, "16MiB");
+    nodes[0].ok(&[
+        "volume",
+        "create",
+        "--name",
+        "cu",
+        "--pool",
+        "p0",
+        "--size",
+        "192MiB",
+        "--striped",
+    ]);
+    map_for_cu(&nodes[0], "cu");
+    wait_until(60, "the cache pair to be mirrored", || {
+        status(&nodes[0]).is_some_and(|s| s["cache_pairs"][0]["mode"] == "mirrored")
+    });
+    let url = |d: &Daemon| format!("iscsi://127.0.0.1:{}/{TARGET}/0", d.iscsi_port);
+    let (u1, u2) = (url(&nodes[0]), url(&nodes[1]));
+    wait_until(30, "both portals", || {
+        nodes[..2]
+            .iter()
+            .all(|d| std::net::TcpStream::connect(("127.0.0.1", d.iscsi_port)).is_ok())
+    });
+    run_cu("through the owner, node 2 the other path", &[&u1, &u2]);
+    run_cu("through the partner, node 1 the other path", &[&u2, &u1]);
 }
 
 fn ls(d: &Daemon, initiator: &str, creds: Option<&str>) -> std::process::Output {

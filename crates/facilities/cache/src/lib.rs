@@ -382,7 +382,7 @@ impl<S: IoServer> Cache<S> {
     pub async fn drain(&self) -> Result<(), IoError> {
         let vols: Vec<Arc<Vol>> = self.inner.vols.read().values().cloned().collect();
         for v in vols {
-            self.inner.destage_all(&v).await?;
+            self.inner.destage_all(&v, None).await?;
         }
         Ok(())
     }
@@ -530,11 +530,16 @@ impl<S: IoServer> Inner<S> {
             // Cold paths are boxed: every request's future is as large as
             // its largest path (docs/benchmarks.md).
             IoOp::Flush => {
-                Box::pin(async {
-                    self.destage_all(vol).await?;
-                    self.server.submit(req).await
+                return Box::pin(async {
+                    match self.destage_all(vol, Some(gen)).await {
+                        // The volume changed hands (its destage may have
+                        // been frozen): served again on its new path.
+                        Ok(false) => Served::Again(req),
+                        Ok(true) => Served::Done(self.server.submit(req).await),
+                        Err(e) => Served::Done(Err(e)),
+                    }
                 })
-                .await
+                .await;
             }
             IoOp::Unmap | IoOp::WriteZeroes => return Box::pin(self.direct(vol, req, gen)).await,
         })
@@ -625,14 +630,17 @@ impl<S: IoServer> Inner<S> {
         Ok(())
     }
 
-    /// Waits until every page dirty now has been destaged.
-    async fn destage_all(&self, vol: &Arc<Vol>) -> Result<(), IoError> {
+    /// Waits until every page dirty now has been destaged. With `gen`,
+    /// gives up (`Ok(false)`) once the volume's setup changes from that
+    /// generation: a volume that is changing hands may have its destage
+    /// frozen, and whoever froze it waits for this request to leave.
+    async fn destage_all(&self, vol: &Arc<Vol>, gen: Option<u64>) -> Result<bool, IoError> {
         let snapshot: Vec<(u64, u64)> = {
             let d = vol.dir.lock();
             d.dirty.iter().map(|p| (*p, d.tracks[p].version)).collect()
         };
         if snapshot.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let errors = vol.errors.load(Ordering::Acquire);
         vol.urgent.fetch_add(1, Ordering::Relaxed);
@@ -640,6 +648,9 @@ impl<S: IoServer> Inner<S> {
             let notified = vol.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if gen.is_some_and(|g| g != vol.gen.load(Ordering::SeqCst)) {
+                break Ok(false);
+            }
             let done = {
                 let d = vol.dir.lock();
                 snapshot.iter().all(|(p, v)| {
@@ -649,7 +660,7 @@ impl<S: IoServer> Inner<S> {
                 })
             };
             if done {
-                break Ok(());
+                break Ok(true);
             }
             if let Err(e) = self.check_destage_error(vol, errors) {
                 break Err(e);
@@ -680,8 +691,16 @@ impl<S: IoServer> Inner<S> {
         }
         // Hardening rights first: this is where a writer waits when its
         // volume or the node holds as much dirty data as it may.
-        if let Err(e) = self.take_rights(vol, npages).await {
-            return Served::Done(Err(e));
+        match self.take_rights(vol, npages, gen).await {
+            Ok(true) => {}
+            // The volume changed hands while this write waited for rights
+            // (destage may be frozen): served again on its new path.
+            Ok(false) => {
+                let mut req = req;
+                req.buf = Some(buf);
+                return Served::Again(req);
+            }
+            Err(e) => return Served::Done(Err(e)),
         }
         // Pieces of the host buffer, one per page, made before the lock
         // (they may fail for want of buffers, and then nothing changed).
@@ -787,13 +806,18 @@ impl<S: IoServer> Inner<S> {
 
     /// Reserves `n` hardening rights for `vol`: first within the volume's
     /// bound, then from the node's pool. Waits (destage gives them back)
-    /// when either is used up.
-    async fn take_rights(&self, vol: &Vol, n: usize) -> Result<(), IoError> {
+    /// when either is used up; gives up (`Ok(false)`, nothing reserved) if
+    /// the volume's setup changes from generation `gen` meanwhile.
+    async fn take_rights(&self, vol: &Vol, n: usize, gen: u64) -> Result<bool, IoError> {
         let quota = self.limits.volume_dirty_pages_max;
+        let moved = || vol.gen.load(Ordering::SeqCst) != gen;
         loop {
             let notified = vol.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
+            if moved() {
+                return Ok(false);
+            }
             let held = vol.rights.load(Ordering::Acquire);
             if held + n <= quota {
                 if vol
@@ -810,15 +834,37 @@ impl<S: IoServer> Inner<S> {
             notified.await;
             vol.urgent.fetch_sub(1, Ordering::Relaxed);
         }
-        if self.rights.try_reserve_detached(n).is_err() {
-            self.wake.notify_one();
-            if let Err(e) = self.rights.reserve_detached(n).await {
+        if self.rights.try_reserve_detached(n).is_ok() {
+            return Ok(true);
+        }
+        self.wake.notify_one();
+        let gave_up = async {
+            loop {
+                let notified = vol.changed.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if moved() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let r = tokio::select! {
+            r = self.rights.reserve_detached(n) => Some(r),
+            _ = gave_up => None,
+        };
+        match r {
+            Some(Ok(())) => Ok(true),
+            None => {
+                vol.rights.fetch_sub(n, Ordering::AcqRel);
+                Ok(false)
+            }
+            Some(Err(e)) => {
                 vol.rights.fetch_sub(n, Ordering::AcqRel);
                 tracing::warn!(disk = vol.disk, %e, "no hardening rights");
-                return Err(IoError::Exhausted { disk: vol.disk });
+                Err(IoError::Exhausted { disk: vol.disk })
             }
         }
-        Ok(())
     }
 
     pub(crate) fn give_back_rights(&self, vol: &Vol, n: usize) {

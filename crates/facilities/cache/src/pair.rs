@@ -119,7 +119,7 @@ impl<S: IoServer> Cache<S> {
     /// partner).
     pub async fn destage_volume(&self, disk: DiskId) -> Result<(), IoError> {
         let vol = self.inner.vol(disk)?;
-        self.inner.destage_all(&vol).await
+        self.inner.destage_all(&vol, None).await.map(|_| ())
     }
 
     /// Drops everything cached for `disk`, dirty or clean; returns how many
