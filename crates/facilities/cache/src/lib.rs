@@ -76,7 +76,7 @@ impl Default for CacheLimits {
             volume_dirty_pages_max: 8192,
             clean_pages_max: 16384,
             destage_bytes_max: 1 << 20,
-            destage_in_flight_max: 16,
+            destage_in_flight_max: 64,
             destage_start_pages: 4096,
             destage_delay: Duration::from_millis(200),
         }
