@@ -1539,6 +1539,34 @@ fn pair_joins_breaks_and_fails_over() {
 }
 
 #[test]
+fn moving_a_volume_in_a_mirrored_pair_starts_an_epoch() {
+    let mut s = cluster_of(2);
+    ok(&mut s, vol_in("a", Some(0)));
+    assert_eq!(served(&s, "a"), (0, Some(1)));
+    // Alone: the lone node owns everything, a new preferred node changes
+    // no owner and no epoch.
+    ok(&mut s, prefer("a", "n2"));
+    assert_eq!(pair(&s, 0), (1, PairMode::Alone { node: 1 }));
+    ok(&mut s, joined(0, 1, 1));
+    assert_eq!(pair(&s, 0), (2, PairMode::Mirrored));
+    // Mirrored: the owner changes, so the epoch does (the handover names
+    // it); the same node again changes nothing.
+    ok(&mut s, prefer("a", "n1"));
+    assert_eq!(pair(&s, 0), (3, PairMode::Mirrored));
+    assert_eq!(
+        s.cache_pairs[&0].owner(s.volumes.values().next().unwrap().preferred_node),
+        Some(1)
+    );
+    ok(&mut s, prefer("a", "n1"));
+    assert_eq!(pair(&s, 0), (3, PairMode::Mirrored));
+    // A cache event of the old epoch is refused.
+    assert!(matches!(
+        err(&mut s, broken(0, 2, 1)),
+        ConfigError::StaleCacheEpoch { current: 3, .. }
+    ));
+}
+
+#[test]
 fn a_breaking_pair_whose_waiting_node_dies_goes_to_the_quiesced_one() {
     let mut s = cluster_of(2);
     ok(&mut s, joined(0, 1, 1));
