@@ -41,6 +41,8 @@ enum Local {
     /// Owner-elect, waiting for the partner's `Released`.
     Awaiting,
     Unavailable,
+    /// The volume belongs to another I/O group, whose nodes serve it.
+    OtherGroup,
 }
 
 /// The cache mode a volume is configured with.
@@ -284,12 +286,18 @@ impl Controller {
             Local::Unavailable => Role::Unavailable {
                 reason: "no node of the volume's I/O group is online".into(),
             },
+            Local::OtherGroup => Role::Unavailable {
+                reason: "the volume is served by the nodes of its own I/O group".into(),
+            },
         };
         tracing::info!(disk, ?local, epoch, "cache role");
         self.pair
             .cache
             .set_volume(disk, VolumeSetup { mode, role, epoch });
-        if matches!(local, Local::Forward | Local::Unavailable) {
+        if matches!(
+            local,
+            Local::Forward | Local::Unavailable | Local::OtherGroup
+        ) {
             // Not served here: read again from the back end if it comes
             // back (the partner changes a thin volume's map meanwhile).
             self.pair.thin.close(disk);
@@ -337,6 +345,11 @@ impl Controller {
         drop(node);
         let g = state.nodes.get(&me)?.io_group?;
         let pair = state.cache_pairs.get(&g)?.clone();
+        // Only the nodes of a volume's I/O group serve it: another node
+        // going to the back end would bypass the owner's cache.
+        for v in state.volumes.values().filter(|v| v.io_group != g) {
+            self.set(v.id, cache_mode(v), Local::OtherGroup, 0);
+        }
         let vols: Vec<&Volume> = state.volumes.values().filter(|v| v.io_group == g).collect();
         let partner = partner_of(state, me).cloned();
         let e = pair.epoch;

@@ -355,9 +355,9 @@ fn partitions_leave_at_most_one_side_working() {
     // minority's leases have lapsed within 2 s.
     let lapse = Duration::from_millis(2000);
 
-    // A volume every node serves over NBD (the mdisk files are on this
-    // machine, where every namespace sees them), to check host I/O as well
-    // as configuration: served under a lease, refused without one.
+    // A volume its I/O group's nodes serve over NBD (the mdisk files are on
+    // this machine, where every namespace sees them), to check host I/O as
+    // well as configuration: served under a lease, refused without one.
     nodes[0].pool_of_four(16, "1MiB");
     nodes[0].ok(&[
         "volume",
@@ -385,9 +385,17 @@ fn partitions_leave_at_most_one_side_working() {
             .unwrap_or(false)
     };
     require("qemu-io");
-    wait_until(20, "every node to serve the volume", || {
-        nodes.iter().take(4).all(&reads)
-    });
+    // The volume is in io_grp0 (nodes 0 and 1): they serve it (the cache
+    // pair of the group), the nodes of io_grp1 do not.
+    wait_until(
+        20,
+        "both nodes of its I/O group to serve the volume",
+        || nodes.iter().take(2).all(&reads),
+    );
+    assert!(
+        !reads(&nodes[2]) && !reads(&nodes[3]),
+        "a node of another I/O group served the volume"
+    );
 
     // 1. The boss alone: the other four go on; the old boss stalls.
     let b = boss();
@@ -410,7 +418,10 @@ fn partitions_leave_at_most_one_side_working() {
         !reads(&nodes[b]),
         "isolated old boss served host I/O without a lease"
     );
-    assert!(reads(&nodes[other]), "majority stopped serving host I/O");
+    // A node of the volume's group on the majority side (if the old boss
+    // was the volume's owner, its partner takes over the pair alone).
+    let reader = if b == 0 { 1 } else { 0 };
+    assert!(reads(&nodes[reader]), "majority stopped serving host I/O");
     net.heal();
     all_agree(&nodes);
 
