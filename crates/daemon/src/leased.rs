@@ -9,6 +9,8 @@
 //! margin beyond the lease for them (failure-model.md).
 
 use std::future::Future;
+
+use futures::future::Either;
 use std::sync::{Arc, Weak};
 
 use sanvirt_facility::{
@@ -49,12 +51,11 @@ impl<S, L: LeaseCheck> Leased<S, L> {
 
 impl<S: IoServer, L: LeaseCheck> IoServer for Leased<S, L> {
     fn submit(&self, req: IoRequest) -> impl Future<Output = IoResult> + Send {
-        let refused = self.refused(req.disk);
-        async move {
-            match refused {
-                Some(e) => Err(e),
-                None => self.inner.submit(req).await,
-            }
+        // Decided before the future is built: a refusal is a ready future,
+        // so the request's future holds no error beside the inner one.
+        match self.refused(req.disk) {
+            Some(e) => Either::Left(std::future::ready(Err(e))),
+            None => Either::Right(self.inner.submit(req)),
         }
     }
 

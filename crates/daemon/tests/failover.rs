@@ -86,9 +86,32 @@ const REGION_BLOCKS: u64 = 4096;
 const WRITES_AFTER_FAILOVER: u64 = 300;
 
 fn verify_or_panic(rt: &tokio::runtime::Runtime, w: &mut Writer, addr: &str, ctx: &str) {
+    verify_or_logs(rt, w, addr, ctx, &[]);
+}
+
+/// As [`verify_or_panic`], and a failure shows the end of `nodes`' logs.
+fn verify_or_logs(
+    rt: &tokio::runtime::Runtime,
+    w: &mut Writer,
+    addr: &str,
+    ctx: &str,
+    nodes: &[Daemon],
+) {
     match rt.block_on(w.verify(addr)) {
         Ok(v) => eprintln!("{ctx}: verify through {addr}: {v:?}"),
-        Err(e) => panic!("{ctx}: verify through {addr} failed:\n{e}"),
+        Err(e) => {
+            let mut logs = String::new();
+            for n in nodes {
+                let log = n.log();
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| !l.contains("openraft") && !l.contains("sanvirt_nbd"))
+                    .collect();
+                let tail = &lines[lines.len().saturating_sub(80)..];
+                logs.push_str(&format!("\n--- {} ---\n{}", n.node_name, tail.join("\n")));
+            }
+            panic!("{ctx}: verify through {addr} failed:\n{e}{logs}")
+        }
     }
 }
 
@@ -282,21 +305,23 @@ fn two_node_kills(name: &str, kill: Victim, thin: bool) {
             t0.elapsed().as_secs_f64(),
             report.breaks
         );
-        verify_or_panic(
+        verify_or_logs(
             &rt,
             &mut w,
             &addrs[survivor],
             &format!("iteration {it} (survivor)"),
+            &nodes,
         );
         nodes[victim].spawn();
         wait_until_or_logs(&nodes, 30, "the restarted node to serve the volume", || {
             serves(&rt, &addrs[victim])
         });
-        verify_or_panic(
+        verify_or_logs(
             &rt,
             &mut w,
             &addrs[victim],
             &format!("iteration {it} (restarted victim)"),
+            &nodes,
         );
     }
     stalls.sort();

@@ -257,7 +257,7 @@ impl Lu {
 pub struct ScsiTarget<S: IoServer> {
     server: S,
     pool: Arc<BufferPool>,
-    identity: TargetIdentity,
+    identity: parking_lot::RwLock<TargetIdentity>,
     pr_store: Arc<dyn PrStore>,
     access: RwLock<AccessMap>,
     lus: RwLock<HashMap<DiskId, Arc<Lu>>>,
@@ -481,7 +481,7 @@ impl<S: IoServer> ScsiTarget<S> {
         Arc::new(ScsiTarget {
             server,
             pool,
-            identity,
+            identity: parking_lot::RwLock::new(identity),
             pr_store,
             access: RwLock::new(AccessMap::default()),
             lus: RwLock::new(HashMap::new()),
@@ -506,8 +506,15 @@ impl<S: IoServer> ScsiTarget<S> {
         &self.server
     }
 
-    pub fn identity(&self) -> &TargetIdentity {
-        &self.identity
+    pub fn identity(&self) -> TargetIdentity {
+        self.identity.read().clone()
+    }
+
+    /// The cluster this target belongs to changed (a node added to a
+    /// cluster after it started): every volume's NAA follows the cluster's
+    /// uid, the same on every node.
+    pub fn set_cluster_uid(&self, uid: u64) {
+        self.identity.write().cluster_uid = uid;
     }
 
     /// Hosts and LUN maps from the configuration. Every nexus of an
@@ -978,7 +985,7 @@ impl<S: IoServer> ScsiTarget<S> {
                 alloc_len,
                 ..
             }) => self.data_in(
-                &pages::unmapped_inquiry(&self.identity),
+                &pages::unmapped_inquiry(&self.identity.read()),
                 alloc_len.min(task.data_in_len),
             ),
             Ok(Cdb::RequestSense { desc, alloc_len }) => self.data_in(
@@ -1153,9 +1160,9 @@ impl<S: IoServer> ScsiTarget<S> {
                 alloc_len,
             } => {
                 let r = if evpd {
-                    pages::vpd_page(&self.identity, &desc, nexus, page)
+                    pages::vpd_page(&self.identity.read(), &desc, nexus, page)
                 } else {
-                    Ok(pages::standard_inquiry(&self.identity))
+                    Ok(pages::standard_inquiry(&self.identity.read()))
                 };
                 self.sync_data(r, alloc_len, data_in_len)
             }
@@ -1939,7 +1946,7 @@ impl<S: IoServer> ScsiTarget<S> {
                 return ScsiOutcome::check(Sense::invalid_param((16 + i * 32 + 29) as u16, None));
             }
             let found = visible.iter().copied().find(|&d| {
-                t.designator_type == 3 && t.designator == pages::naa_id(&self.identity, d)
+                t.designator_type == 3 && t.designator == pages::naa_id(&self.identity.read(), d)
             });
             match found {
                 Some(d) => disks.push(d),

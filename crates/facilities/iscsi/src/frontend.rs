@@ -37,6 +37,9 @@ pub struct IscsiFrontEnd<S: IoServer, T: ScsiPort = ScsiTarget<S>> {
     config: IscsiConfig,
     sessions: Mutex<HashMap<(String, [u8; 6]), SessionEntry>>,
     next_tsih: AtomicU16,
+    /// This target port's relative port id and port group (the config's,
+    /// until [`IscsiFrontEnd::set_target_port`] changes them).
+    port: std::sync::atomic::AtomicU32,
     shutdown: Arc<watch::Sender<bool>>,
 }
 
@@ -77,6 +80,8 @@ impl<S: IoServer, T: ScsiPort> IscsiFrontEnd<S, T> {
         target: Arc<T>,
     ) -> Result<Arc<Self>, ConfigError> {
         config.validate()?;
+        let port =
+            (u32::from(config.relative_target_port) << 16) | u32::from(config.target_port_group);
         let (tx, _) = watch::channel(false);
         let fe = Arc::new(IscsiFrontEnd {
             server,
@@ -85,6 +90,7 @@ impl<S: IoServer, T: ScsiPort> IscsiFrontEnd<S, T> {
             config,
             sessions: Mutex::new(HashMap::new()),
             next_tsih: AtomicU16::new(1),
+            port: std::sync::atomic::AtomicU32::new(port),
             shutdown: Arc::new(tx),
         });
         let client: Arc<dyn IoClient> = fe.clone();
@@ -114,6 +120,17 @@ impl<S: IoServer, T: ScsiPort> IscsiFrontEnd<S, T> {
     }
     pub fn config(&self) -> &IscsiConfig {
         &self.config
+    }
+
+    /// Sets this port's relative target port id and target port group
+    /// (ALUA) for sessions that log in from now on: a node's ids follow
+    /// its cluster node id, which a node added after it started learns
+    /// late.
+    pub fn set_target_port(&self, relative_target_port: u16, target_port_group: u16) {
+        self.port.store(
+            (u32::from(relative_target_port) << 16) | u32::from(target_port_group),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn sessions(&self) -> Vec<SessionSummary> {
@@ -242,8 +259,8 @@ impl<S: IoServer, T: ScsiPort> IscsiFrontEnd<S, T> {
                     .collect::<String>()
             )
             .into(),
-            relative_target_port: self.config.relative_target_port,
-            target_port_group: self.config.target_port_group,
+            relative_target_port: (self.port.load(Ordering::Relaxed) >> 16) as u16,
+            target_port_group: self.port.load(Ordering::Relaxed) as u16,
         });
         tracing::info!(%peer, initiator = %done.initiator_name, tsih, discovery, "session in full feature phase");
         let ctx = ConnContext {
