@@ -161,6 +161,8 @@ struct Inner<S> {
     table: Mutex<MirrorTable>,
     released: Mutex<HashMap<DiskId, u64>>,
     released_changed: Notify,
+    /// The configuration index the partner says it has applied.
+    partner_applied: watch::Sender<u64>,
     state: watch::Sender<LineState>,
     /// What one forwarded request needs here: a control block and a data
     /// slot (the paper's compound object); credits are exported from it.
@@ -228,6 +230,7 @@ impl<S: IoServer + Clone> Line<S> {
                 pending: Mutex::new(HashMap::new()),
                 released: Mutex::new(HashMap::new()),
                 released_changed: Notify::new(),
+                partner_applied: watch::channel(0).0,
                 state,
                 forward_work,
                 _forward_parts: (cbs, slots),
@@ -411,6 +414,38 @@ impl<S: IoServer + Clone> Line<S> {
         }
     }
 
+    /// Tells the partner that this node has applied the configuration up
+    /// to `index`.
+    pub fn send_applied(&self, index: u64) -> bool {
+        match self.inner.current() {
+            Some(c) => c.send(&Msg::Applied { index }),
+            None => false,
+        }
+    }
+
+    /// Waits (at most `limit`) until the partner says it has applied the
+    /// configuration up to `index`; `false` if it did not in time or the
+    /// line is down (a partner out of reach serves nothing it could
+    /// enforce wrongly for long: it loses its lease).
+    pub async fn partner_applied(&self, index: u64, limit: Duration) -> bool {
+        let mut rx = self.inner.partner_applied.subscribe();
+        let mut line = self.inner.state.subscribe();
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if *rx.borrow_and_update() >= index {
+                return true;
+            }
+            if !line.borrow_and_update().up {
+                return false;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return false },
+                r = line.changed() => if r.is_err() { return false },
+                _ = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+
     /// Whether the partner released `disk` in `epoch` or later.
     pub fn is_released(&self, disk: DiskId, epoch: u64) -> bool {
         self.inner
@@ -500,6 +535,11 @@ impl<S: IoServer + Clone> Line<S> {
                 Some(_) => return Err(format!("status reply to {seq}")),
                 None => {}
             },
+            Msg::Applied { index } => {
+                self.inner
+                    .partner_applied
+                    .send_modify(|a| *a = (*a).max(index));
+            }
             Msg::Released { disk, epoch } => {
                 let mut r = self.inner.released.lock();
                 let e = r.entry(disk).or_insert(0);

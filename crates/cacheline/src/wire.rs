@@ -164,6 +164,10 @@ pub enum Msg {
     },
     /// Keeps an idle line's liveness timer from running out.
     Ping,
+    /// The sender has applied the cluster's configuration up to `index`.
+    Applied {
+        index: u64,
+    },
 }
 
 /// A frame that does not decode.
@@ -192,6 +196,7 @@ const K_STATUS: u8 = 8;
 const K_STATUS_REPLY: u8 = 9;
 const K_RELEASED: u8 = 10;
 const K_PING: u8 = 11;
+const K_APPLIED: u8 = 12;
 
 const CREDIT_GRANT: u8 = 1;
 const CREDIT_REVOKE: u8 = 2;
@@ -380,6 +385,10 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
             o.u64(*epoch);
         }
         Msg::Ping => o.u8(K_PING),
+        Msg::Applied { index } => {
+            o.u8(K_APPLIED);
+            o.u64(*index);
+        }
     }
     let mut frame = o.0;
     let len = (frame.len() - 4) as u32;
@@ -585,6 +594,9 @@ pub fn decode(body: &[u8]) -> Result<Msg, WireError> {
             epoch: i.u64("epoch")?,
         },
         K_PING => Msg::Ping,
+        K_APPLIED => Msg::Applied {
+            index: i.u64("index")?,
+        },
         k => return Err(WireError::UnknownKind(k)),
     };
     if !i.b.is_empty() {
@@ -723,6 +735,7 @@ mod tests {
                 .prop_map(|(seq, result)| Msg::StatusReply { seq, result }),
             (any::<u64>(), any::<u64>()).prop_map(|(disk, epoch)| Msg::Released { disk, epoch }),
             Just(Msg::Ping),
+            any::<u64>().prop_map(|index| Msg::Applied { index }),
         ]
     }
 

@@ -209,6 +209,16 @@ impl Node {
         }
     }
 
+    /// Waits (briefly) until the I/O-group partner has applied the
+    /// configuration up to `index` (reservations it must enforce too).
+    pub async fn wait_partner_applied(&self, index: u64) {
+        if let Some(pair) = &self.pair {
+            if !pair.partner_applied(index).await {
+                tracing::debug!(index, "partner did not confirm the configuration in time");
+            }
+        }
+    }
+
     /// This node's id in the cluster, once it is in one.
     pub fn node_id(&self) -> Option<sanvirt_config::NodeId> {
         self.cluster.status().node_id

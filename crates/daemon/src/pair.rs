@@ -162,7 +162,39 @@ impl Pair {
         let me = Arc::clone(self);
         tokio::spawn(async move { me.dial().await });
         let me = Arc::clone(self);
+        tokio::spawn(async move { me.report_applied().await });
+        let me = Arc::clone(self);
         tokio::spawn(async move { Controller::new(me, node).run().await });
+    }
+
+    /// Tells the partner how far this node has applied the configuration,
+    /// whenever that advances or the line comes up (a reservation change
+    /// completes once the partner enforces it: `Node::persist_reservations`).
+    async fn report_applied(self: Arc<Self>) {
+        let mut states = self.states.subscribe();
+        let mut sent = (0u64, 0u64); // (line generation, index)
+        loop {
+            let applied = states.borrow_and_update().as_ref().map_or(0, |s| s.applied);
+            if let Some(line) = self.line() {
+                let st = line.state();
+                if st.up && (st.generation, applied) != sent && line.send_applied(applied) {
+                    sent = (st.generation, applied);
+                }
+            }
+            tokio::select! {
+                r = states.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    }
+
+    /// Waits (briefly) until the partner has applied the configuration up
+    /// to `index`.
+    pub async fn partner_applied(&self, index: u64) -> bool {
+        match self.line() {
+            Some(line) => line.partner_applied(index, Duration::from_secs(2)).await,
+            None => true,
+        }
     }
 
     /// The node with the lower id dials its partner whenever the line is

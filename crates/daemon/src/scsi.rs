@@ -95,14 +95,16 @@ impl PrStore for ConfigPrStore {
             let node = node
                 .upgrade()
                 .ok_or_else(|| PrPersistError::Failed("node is shutting down".into()))?;
-            tokio::task::spawn_blocking(move || {
+            let n = Arc::clone(&node);
+            let applied = tokio::task::spawn_blocking(move || {
+                let node = n;
                 let cmd = Command::SetReservations {
                     volume_id: disk,
                     state,
                     expected_generation: Some(expected_generation),
                 };
                 match node.submit(cmd) {
-                    Ok(_) => Ok(()),
+                    Ok(_) => Ok(node.state().applied),
                     Err(ConfigError::ReservationsChanged { .. }) => {
                         let state = node.state();
                         let latest = state.volumes.values().find(|v| v.id == disk);
@@ -115,7 +117,12 @@ impl PrStore for ConfigPrStore {
                 }
             })
             .await
-            .map_err(|e| PrPersistError::Failed(format!("persisting panicked: {e}")))?
+            .map_err(|e| PrPersistError::Failed(format!("persisting panicked: {e}")))??;
+            // The partner node enforces reservations from its own copy of
+            // the configuration: complete once it has applied this change,
+            // so a command through the other path right after sees it.
+            node.wait_partner_applied(applied).await;
+            Ok(())
         })
     }
 }
