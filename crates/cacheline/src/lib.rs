@@ -727,12 +727,17 @@ impl<S: IoServer + Clone> Mirror for Line<S> {
             return Box::pin(async { Err(MirrorError("the cache line went down".into())) });
         };
         self.inner.copies_sent.fetch_add(1, Ordering::Relaxed);
-        conn.send(&Msg::Copy {
-            seq,
-            disk,
-            offset,
-            data: data.to_vec(),
-        });
+        // Called under the volume's directory lock: the data are copied
+        // once, straight into the frame.
+        let _ = conn.tx.send(wire::encode_with_data(
+            &Msg::Copy {
+                seq,
+                disk,
+                offset,
+                data: Vec::new(),
+            },
+            &data,
+        ));
         Box::pin(async move {
             match rx.await {
                 Ok(true) => Ok(()),
@@ -771,14 +776,10 @@ impl<S: IoServer + Clone> Forward for Line<S> {
             let Some(seq) = line.register(&conn, Pending::Request(tx)) else {
                 return Err((req, lost("went down")));
             };
-            let data = match (req.op, &req.buf) {
-                (IoOp::Write, Some(b)) => b.to_vec(),
-                _ => Vec::new(),
-            };
             line.inner
                 .requests_forwarded
                 .fetch_add(1, Ordering::Relaxed);
-            conn.send(&Msg::Request {
+            let msg = Msg::Request {
                 seq,
                 disk: req.disk,
                 op: req.op,
@@ -786,7 +787,12 @@ impl<S: IoServer + Clone> Forward for Line<S> {
                 no_unmap: req.flags.no_unmap,
                 offset: req.offset,
                 len: req.len,
-                data,
+                data: Vec::new(),
+            };
+            // A write's data are copied once, from its buffer into the frame.
+            let _ = conn.tx.send(match (req.op, &req.buf) {
+                (IoOp::Write, Some(b)) => wire::encode_with_data(&msg, b),
+                _ => encode(&msg),
             });
             let r = rx.await;
             drop(credit);

@@ -396,6 +396,27 @@ pub fn encode(msg: &Msg) -> Vec<u8> {
     frame
 }
 
+/// Encodes `msg`, whose last field is its (empty) data, with `data`'s bytes
+/// as that field: the bytes are copied once, from the buffer into the
+/// frame. For `Copy`, `Request` and a successful `Reply`.
+pub fn encode_with_data(msg: &Msg, data: &sanvirt_buffer::Buffer) -> Vec<u8> {
+    debug_assert!(matches!(
+        msg,
+        Msg::Copy { data, .. } | Msg::Request { data, .. } | Msg::Reply { result: Ok(data), .. }
+            if data.is_empty()
+    ));
+    let mut frame = encode(msg);
+    let head = frame.len() - 4;
+    frame.truncate(head);
+    frame.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let at = frame.len();
+    frame.resize(at + data.len(), 0);
+    data.copy_to_slice(0, &mut frame[at..]);
+    let len = (frame.len() - 4) as u32;
+    frame[..4].copy_from_slice(&len.to_be_bytes());
+    frame
+}
+
 /// Reads the fields of one frame's body.
 struct In<'a> {
     b: &'a [u8],
@@ -775,6 +796,41 @@ mod tests {
             let i = at.index(body.len());
             body[i] ^= x;
             let _ = decode(&body);
+        }
+    }
+
+    #[test]
+    fn data_from_a_buffer_encodes_as_in_the_message() {
+        let pool = sanvirt_buffer::BufferPool::new(16, 16);
+        let mut b = pool.alloc(4096 + 512).unwrap();
+        b.copy_from_slice(0, &[7; 4096 + 512]);
+        let with = |data: Vec<u8>| {
+            [
+                Msg::Copy {
+                    seq: 3,
+                    disk: 9,
+                    offset: 512,
+                    data: data.clone(),
+                },
+                Msg::Request {
+                    seq: 4,
+                    disk: 9,
+                    op: IoOp::Write,
+                    fua: true,
+                    no_unmap: false,
+                    offset: 4096,
+                    len: data.len() as u64,
+                    data: data.clone(),
+                },
+                Msg::Reply {
+                    seq: 5,
+                    result: Ok(data),
+                },
+            ]
+        };
+        for (empty, full) in with(vec![]).iter().zip(with(vec![7; 4096 + 512]).iter()) {
+            assert_eq!(encode_with_data(empty, &b), encode(full), "{full:?}");
+            assert_eq!(decode(&encode_with_data(empty, &b)[4..]).unwrap(), *full);
         }
     }
 

@@ -65,6 +65,19 @@ pub struct PrState {
     /// and re-serialize unchanged.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub config_generation: u64,
+    /// The holder of an SPC-2 RESERVE(6)/(10), if any. Not a persistent
+    /// reservation in SCSI terms (a LUN reset, a target reset, the holder's
+    /// I_T nexus loss and a power on release it), but kept here so that
+    /// every node serving the volume enforces the same one and two nodes
+    /// cannot grant it at once (the compare-and-set above decides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spc2_holder: Option<PrNexus>,
+    /// LUN resets so far. A node that adopts a state whose count grew
+    /// resets the logical unit for its own I_T nexuses (unit attention
+    /// 29h/03h, PREVENT ALLOW and mode parameters), so a LUN RESET through
+    /// one node's port is seen through every node's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lun_resets: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -100,6 +113,13 @@ impl PrState {
                     "nexus {}/{} registered twice",
                     r.nexus.initiator_port, r.nexus.relative_target_port
                 ));
+            }
+        }
+        if let Some(h) = &self.spc2_holder {
+            if h.initiator_port.is_empty() || h.initiator_port.len() > PR_INITIATOR_PORT_LEN_MAX {
+                return Err(
+                    "SPC-2 reservation holder's initiator port name empty or too long".into(),
+                );
             }
         }
         if let Some(res) = &self.reservation {

@@ -181,6 +181,11 @@ impl Node {
             }
         }
         self.scsi.set_access(access_map(state));
+        // Only now does this node enforce everything in `state` (the
+        // partner waits for this before completing a reservation change).
+        if let Some(pair) = &self.pair {
+            pair.io_configured(state.applied);
+        }
     }
 }
 
@@ -738,6 +743,17 @@ pub async fn run(
                 let want = node.cluster.state().applied;
                 if configured.wait_for(|&i| i >= want).await.is_err() {
                     return;
+                }
+                // SPC-2 reservations held through this node's port went
+                // with its previous run (a power on releases them).
+                if let Some(port) = node.node_id().and_then(|id| u16::try_from(id).ok()) {
+                    let n = node.scsi.release_stale_spc2(port).await;
+                    if n > 0 {
+                        tracing::info!(
+                            volumes = n,
+                            "released SPC-2 reservations of the previous run"
+                        );
+                    }
                 }
             }
             let st = node.cluster.status();

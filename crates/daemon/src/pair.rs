@@ -64,6 +64,10 @@ pub struct Pair {
     pool: Arc<sanvirt_buffer::BufferPool>,
     line: Mutex<Option<Line<NodeCache>>>,
     states: watch::Sender<Option<Arc<State>>>,
+    /// Log index of the configuration every I/O module of this node
+    /// enforces (the SCSI target's reservations included): what the
+    /// partner is told this node has applied.
+    io_applied: watch::Sender<u64>,
     /// Power is failing: no volume is mirrored write-back any more, and the
     /// pair does not rejoin.
     power_failing: std::sync::atomic::AtomicBool,
@@ -84,6 +88,7 @@ impl Pair {
             pool,
             line: Mutex::new(None),
             states,
+            io_applied: watch::channel(0).0,
             power_failing: std::sync::atomic::AtomicBool::new(false),
             passes: watch::channel(0).0,
         })
@@ -92,6 +97,12 @@ impl Pair {
     /// A new configuration (from the node's call gate).
     pub fn configure(&self, state: &Arc<State>) {
         self.states.send_replace(Some(Arc::clone(state)));
+    }
+
+    /// Every I/O module of this node has the configuration up to `index`
+    /// (called after the node reconfigured them all).
+    pub fn io_configured(&self, index: u64) {
+        self.io_applied.send_replace(index);
     }
 
     /// Stops mirrored write-back on this node and waits until the
@@ -169,12 +180,12 @@ impl Pair {
 
     /// Tells the partner how far this node has applied the configuration,
     /// whenever that advances or the line comes up (a reservation change
-    /// completes once the partner enforces it: `Node::persist_reservations`).
+    /// completes once the partner enforces it: `scsi::ConfigPrStore::persist`).
     async fn report_applied(self: Arc<Self>) {
-        let mut states = self.states.subscribe();
+        let mut states = self.io_applied.subscribe();
         let mut sent = (0u64, 0u64); // (line generation, index)
         loop {
-            let applied = states.borrow_and_update().as_ref().map_or(0, |s| s.applied);
+            let applied = *states.borrow_and_update();
             if let Some(line) = self.line() {
                 let st = line.state();
                 if st.up && (st.generation, applied) != sent && line.send_applied(applied) {

@@ -18,7 +18,7 @@
 //! ScsiTarget::set_reservations(&self, disk: DiskId, state: PrState) // PR state from the configuration (after every change, from any node)
 //! ScsiTarget::disk_event(&self, event: &FrontEndDiskEvent)    // created / deleted / resized volumes
 //! ScsiTarget::disk_path_event(&self, event: &DiskPathEvent)
-//! ScsiTarget::task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse // LUN/target reset side effects
+//! ScsiTarget::task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse (async) // LUN/target reset side effects
 //! ScsiTarget::nexus_lost(&self, nexus: &Nexus)                 // session ended: SPC-2 reservations etc.
 //! ScsiTarget::visible_luns(&self, initiator_name: &str) -> Vec<u64>
 //! ```

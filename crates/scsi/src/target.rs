@@ -61,6 +61,36 @@ impl NexusKey {
         }
     }
 }
+/// Whether `h`, a holder as the configuration names it, is nexus `k`.
+fn spc2_is(h: &PrNexus, k: &NexusKey) -> bool {
+    h.relative_target_port == k.rtp && *h.initiator_port == *k.port
+}
+
+/// Why a change of the shared reservation state did not happen.
+enum SharedRefused {
+    /// The computation refused it (RESERVATION CONFLICT, CHECK CONDITION).
+    Outcome(ScsiOutcome),
+    /// The configuration could not record it (logged where it failed).
+    Failed,
+    /// Other nodes kept changing the state first.
+    Busy,
+}
+
+impl SharedRefused {
+    fn outcome(self) -> ScsiOutcome {
+        match self {
+            SharedRefused::Outcome(o) => o,
+            // The state machine refused or could not journal the change:
+            // nothing changed and the initiator sees a target failure.
+            SharedRefused::Failed => {
+                ScsiOutcome::check(Sense::new(key::HARDWARE_ERROR, 0x44, 0x00))
+            }
+            // The initiator retries.
+            SharedRefused::Busy => ScsiOutcome::status_only(status::BUSY),
+        }
+    }
+}
+
 /// A nexus's initiator name and whether REPORTED LUNS DATA HAS CHANGED is
 /// pending for it (the one target-wide unit attention).
 type NexusEntry = (Arc<str>, bool);
@@ -106,8 +136,9 @@ struct LuState {
     stopped: bool,
     ua: HashMap<NexusKey, VecDeque<Sense>>,
     seen: HashSet<NexusKey>,
-    /// SPC-2 RESERVE holder.
-    spc2: Option<NexusKey>,
+    /// The volume's shared reservation state as the configuration holds it:
+    /// persistent reservations, the SPC-2 RESERVE holder and the LUN reset
+    /// count, the same on every node serving the volume.
     pr: PrState,
     prevent: HashSet<NexusKey>,
     mode: ModeState,
@@ -148,15 +179,61 @@ impl LuState {
     /// Installs `new`, the configuration's state, unless it is older than
     /// the one held (`config_generation`) or the same; establishes the unit
     /// attentions the change implies for this target's nexuses
-    /// (`pr::changed_elsewhere`).
+    /// (`pr::changed_elsewhere`), and resets the logical unit for them if
+    /// a LUN RESET came through another node's port (`lun_resets` grew).
     fn adopt_pr(&mut self, new: PrState) {
         if new.config_generation < self.pr.config_generation || new == self.pr {
             return;
         }
         let old = std::mem::replace(&mut self.pr, new);
+        if self.pr.lun_resets > old.lun_resets {
+            self.reset(Sense::ua_lun_reset());
+        }
         for (n, s) in pr::changed_elsewhere(&old, &self.pr) {
             self.queue_pr_ua(&n, s);
         }
+    }
+
+    /// The effects of a reset on this node's side of the logical unit:
+    /// PREVENT ALLOW state and mode parameters go, the unit starts, and
+    /// every nexus seen gets `ua`. (The SPC-2 reservation is shared state:
+    /// the reset's change of `pr` releases it.)
+    fn reset(&mut self, ua: Sense) {
+        self.prevent.clear();
+        self.mode = ModeState {
+            // Mode parameters return to their saved (default) values, but
+            // write protection set by the administrator's initiator stays
+            // until cleared explicitly.
+            swp: self.mode.swp,
+            ..ModeState::default()
+        };
+        self.stopped = false;
+        self.ua_all_but(None, ua);
+    }
+
+    /// Whether an SPC-2 reservation held by another nexus than `k` stands
+    /// in `k`'s way. A holder is disregarded once it cannot hold anything
+    /// any more: through `k`'s own port (this node) when its nexus is gone
+    /// (the release is on its way to the configuration, or this node
+    /// restarted), through another node's port when that node's port group
+    /// is unavailable (the node is offline, and its nexuses with it).
+    fn spc2_held_by_other(&self, k: &NexusKey) -> bool {
+        let Some(h) = &self.pr.spc2_holder else {
+            return false;
+        };
+        if spc2_is(h, k) {
+            return false;
+        }
+        if h.relative_target_port == k.rtp {
+            return self.seen.contains(&NexusKey::from_pr(h));
+        }
+        let group_of_port = self.alua.as_ref().and_then(|a| {
+            a.groups
+                .groups
+                .iter()
+                .find(|g| g.ports.contains(&h.relative_target_port))
+        });
+        !matches!(group_of_port, Some(g) if g.access == AluaAccess::Unavailable)
     }
 
     /// Access state of the logical unit through `nexus`'s target port group.
@@ -228,7 +305,6 @@ impl Lu {
                 stopped: false,
                 ua: HashMap::new(),
                 seen: HashSet::new(),
-                spc2: None,
                 pr: cfg.pr,
                 prevent: HashSet::new(),
                 mode: ModeState::default(),
@@ -250,6 +326,79 @@ impl Lu {
             info: self.state.lock().info,
             report_physical: true,
         }
+    }
+
+    /// Changes the volume's shared reservation state (`PrState`: persistent
+    /// reservations, the SPC-2 holder, the LUN reset count) through the
+    /// configuration, which every node serving the volume follows.
+    /// `compute` derives the next state from the one held (`Ok(None)`:
+    /// nothing to change); it runs again whenever another node changed the
+    /// state first (compare-and-set on `config_generation`), at most
+    /// `PR_OUT_ATTEMPTS_MAX` times. Once the store has the new state it is
+    /// installed, and `install` runs under the same lock (the unit
+    /// attentions the change causes). Changes of one logical unit are
+    /// serialised; `disk_config`, when given, notes each state seen.
+    async fn change_shared<R>(
+        &self,
+        store: &dyn PrStore,
+        disk_config: Option<&Mutex<HashMap<DiskId, DiskConfig>>>,
+        mut compute: impl FnMut(&LuState) -> Result<Option<(PrState, R)>, ScsiOutcome>,
+        install: impl FnOnce(&mut LuState, R),
+    ) -> Result<(), SharedRefused> {
+        let note = |state: &PrState| {
+            if let Some(dc) = disk_config {
+                dc.lock().entry(self.disk).or_default().note_pr(state);
+            }
+        };
+        let _serial = self.pr_out.lock().await;
+        let _busy = PrOutBusy::new(self);
+        for attempt in 1..=PR_OUT_ATTEMPTS_MAX {
+            let (expected, next, r) = {
+                let mut st = self.state.lock();
+                if let Some(p) = st.pr_pending.take() {
+                    st.adopt_pr(p);
+                }
+                let Some((next, r)) = compute(&st).map_err(SharedRefused::Outcome)? else {
+                    return Ok(());
+                };
+                (st.pr.config_generation, next, r)
+            };
+            let next = PrState {
+                config_generation: expected.wrapping_add(1),
+                ..next
+            };
+            match store.persist(self.disk, expected, next.clone()).await {
+                Ok(()) => {}
+                Err(PrPersistError::Conflict(latest)) => {
+                    // Another node's change came first: start again from it.
+                    tracing::debug!(
+                        disk = self.disk,
+                        attempt,
+                        expected,
+                        now = latest.config_generation,
+                        "reservations changed meanwhile"
+                    );
+                    note(&latest);
+                    self.state.lock().adopt_pr(latest);
+                    continue;
+                }
+                Err(PrPersistError::Failed(e)) => {
+                    tracing::warn!(disk = self.disk, error = %e, "reservation change not persisted");
+                    return Err(SharedRefused::Failed);
+                }
+            }
+            note(&next);
+            let mut st = self.state.lock();
+            st.pr = next;
+            install(&mut st, r);
+            return Ok(());
+        }
+        tracing::warn!(
+            disk = self.disk,
+            attempts = PR_OUT_ATTEMPTS_MAX,
+            "reservations kept changing under a change; BUSY"
+        );
+        Err(SharedRefused::Busy)
     }
 }
 
@@ -667,8 +816,12 @@ impl<S: IoServer> ScsiTarget<S> {
 
     /// Task management side effects (the transport has already dealt with
     /// the tasks it queued): resets clear SPC-2 reservations, PREVENT
-    /// ALLOW state and mode changes, and establish unit attentions.
-    pub fn task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse {
+    /// ALLOW state and mode changes, and establish unit attentions. A LUN
+    /// reset is also recorded in the volume's shared state, and completes
+    /// once the configuration has it, so that every other node serving the
+    /// volume has reset it for its own nexuses too (see `PrStore::persist`);
+    /// if the configuration cannot record it, the reset still happened here.
+    pub async fn task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse {
         match tmf {
             Tmf::AbortTask { lun, .. } | Tmf::AbortTaskSet { lun } | Tmf::ClearTaskSet { lun } => {
                 if self.mapped(nexus, lun).is_none() {
@@ -681,44 +834,167 @@ impl<S: IoServer> ScsiTarget<S> {
                     return TmfResponse::NoSuchLun;
                 };
                 if let Some(lu) = self.lu(disk) {
-                    self.reset_lu(&lu, Sense::ua_lun_reset());
+                    lu.state.lock().reset(Sense::ua_lun_reset());
+                    let shared = lu
+                        .change_shared(
+                            &*self.pr_store,
+                            Some(&self.disk_config),
+                            |st| {
+                                let mut next = st.pr.clone();
+                                next.lun_resets = next.lun_resets.wrapping_add(1);
+                                next.spc2_holder = None;
+                                Ok(Some((next, ())))
+                            },
+                            |_, ()| {},
+                        )
+                        .await;
+                    if shared.is_err() {
+                        tracing::warn!(
+                            disk,
+                            "LUN reset not recorded in the configuration: \
+                             other nodes' nexuses do not see it"
+                        );
+                    }
                 }
                 TmfResponse::Complete
             }
             Tmf::TargetWarmReset | Tmf::TargetColdReset => {
                 let lus: Vec<Arc<Lu>> = self.lus.read().values().cloned().collect();
+                for lu in &lus {
+                    lu.state.lock().reset(Sense::ua_power_on_reset());
+                }
+                // The target's resets release SPC-2 reservations.
                 for lu in lus {
-                    self.reset_lu(&lu, Sense::ua_power_on_reset());
+                    let _ = lu
+                        .change_shared(
+                            &*self.pr_store,
+                            Some(&self.disk_config),
+                            |st| {
+                                Ok(st.pr.spc2_holder.is_some().then(|| {
+                                    let mut next = st.pr.clone();
+                                    next.spc2_holder = None;
+                                    (next, ())
+                                }))
+                            },
+                            |_, ()| {},
+                        )
+                        .await;
                 }
                 TmfResponse::Complete
             }
         }
     }
 
-    fn reset_lu(&self, lu: &Lu, ua: Sense) {
-        let mut st = lu.state.lock();
-        st.spc2 = None;
-        st.prevent.clear();
-        st.mode = ModeState {
-            // Mode parameters return to their saved (default) values, but
-            // write protection set by the administrator's initiator stays
-            // until cleared explicitly.
-            swp: st.mode.swp,
-            ..ModeState::default()
-        };
-        st.stopped = false;
-        st.ua_all_but(None, ua);
+    /// Releases, in the configuration, every SPC-2 reservation held
+    /// through this node's port `relative_target_port` by a nexus this
+    /// target does not have: the daemon calls it once it serves after a
+    /// start (a power on releases SPC-2 reservations), so that a holder
+    /// that went with the node's previous run does not keep the other
+    /// nodes' initiators out. Returns how many it released.
+    pub async fn release_stale_spc2(&self, relative_target_port: u16) -> usize {
+        let lus: Vec<Arc<Lu>> = self.lus.read().values().cloned().collect();
+        let mut released = 0;
+        for lu in lus {
+            let stale = |st: &LuState| {
+                st.pr.spc2_holder.as_ref().is_some_and(|h| {
+                    h.relative_target_port == relative_target_port
+                        && !st.seen.contains(&NexusKey::from_pr(h))
+                })
+            };
+            let r = lu
+                .change_shared(
+                    &*self.pr_store,
+                    Some(&self.disk_config),
+                    |st| {
+                        Ok(stale(st).then(|| {
+                            let mut next = st.pr.clone();
+                            next.spc2_holder = None;
+                            (next, ())
+                        }))
+                    },
+                    |_, ()| released += 1,
+                )
+                .await;
+            if r.is_err() {
+                tracing::warn!(disk = lu.disk, "a stale SPC-2 reservation was not released");
+            }
+        }
+        released
+    }
+
+    /// Releases the SPC-2 reservations `nexus` holds, in the configuration
+    /// (for every node), before returning: the transport calls it when the
+    /// initiator logs out, before it answers (`nexus_lost` would release
+    /// them too, but in the background).
+    pub async fn release_spc2_of(&self, nexus: &Nexus) {
+        let k = key_of(nexus);
+        let lus: Vec<Arc<Lu>> = self.lus.read().values().cloned().collect();
+        for lu in lus {
+            let released = lu
+                .change_shared(
+                    &*self.pr_store,
+                    Some(&self.disk_config),
+                    |st| {
+                        Ok(st
+                            .pr
+                            .spc2_holder
+                            .as_ref()
+                            .filter(|h| spc2_is(h, &k))
+                            .map(|_| {
+                                let mut next = st.pr.clone();
+                                next.spc2_holder = None;
+                                (next, ())
+                            }))
+                    },
+                    |_, ()| {},
+                )
+                .await;
+            if released.is_err() {
+                tracing::warn!(disk = lu.disk, "SPC-2 reservation not released at logout");
+            }
+        }
     }
 
     /// The session of `nexus` ended: its SPC-2 reservations and PREVENT
-    /// state go; persistent reservations stay (SPC-4).
+    /// state go; persistent reservations stay (SPC-4). This node
+    /// disregards the SPC-2 reservation at once (its nexus is gone); the
+    /// release reaches the configuration, and so the other nodes, in the
+    /// background.
     pub fn nexus_lost(&self, nexus: &Nexus) {
         let k = key_of(nexus);
         let lus: Vec<Arc<Lu>> = self.lus.read().values().cloned().collect();
         for lu in lus {
             let mut st = lu.state.lock();
-            if st.spc2.as_ref() == Some(&k) {
-                st.spc2 = None;
+            if st.pr.spc2_holder.as_ref().is_some_and(|h| spc2_is(h, &k)) {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let (lu, store, k) = (Arc::clone(&lu), Arc::clone(&self.pr_store), k.clone());
+                    rt.spawn(async move {
+                        let released = lu
+                            .change_shared(
+                                &*store,
+                                None,
+                                |st| {
+                                    Ok(st.pr.spc2_holder.as_ref().filter(|h| spc2_is(h, &k)).map(
+                                        |_| {
+                                            let mut next = st.pr.clone();
+                                            next.spc2_holder = None;
+                                            (next, ())
+                                        },
+                                    ))
+                                },
+                                |_, ()| {},
+                            )
+                            .await;
+                        if released.is_err() {
+                            tracing::warn!(
+                                disk = lu.disk,
+                                "SPC-2 reservation of a lost nexus not released in the \
+                                 configuration; other nodes disregard it only once this \
+                                 node is offline"
+                            );
+                        }
+                    });
+                }
             }
             st.prevent.remove(&k);
             st.copies.retain(|(n, _, _)| n != &k);
@@ -909,10 +1185,8 @@ impl<S: IoServer> ScsiTarget<S> {
                     return ScsiOutcome::check(s);
                 }
             }
-            if let Some(h) = &st.spc2 {
-                if h != &k && !spc2_allowed(&c) {
-                    return ScsiOutcome::reservation_conflict();
-                }
+            if !spc2_allowed(&c) && st.spc2_held_by_other(&k) {
+                return ScsiOutcome::reservation_conflict();
             }
             if pr::conflicts_port(&st.pr, &k.port, k.rtp, access_of(&c)) {
                 return ScsiOutcome::reservation_conflict();
@@ -1227,21 +1501,54 @@ impl<S: IoServer> ScsiTarget<S> {
                 ScsiOutcome::good()
             }
             Cdb::Reserve { .. } => {
-                let mut st = lu.state.lock();
-                match &st.spc2 {
-                    Some(h) if h != k => ScsiOutcome::reservation_conflict(),
-                    _ => {
-                        st.spc2 = Some(k.clone());
-                        ScsiOutcome::good()
-                    }
+                // Through the configuration: two nodes cannot both grant it.
+                let r = lu
+                    .change_shared(
+                        &*self.pr_store,
+                        Some(&self.disk_config),
+                        |st| {
+                            if st.spc2_held_by_other(k) || st.pr.reservation.is_some() {
+                                return Err(ScsiOutcome::reservation_conflict());
+                            }
+                            if st.pr.spc2_holder.as_ref().is_some_and(|h| spc2_is(h, k)) {
+                                return Ok(None);
+                            }
+                            let mut next = st.pr.clone();
+                            next.spc2_holder = Some(k.pr());
+                            Ok(Some((next, ())))
+                        },
+                        |_, ()| {},
+                    )
+                    .await;
+                match r {
+                    Ok(()) => ScsiOutcome::good(),
+                    Err(e) => e.outcome(),
                 }
             }
             Cdb::Release { .. } => {
-                let mut st = lu.state.lock();
-                if st.spc2.as_ref() == Some(k) {
-                    st.spc2 = None;
+                let r = lu
+                    .change_shared(
+                        &*self.pr_store,
+                        Some(&self.disk_config),
+                        |st| {
+                            Ok(st
+                                .pr
+                                .spc2_holder
+                                .as_ref()
+                                .filter(|h| spc2_is(h, k))
+                                .map(|_| {
+                                    let mut next = st.pr.clone();
+                                    next.spc2_holder = None;
+                                    (next, ())
+                                }))
+                        },
+                        |_, ()| {},
+                    )
+                    .await;
+                match r {
+                    Ok(()) => ScsiOutcome::good(),
+                    Err(e) => e.outcome(),
                 }
-                ScsiOutcome::good()
             }
             Cdb::Read(rw) => {
                 if let Err(s) = range(rw.lba, rw.blocks as u64) {
@@ -1838,85 +2145,40 @@ impl<S: IoServer> ScsiTarget<S> {
             Ok(p) => p,
             Err(s) => return ScsiOutcome::check(s),
         };
-        let _serial = lu.pr_out.lock().await;
-        let _busy = PrOutBusy::new(lu);
-        for attempt in 1..=PR_OUT_ATTEMPTS_MAX {
-            let cur = {
-                let mut st = lu.state.lock();
-                if let Some(p) = st.pr_pending.take() {
-                    st.adopt_pr(p);
-                }
-                st.pr.clone()
-            };
-            let change = match pr::pr_out(&cur, &k.pr(), sa, scope, pr_type, &p) {
-                Ok(c) => c,
-                Err(PrError::Conflict) => return ScsiOutcome::reservation_conflict(),
-                Err(PrError::Check(s)) => return ScsiOutcome::check(s),
-            };
-            let Some(mut next) = change.state else {
-                return ScsiOutcome::good();
-            };
-            let expected = cur.config_generation;
-            next.config_generation = expected.wrapping_add(1);
-            match self.pr_store.persist(lu.disk, expected, next.clone()).await {
-                Ok(()) => {}
-                Err(PrPersistError::Conflict(latest)) => {
-                    // Another node's change came first: start again from it.
-                    tracing::debug!(
-                        disk = lu.disk,
-                        attempt,
-                        expected,
-                        now = latest.config_generation,
-                        "persistent reservations changed meanwhile"
-                    );
-                    self.disk_config
-                        .lock()
-                        .entry(lu.disk)
-                        .or_default()
-                        .note_pr(&latest);
-                    lu.state.lock().adopt_pr(latest);
-                    continue;
-                }
-                Err(PrPersistError::Failed(e)) => {
-                    tracing::warn!(disk = lu.disk, error = %e, "persistent reservation not persisted");
-                    // The state machine refused or could not journal the
-                    // change: nothing changes and the initiator sees a
-                    // target failure.
-                    return ScsiOutcome::check(Sense::new(key::HARDWARE_ERROR, 0x44, 0x00));
-                }
-            }
-            self.disk_config
-                .lock()
-                .entry(lu.disk)
-                .or_default()
-                .note_pr(&next);
-            let mut st = lu.state.lock();
-            st.pr = next;
-            for (n, s) in change.unit_attentions {
-                st.queue_pr_ua(&n, s);
-            }
-            if !change.aborted.is_empty() {
-                let e = lu.abort_epoch.fetch_add(1, Ordering::AcqRel) + 1;
-                for n in change
-                    .aborted
-                    .iter()
-                    .map(NexusKey::from_pr)
-                    .filter(|n| n != k)
-                {
-                    if st.aborted.len() == ABORTED_MAX {
-                        st.aborted.pop_front();
+        let r = lu
+            .change_shared(
+                &*self.pr_store,
+                Some(&self.disk_config),
+                |st| match pr::pr_out(&st.pr, &k.pr(), sa, scope, pr_type, &p) {
+                    Ok(change) => Ok(change.state.clone().map(|next| (next, change))),
+                    Err(PrError::Conflict) => Err(ScsiOutcome::reservation_conflict()),
+                    Err(PrError::Check(s)) => Err(ScsiOutcome::check(s)),
+                },
+                |st, change| {
+                    for (n, s) in change.unit_attentions {
+                        st.queue_pr_ua(&n, s);
                     }
-                    st.aborted.push_back((e, n));
-                }
-            }
-            return ScsiOutcome::good();
+                    if !change.aborted.is_empty() {
+                        let e = lu.abort_epoch.fetch_add(1, Ordering::AcqRel) + 1;
+                        for n in change
+                            .aborted
+                            .iter()
+                            .map(NexusKey::from_pr)
+                            .filter(|n| n != k)
+                        {
+                            if st.aborted.len() == ABORTED_MAX {
+                                st.aborted.pop_front();
+                            }
+                            st.aborted.push_back((e, n));
+                        }
+                    }
+                },
+            )
+            .await;
+        match r {
+            Ok(()) => ScsiOutcome::good(),
+            Err(e) => e.outcome(),
         }
-        tracing::warn!(
-            disk = lu.disk,
-            attempts = PR_OUT_ATTEMPTS_MAX,
-            "persistent reservations kept changing under PERSISTENT RESERVE OUT; BUSY"
-        );
-        ScsiOutcome::status_only(status::BUSY)
     }
 
     async fn extended_copy(
@@ -1974,7 +2236,7 @@ impl<S: IoServer> ScsiTarget<S> {
             {
                 let st = dl.state.lock();
                 if pr::conflicts_port(&st.pr, &k.port, k.rtp, Access::Write)
-                    || st.spc2.as_ref().is_some_and(|h| h != k)
+                    || st.spc2_held_by_other(k)
                 {
                     return ScsiOutcome::reservation_conflict();
                 }

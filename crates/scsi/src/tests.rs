@@ -1427,7 +1427,7 @@ async fn spc2_reserve_release() {
         .await
         .good());
     assert_eq!(
-        t.t.task_management(&b, Tmf::LunReset { lun: 0 }),
+        t.t.task_management(&b, Tmf::LunReset { lun: 0 }).await,
         TmfResponse::Complete
     );
     let o = t.cmd(&a, 0, &[0, 0, 0, 0, 0, 0], None, 0).await;
@@ -1444,7 +1444,7 @@ async fn spc2_reserve_release() {
     );
     assert!(t.cmd(&a, 0, &[0x16, 0, 0, 0, 0, 0], None, 0).await.good());
     assert_eq!(
-        t.t.task_management(&a, Tmf::LunReset { lun: 9 }),
+        t.t.task_management(&a, Tmf::LunReset { lun: 9 }).await,
         TmfResponse::NoSuchLun
     );
 }
@@ -1576,6 +1576,7 @@ async fn reservations_from_configuration() {
         }),
         aptpl: true,
         config_generation: 3,
+        ..PrState::default()
     };
     t.t.set_reservations(1, state);
     t.ready(&a, 0).await;
@@ -1631,7 +1632,7 @@ async fn target_reset_unit_attention() {
     t.ready(&a, 0).await;
     t.ready(&a, 1).await;
     assert_eq!(
-        t.t.task_management(&a, Tmf::TargetWarmReset),
+        t.t.task_management(&a, Tmf::TargetWarmReset).await,
         TmfResponse::Complete
     );
     for lun in [0, 1] {
@@ -1999,7 +2000,7 @@ async fn mode_sense10_and_page_controls() {
     assert_eq!(cur.data[8 + 2] & 0x04, 0);
     assert!(t.write10(&n, 0, 0, &[1; 512]).await.good());
     // A LUN reset restores the defaults.
-    t.t.task_management(&n, Tmf::LunReset { lun: 0 });
+    t.t.task_management(&n, Tmf::LunReset { lun: 0 }).await;
     t.ready(&n, 0).await;
     let cur = t
         .cmd(&n, 0, &[0x5A, 0x08, 0x08, 0, 0, 0, 0, 1, 0, 0], None, 256)

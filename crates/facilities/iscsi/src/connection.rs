@@ -205,6 +205,16 @@ struct PendingTmf {
 
 type BufWait<'a> = Pin<Box<dyn Future<Output = Result<Buffer, BufferError>> + Send + 'a>>;
 
+/// A TMF handed to the SCSI layer: running, or answered and waiting for
+/// room in the output queue.
+enum TmfRun<'a> {
+    Running(
+        PendingTmf,
+        Pin<Box<dyn Future<Output = TmfResponse> + Send + 'a>>,
+    ),
+    Answered(PendingTmf, u8),
+}
+
 pub struct Connection<'a, T, F, G> {
     target: &'a T,
     exec: G,
@@ -237,7 +247,10 @@ pub struct Connection<'a, T, F, G> {
     waited: Option<Result<Buffer, BufferError>>,
     retry_at: Option<Instant>,
     tmf: Option<PendingTmf>,
+    tmf_run: Option<TmfRun<'a>>,
     logout: Option<(u32, u8)>,
+    /// The SCSI layer's work before a logout response (`ScsiPort::logout`).
+    logout_run: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
     close_after_send: bool,
     write_broken: bool,
     last_rx: Instant,
@@ -304,7 +317,9 @@ where
             waited: None,
             retry_at: None,
             tmf: None,
+            tmf_run: None,
             logout: None,
+            logout_run: None,
             close_after_send: false,
             write_broken: false,
             last_rx: now,
@@ -326,8 +341,8 @@ where
         }
         for _ in 0..POLL_ROUNDS_MAX {
             let mut progress = self.poll_completions();
-            progress |= self.poll_tmf();
-            progress |= self.poll_logout();
+            progress |= self.poll_tmf(cx);
+            progress |= self.poll_logout(cx);
             self.stage();
             progress |= self.poll_send(cx);
             if self.close_after_send && self.out.is_empty() && !matches!(self.rx, Rx::Stopped) {
@@ -813,22 +828,48 @@ where
 
     // ------------------------------------------------------------ TMF and logout
 
-    fn poll_tmf(&mut self) -> bool {
-        let Some(t) = self.tmf.as_ref() else {
-            return false;
-        };
-        if t.waiting != 0 || self.out.len() >= STAGED_PDUS_MAX + CONTROL_QUEUE_MAX {
-            return false;
+    fn poll_tmf(&mut self, cx: &mut Context<'_>) -> bool {
+        let room = |c: &Self| c.out.len() < STAGED_PDUS_MAX + CONTROL_QUEUE_MAX;
+        if self.tmf_run.is_none() {
+            let Some(t) = self.tmf.as_ref() else {
+                return false;
+            };
+            if t.waiting != 0 || !room(self) {
+                return false;
+            }
+            let t = self.tmf.take().expect("checked");
+            self.tmf_run = Some(match t.tmf {
+                Some(tmf) => {
+                    let target: &'a T = self.target;
+                    let run = target.task_management(Arc::clone(&self.nexus), tmf);
+                    TmfRun::Running(t, Box::pin(run))
+                }
+                None => {
+                    let response = t.response;
+                    TmfRun::Answered(t, response)
+                }
+            });
         }
-        let t = self.tmf.take().expect("checked");
-        let response = match t.tmf {
-            Some(tmf) => match self.target.task_management(&self.nexus, tmf) {
+        if let Some(TmfRun::Running(_, run)) = self.tmf_run.as_mut() {
+            let Poll::Ready(r) = run.as_mut().poll(cx) else {
+                return false;
+            };
+            let Some(TmfRun::Running(t, _)) = self.tmf_run.take() else {
+                unreachable!("matched above");
+            };
+            let response = match r {
                 TmfResponse::Complete => t.response,
                 TmfResponse::NoSuchLun => tmf::RSP_NO_LUN,
                 TmfResponse::NotSupported => tmf::RSP_NOT_SUPPORTED,
                 TmfResponse::Rejected => tmf::RSP_REJECTED,
-            },
-            None => t.response,
+            };
+            self.tmf_run = Some(TmfRun::Answered(t, response));
+        }
+        if !room(self) {
+            return false;
+        }
+        let Some(TmfRun::Answered(t, response)) = self.tmf_run.take() else {
+            unreachable!("answered above");
         };
         let mut b = [0u8; BHS_BYTES];
         let s = self.seq(true);
@@ -843,13 +884,25 @@ where
         true
     }
 
-    fn poll_logout(&mut self) -> bool {
+    fn poll_logout(&mut self, cx: &mut Context<'_>) -> bool {
         let Some((itt, _reason)) = self.logout else {
             return false;
         };
         if self.active > 0 || !self.respq.is_empty() {
             return false;
         }
+        // The session's SPC-2 reservations are released before the
+        // initiator hears that it is logged out (other nodes' initiators
+        // may reserve right after).
+        if self.logout_run.is_none() {
+            let target: &'a T = self.target;
+            self.logout_run = Some(Box::pin(target.logout(Arc::clone(&self.nexus))));
+        }
+        let run = self.logout_run.as_mut().expect("set above");
+        if run.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.logout_run = None;
         self.logout = None;
         let mut b = [0u8; BHS_BYTES];
         let s = self.seq(true);

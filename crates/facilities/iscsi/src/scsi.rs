@@ -6,6 +6,7 @@
 //! also lets the transport's own tests script the SCSI side.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use sanvirt_facility::{DiskPathEvent, FrontEndDiskEvent, IoServer};
 pub use sanvirt_scsi::{
@@ -22,8 +23,17 @@ pub trait ScsiPort: Send + Sync + 'static {
     fn data_in_len(&self, cdb: &[u8]) -> u64;
     /// Sense data bytes in the format the logical unit selects.
     fn encode_sense(&self, nexus: &Nexus, lun: u64, sense: &Sense) -> Vec<u8>;
-    /// After the transport terminated its own tasks of the TMF's scope.
-    fn task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse;
+    /// After the transport terminated its own tasks of the TMF's scope. A
+    /// reset may wait for the other nodes serving the logical unit.
+    fn task_management(
+        &self,
+        nexus: Arc<Nexus>,
+        tmf: Tmf,
+    ) -> impl Future<Output = TmfResponse> + Send + '_;
+    /// The initiator logs the session of `nexus` out: what must be done
+    /// before the logout response (its SPC-2 reservations are released for
+    /// every node). `nexus_lost` follows when the session ends.
+    fn logout(&self, nexus: Arc<Nexus>) -> impl Future<Output = ()> + Send + '_;
     /// The session of `nexus` ended.
     fn nexus_lost(&self, nexus: &Nexus);
     fn visible_luns(&self, initiator_name: &str) -> Vec<u64>;
@@ -44,8 +54,15 @@ impl<S: IoServer> ScsiPort for ScsiTarget<S> {
     fn encode_sense(&self, nexus: &Nexus, lun: u64, sense: &Sense) -> Vec<u8> {
         ScsiTarget::encode_sense(self, nexus, lun, sense)
     }
-    fn task_management(&self, nexus: &Nexus, tmf: Tmf) -> TmfResponse {
-        ScsiTarget::task_management(self, nexus, tmf)
+    fn task_management(
+        &self,
+        nexus: Arc<Nexus>,
+        tmf: Tmf,
+    ) -> impl Future<Output = TmfResponse> + Send + '_ {
+        async move { ScsiTarget::task_management(self, &nexus, tmf).await }
+    }
+    fn logout(&self, nexus: Arc<Nexus>) -> impl Future<Output = ()> + Send + '_ {
+        async move { ScsiTarget::release_spc2_of(self, &nexus).await }
     }
     fn nexus_lost(&self, nexus: &Nexus) {
         ScsiTarget::nexus_lost(self, nexus)

@@ -4,6 +4,7 @@
 //! changes only through `set_reservations`, as the daemon hands them over.
 
 use super::*;
+use crate::alua::{AluaAccess, AluaGroups, TargetPortGroup};
 use crate::pr::{sa, ty};
 
 const INIT2: &str = "iqn.2024-01.org.test:host2";
@@ -224,6 +225,182 @@ async fn concurrent_reservations_on_both_nodes_one_wins() {
             .map(|(_, s)| s.config_generation)
             .collect();
     assert_eq!(gens, [1, 2, 3]);
+}
+
+const RESERVE6: [u8; 6] = [0x16, 0, 0, 0, 0, 0];
+const RELEASE6: [u8; 6] = [0x17, 0, 0, 0, 0, 0];
+
+/// Waits (bounded) until `f` holds, yielding to spawned tasks meanwhile.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// SPC-2 RESERVE is one reservation for the volume whichever node grants
+/// it: the configuration decides between two nodes, the holder's release
+/// and its nexus loss free it for the other node's initiators.
+#[tokio::test]
+async fn spc2_reservation_is_shared_by_both_nodes() {
+    let p = pair(true);
+    let a = on(INIT, 1, 1);
+    let b = on(INIT2, 1, 2);
+    p.t1.ready(&a, 0).await;
+    p.t2.ready(&b, 0).await;
+    // Both reserve at once: exactly one holds it, on both nodes.
+    let (x, y) = tokio::join!(
+        p.t1.cmd(&a, 0, &RESERVE6, None, 0),
+        p.t2.cmd(&b, 0, &RESERVE6, None, 0)
+    );
+    let mut statuses = [x.status, y.status];
+    statuses.sort();
+    assert_eq!(statuses, [status::GOOD, status::RESERVATION_CONFLICT]);
+    p.assert_same();
+    let holder = p.pr.state(1).spc2_holder.unwrap();
+    let (winner, loser) = if holder == a.pr_nexus() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    assert!(p.node(winner).read10(winner, 0, 0, 1).await.good());
+    assert_eq!(
+        p.node(loser).read10(loser, 0, 0, 1).await.status,
+        status::RESERVATION_CONFLICT
+    );
+    // RESERVE again by the holder changes nothing; RELEASE frees it for
+    // the other node's initiator.
+    let before = p.pr.log.lock().len();
+    assert!(p
+        .node(winner)
+        .cmd(winner, 0, &RESERVE6, None, 0)
+        .await
+        .good());
+    assert_eq!(p.pr.log.lock().len(), before, "nothing to record");
+    assert!(p
+        .node(winner)
+        .cmd(winner, 0, &RELEASE6, None, 0)
+        .await
+        .good());
+    assert_eq!(p.pr.state(1).spc2_holder, None);
+    assert!(p.node(loser).read10(loser, 0, 0, 1).await.good());
+
+    // a (node 1) reserves; b (node 2) conflicts until a's session ends.
+    assert!(p.t1.cmd(&a, 0, &RESERVE6, None, 0).await.good());
+    assert_eq!(
+        p.t2.cmd(&b, 0, &RESERVE6, None, 0).await.status,
+        status::RESERVATION_CONFLICT
+    );
+    // PRGENERATION is not a RESERVE's business.
+    assert_eq!(p.pr.state(1).generation, 0);
+    p.t1.t.nexus_lost(&a);
+    eventually("the lost nexus's reservation released", || {
+        p.pr.state(1).spc2_holder.is_none()
+    })
+    .await;
+    assert!(p.t2.cmd(&b, 0, &RESERVE6, None, 0).await.good());
+    assert_eq!(p.pr.state(1).spc2_holder, Some(b.pr_nexus()));
+    p.assert_same();
+    // A logout releases it before the transport answers: for node 1's
+    // initiators at once.
+    p.t2.t.release_spc2_of(&b).await;
+    assert_eq!(p.pr.state(1).spc2_holder, None);
+    p.assert_same();
+    p.t1.ready(&a, 0).await; // a new nexus since its loss: UA first
+    assert!(p.t1.cmd(&a, 0, &RESERVE6, None, 0).await.good());
+}
+
+/// A holder through a node whose port group went unavailable (the node is
+/// offline: its nexuses are gone) no longer keeps the other node's
+/// initiators out, and a RESERVE there replaces it.
+#[tokio::test]
+async fn spc2_holder_on_an_offline_node_is_disregarded() {
+    let p = pair(true);
+    let a = on(INIT, 1, 1);
+    let b = on(INIT2, 1, 2);
+    p.t1.ready(&a, 0).await;
+    p.t2.ready(&b, 0).await;
+    assert!(p.t1.cmd(&a, 0, &RESERVE6, None, 0).await.good());
+    assert_eq!(
+        p.t2.read10(&b, 0, 0, 1).await.status,
+        status::RESERVATION_CONFLICT
+    );
+    let group = |id: u16, access| TargetPortGroup {
+        id,
+        access,
+        preferred: id == 1,
+        ports: vec![id],
+    };
+    p.t2.t.set_alua(
+        1,
+        AluaGroups {
+            groups: vec![
+                group(1, AluaAccess::Unavailable),
+                group(2, AluaAccess::ActiveOptimized),
+            ],
+        },
+    );
+    // The state change is reported first.
+    assert_eq!(p.ua(&b).await, Some((key::UNIT_ATTENTION, 0x2A, 0x06)));
+    assert!(p.t2.read10(&b, 0, 0, 1).await.good());
+    assert!(p.t2.cmd(&b, 0, &RESERVE6, None, 0).await.good());
+    assert_eq!(p.pr.state(1).spc2_holder, Some(b.pr_nexus()));
+}
+
+/// A LUN RESET through one node resets the logical unit for the other
+/// node's nexuses too (SAM-5: every I_T nexus gets 29h/03h) and releases
+/// the SPC-2 reservation, before the TMF completes.
+#[tokio::test]
+async fn lun_reset_reaches_the_other_node() {
+    let p = pair(true);
+    let a = on(INIT, 1, 1);
+    let b = on(INIT2, 1, 2);
+    let c = on(INIT2, 2, 1);
+    for n in [&a, &b, &c] {
+        p.node(n).ready(n, 0).await;
+    }
+    assert!(p.t2.cmd(&b, 0, &RESERVE6, None, 0).await.good());
+    assert_eq!(
+        p.t1.t.task_management(&a, Tmf::LunReset { lun: 0 }).await,
+        TmfResponse::Complete
+    );
+    let s = p.pr.state(1);
+    assert_eq!((s.lun_resets, s.spc2_holder.clone()), (1, None));
+    p.assert_same();
+    for n in [&a, &b, &c] {
+        assert_eq!(
+            p.ua(n).await,
+            Some((key::UNIT_ATTENTION, 0x29, 0x03)),
+            "{}/{}",
+            n.initiator_port,
+            n.relative_target_port
+        );
+        assert_eq!(p.ua(n).await, None);
+    }
+    assert!(p.t1.cmd(&a, 0, &RESERVE6, None, 0).await.good());
+    // And back the other way.
+    assert_eq!(
+        p.t2.t.task_management(&b, Tmf::LunReset { lun: 0 }).await,
+        TmfResponse::Complete
+    );
+    for n in [&a, &b, &c] {
+        assert_eq!(p.ua(n).await, Some((key::UNIT_ATTENTION, 0x29, 0x03)));
+    }
+    assert!(
+        p.t2.read10(&b, 0, 0, 1).await.good(),
+        "the reset released a's RESERVE"
+    );
+    // A store that cannot record the reset: the reset still happens here.
+    *p.pr.fail.lock() = true;
+    assert_eq!(
+        p.t1.t.task_management(&a, Tmf::LunReset { lun: 0 }).await,
+        TmfResponse::Complete
+    );
+    assert_eq!(p.ua(&a).await, Some((key::UNIT_ATTENTION, 0x29, 0x03)));
+    assert_eq!(p.ua(&b).await, None, "node 2 never heard of it");
 }
 
 /// The configuration hands a node its own change before the PR OUT that
