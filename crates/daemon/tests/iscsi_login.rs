@@ -208,8 +208,11 @@ fn chap_refusals_create_no_session() {
     let auth_failed = [2, 1];
     let initiator_error = [2, 0];
     let long_hex = |bytes: usize| text::hex(&vec![0xabu8; bytes]);
+    // (what, initiator, login status, the reason the daemon logs) and the
+    // CHAP answer made of (CHAP_I, CHAP_C).
     type Case = (&'static str, &'static str, [u8; 2], &'static str);
-    let cases: Vec<(Case, Box<dyn Fn(u8, &[u8]) -> Vec<(String, String)>>)> = vec![
+    type Keys = Box<dyn Fn(u8, &[u8]) -> Vec<(String, String)>>;
+    let cases: Vec<(Case, Keys)> = vec![
         (
             ("wrong secret", ONE_WAY, auth_failed, "wrong CHAP_R"),
             Box::new(move |id, c| {
@@ -332,12 +335,14 @@ fn chap_refusals_create_no_session() {
 
 // ------------------------------------------------------------ digests
 
+type Recorded = Arc<Mutex<Vec<u8>>>;
+
 /// A TCP relay that records each connection's bytes both ways.
 struct Tap {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     /// Per connection: (initiator to target, target to initiator).
-    conns: Arc<Mutex<Vec<(Arc<Mutex<Vec<u8>>>, Arc<Mutex<Vec<u8>>>)>>>,
+    conns: Arc<Mutex<Vec<(Recorded, Recorded)>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
