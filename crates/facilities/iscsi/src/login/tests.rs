@@ -292,6 +292,30 @@ proptest::proptest! {
 }
 
 proptest::proptest! {
+    /// Any sequence of login requests, continued or not: no panic, a
+    /// request with both C and T always fails, and after a failure the
+    /// caller has closed (nothing is asked of the machine then).
+    #[test]
+    fn continued_login_sequences(steps in proptest::collection::vec(
+        (proptest::prelude::any::<bool>(), proptest::prelude::any::<bool>(), 0u8..4, 0u8..4,
+         proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)), 1..12)) {
+        let mut m = LoginMachine::new(ctx(chap_table(true)), 9, [7; 16]);
+        for (c, t, csg, nsg, data) in steps {
+            let r = LoginRequest { cont: c, ..req(csg, nsg, t) };
+            let s = m.step(&r, &data);
+            if c && t {
+                proptest::prop_assert!(matches!(s, Step::Fail(_)));
+            }
+            if c && matches!(s, Step::Continue(_)) {
+                let (Step::Continue(rep) | Step::Fail(rep) | Step::Done(rep, _)) = &s;
+                proptest::prop_assert!(rep.data.is_empty() && !rep.rsp.transit);
+            }
+            if matches!(s, Step::Fail(_) | Step::Done(..)) {
+                break;
+            }
+        }
+    }
+
     #[test]
     fn login_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
                           csg in 0u8..4, nsg in 0u8..4, t in proptest::prelude::any::<bool>()) {
