@@ -423,3 +423,88 @@ fn continued_login_request() {
     let (st, _, _) = settled(&mut r, &[0; 6], &[], 0);
     assert_eq!(st, 0, "TEST UNIT READY with header digests");
 }
+
+/// CHAP refusals over the wire, counted where the front end keeps its
+/// sessions: a wrong secret, CHAP_N without CHAP_R and a reflected
+/// challenge each fail with 0x0201 and leave no session; the right answer
+/// makes one.
+#[test]
+fn chap_refusals_leave_no_session() {
+    use sanvirt_iscsi::login::chap_md5;
+    use sanvirt_iscsi::text;
+    use sanvirt_iscsi::{ChapConfig, ChapTable, IscsiConfig, Secret};
+    let s = server_with(
+        8 * MIB,
+        IscsiConfig {
+            auth: std::sync::Arc::new(ChapTable {
+                entries: vec![(
+                    INITIATOR.into(),
+                    ChapConfig {
+                        user: "u".into(),
+                        secret: Secret::from("initiator-sec-1"),
+                        mutual: Some(("t".into(), Secret::from("target-sec-22"))),
+                    },
+                )],
+                others_open: false,
+                discovery_auth: false,
+            }),
+            ..IscsiConfig::default()
+        },
+    );
+    let challenge = |r: &mut Raw| {
+        let first = login_text(&[
+            ("InitiatorName", INITIATOR),
+            ("TargetName", TARGET),
+            ("AuthMethod", "CHAP"),
+        ]);
+        let (h, _) = r
+            .login_pdu(true, false, 0, 1, &first)
+            .expect("login response");
+        assert_eq!(&h[36..38], &[0, 0]);
+        let (h, d) = r
+            .login_pdu(false, false, 0, 1, &login_text(&[("CHAP_A", "5")]))
+            .expect("login response");
+        assert_eq!(&h[36..38], &[0, 0]);
+        let p = text::parse(&d).unwrap();
+        let id: u8 = p.get("CHAP_I").unwrap().parse().unwrap();
+        (
+            id,
+            text::parse_binary(p.get("CHAP_C").unwrap(), 1024).unwrap(),
+        )
+    };
+    let rsp = |id: u8, secret: &str, c: &[u8]| text::hex(&chap_md5(id, secret.as_bytes(), c));
+    for what in ["wrong secret", "no CHAP_R", "reflected challenge"] {
+        let mut r = Raw::connect(s.addr);
+        let (id, c) = challenge(&mut r);
+        let keys = match what {
+            "wrong secret" => vec![
+                ("CHAP_N", "u".into()),
+                ("CHAP_R", rsp(id, "nope-nope-nope", &c)),
+            ],
+            "no CHAP_R" => vec![("CHAP_N", "u".into())],
+            _ => vec![
+                ("CHAP_N", "u".into()),
+                ("CHAP_R", rsp(id, "initiator-sec-1", &c)),
+                ("CHAP_I", id.to_string()),
+                ("CHAP_C", text::hex(&c)),
+            ],
+        };
+        let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (h, _) = r
+            .login_pdu(true, false, 0, 1, &login_text(&keys))
+            .expect("login response");
+        assert_eq!(&h[36..38], &[2, 1], "{what}: authentication failure");
+        assert!(r.recv().is_none(), "{what}: connection closed");
+        assert!(s.front_end.sessions().is_empty(), "{what}: no session");
+    }
+    let mut r = Raw::connect(s.addr);
+    let (id, c) = challenge(&mut r);
+    let keys = [("CHAP_N", "u"), ("CHAP_R", &rsp(id, "initiator-sec-1", &c))];
+    let (h, _) = r
+        .login_pdu(true, false, 0, 1, &login_text(&keys))
+        .expect("login response");
+    assert_eq!(&h[36..38], &[0, 0], "the right answer");
+    let (h, _) = r.login_pdu(true, false, 1, 3, &[]).expect("login response");
+    assert_eq!(&h[36..38], &[0, 0]);
+    assert_eq!(s.front_end.sessions().len(), 1, "one session");
+}
