@@ -257,6 +257,10 @@ pub struct Connection<'a, T, F, G> {
     stopped_at: Option<Instant>,
     ping: Option<(u32, Instant)>,
     ping_tag: u32,
+    /// A text request continued over several PDUs (C bit), and the TTT
+    /// the target gave its last piece.
+    text: text::Continued,
+    text_ttt: u32,
     timer: Pin<Box<Sleep>>,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
     pub end_reason: &'static str,
@@ -326,6 +330,8 @@ where
             stopped_at: None,
             ping: None,
             ping_tag: 1,
+            text: text::Continued::default(),
+            text_ttt: 0,
             timer: Box::pin(tokio::time::sleep_until(now + ctx.nop_interval)),
             shutdown,
             end_reason: "",
@@ -1092,12 +1098,22 @@ where
                         tracing::warn!("data digest error");
                         let bhs = self.bhs_bytes();
                         self.reject(reject::DATA_DIGEST, &bhs);
-                        if matches!(dest, Dest::Task { .. }) {
-                            // No recovery at ErrorRecoveryLevel 0.
-                            self.close_after_send = true;
+                        let Dest::Task { slot, .. } = dest else {
+                            // A NOP-Out or text request: discarded.
+                            self.rx = Rx::Header;
+                            return true;
+                        };
+                        // RFC 7143 §7.8: SCSI data with a digest error is
+                        // discarded, and without recovery R2Ts
+                        // (ErrorRecoveryLevel 0) its task ends with CHECK
+                        // CONDITION, "protocol service CRC error", once
+                        // all its data is in. The data sequence goes on
+                        // as if this PDU had come right, so the rest of it
+                        // is taken in order.
+                        let t = &mut self.tasks[slot];
+                        if t.fail.is_none() {
+                            t.fail = Some(check_condition(SENSE_ABORTED_COMMAND, 0x47, 0x05));
                         }
-                        self.rx = Rx::Header;
-                        return true;
                     }
                 }
                 self.rx = Rx::Header;
@@ -1234,8 +1250,14 @@ where
                     self.discard(None);
                     return;
                 }
-                if t.cont || t.ttt != RESERVED_TAG {
-                    self.discard(Some(reject::NOT_SUPPORTED));
+                if t.ttt == RESERVED_TAG {
+                    // A new exchange, or the one under way restarted
+                    // (RFC 7143 §11.10.4).
+                    self.text.reset();
+                } else if !(self.text.pending() && t.ttt == self.text_ttt) {
+                    // A TTT this target did not give.
+                    self.text.reset();
+                    self.discard(Some(reject::INVALID_FIELD));
                     return;
                 }
                 self.expect_data(Dest::Segment, After::Text(t));
@@ -1710,8 +1732,32 @@ where
     }
 
     fn on_text(&mut self, t: TextRequest) {
+        let whole = match self.text.push(t.itt, t.cont, &self.seg) {
+            Ok(text::Piece::Whole(w)) => w,
+            Ok(text::Piece::More) => {
+                // RFC 7143 §11.11: an empty Text Response, F and C clear,
+                // with a TTT the initiator copies into the next piece.
+                self.text_ttt = self.text_ttt.wrapping_add(1);
+                if self.text_ttt == RESERVED_TAG {
+                    self.text_ttt = 1;
+                }
+                let mut b = [0u8; BHS_BYTES];
+                let s = self.seq(true);
+                encode_text_response(&mut b, false, false, t.lun, t.itt, self.text_ttt, 0, s);
+                self.push_control(b, None);
+                return;
+            }
+            Err(e) => {
+                // Over TEXT_BYTES_MAX, or another exchange cut in: the
+                // exchange is dropped, the session goes on.
+                tracing::info!(error = %e, "continued text request refused");
+                let b = self.bhs_bytes();
+                self.reject(reject::PROTOCOL_ERROR, &b);
+                return;
+            }
+        };
         let mut out = Vec::new();
-        match text::parse(&self.seg) {
+        match text::parse(&whole) {
             Ok(pairs) => {
                 for (k, v) in pairs.iter() {
                     if k == "SendTargets" {
@@ -1740,6 +1786,7 @@ where
         encode_text_response(
             &mut b,
             true,
+            false,
             t.lun,
             t.itt,
             RESERVED_TAG,

@@ -10,7 +10,7 @@ use md5::{Digest, Md5};
 use crate::config::{Authenticator, ChapConfig, Offer};
 use crate::limits::*;
 use crate::pdu::{login_status as st, LoginRequest, LoginResponse, Seq};
-use crate::text::{self, parse_binary, parse_bool, parse_number, yes_no, Pairs};
+use crate::text::{self, parse_binary, parse_bool, parse_number, yes_no, Continued, Pairs, Piece};
 
 /// Login stages (CSG/NSG values).
 pub const STAGE_SECURITY: u8 = 0;
@@ -120,7 +120,10 @@ pub struct LoginMachine {
     first: Option<LoginRequest>,
     stage: u8,
     pdus: usize,
-    pending: Vec<u8>,
+    /// Login text continued over several PDUs (C bit).
+    pending: Continued,
+    /// The first complete set of pairs (who logs in, to what) is taken.
+    identified: bool,
     session_type: SessionType,
     initiator_name: String,
     initiator_alias: Option<String>,
@@ -173,7 +176,8 @@ impl LoginMachine {
             first: None,
             stage: STAGE_SECURITY,
             pdus: 0,
-            pending: Vec::new(),
+            pending: Continued::default(),
+            identified: false,
             session_type: SessionType::Normal,
             initiator_name: String::new(),
             initiator_alias: None,
@@ -251,15 +255,27 @@ impl LoginMachine {
         if req.csg == 2 || req.csg == STAGE_FULL_FEATURE || req.csg < self.stage {
             return self.fail(req, st::INITIATOR_ERROR, "invalid current stage");
         }
-        if self.pending.len() + data.len() > TEXT_BYTES_MAX {
-            return self.fail(req, st::INITIATOR_ERROR, "login text too long");
+        if req.cont && req.transit {
+            // RFC 7143 §11.12.2: a continued request must not transit.
+            return self.fail(
+                req,
+                st::INITIATOR_ERROR,
+                "login request with both C and T bits",
+            );
         }
-        self.pending.extend_from_slice(data);
-        if req.cont {
+        // One exchange per login (ISID, TSIH and CID are checked above;
+        // initiators may change the ITT between login requests).
+        let text = match self.pending.push(0, req.cont, data) {
             // More text follows: acknowledge with an empty response.
-            return Step::Continue(self.reply(req, false, 0, st::SUCCESS, Vec::new()));
-        }
-        let text = std::mem::take(&mut self.pending);
+            Ok(Piece::More) => {
+                return Step::Continue(self.reply(req, false, 0, st::SUCCESS, Vec::new()))
+            }
+            Ok(Piece::Whole(t)) => t,
+            Err(e) => {
+                tracing::info!(error = %e, "continued login text refused");
+                return self.fail(req, st::INITIATOR_ERROR, "login text too long");
+            }
+        };
         let pairs = match text::parse(&text) {
             Ok(p) => p,
             Err(e) => {
@@ -267,7 +283,9 @@ impl LoginMachine {
                 return self.fail(req, st::INITIATOR_ERROR, "malformed text");
             }
         };
-        let first_pdu = self.pdus == 1;
+        // The first set of pairs, which may have taken several PDUs.
+        let first_pdu = !self.identified;
+        self.identified = true;
         if first_pdu {
             if let Some(s) = self.identify(req, &pairs) {
                 return s;

@@ -598,21 +598,20 @@ impl LoginResponse {
 }
 
 /// Text Response (§11.11).
+/// `cont`: the response's text continues in the next one (C bit).
+#[allow(clippy::too_many_arguments)]
 pub fn encode_text_response(
     b: &mut [u8; BHS_BYTES],
     final_bit: bool,
+    cont: bool,
     lun: [u8; 8],
     itt: u32,
     ttt: u32,
     data_len: u32,
     s: Seq,
 ) {
-    start(
-        b,
-        op::TEXT_RSP,
-        if final_bit { 0x80 } else { 0x40 },
-        data_len,
-    );
+    let flags = if final_bit { 0x80 } else { 0 } | if cont { 0x40 } else { 0 };
+    start(b, op::TEXT_RSP, flags, data_len);
     b[8..16].copy_from_slice(&lun);
     put32(b, 16, itt);
     put32(b, 20, ttt);

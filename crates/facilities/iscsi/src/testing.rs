@@ -92,6 +92,12 @@ pub struct Raw {
     pub cmd_sn: u32,
     pub exp_stat_sn: u32,
     pub itt: u32,
+    /// ISID of the logins it sends.
+    pub isid: [u8; 6],
+    /// CRC32C digests in force (set by [`Raw::login`] from the target's
+    /// answer; `send` adds them, `recv` checks them).
+    pub header_digest: bool,
+    pub data_digest: bool,
 }
 
 pub fn login_text(pairs: &[(&str, &str)]) -> Vec<u8> {
@@ -120,24 +126,68 @@ impl Raw {
             cmd_sn: 1,
             exp_stat_sn: 0,
             itt: 1,
+            isid: [0x80, 0, 0, 0, 0, 7],
+            header_digest: false,
+            data_digest: false,
         }
     }
 
     pub fn send(&mut self, bhs: &[u8; 48], data: &[u8]) {
-        let mut v = bhs.to_vec();
-        v[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
-        v.extend_from_slice(data);
-        pad(&mut v);
+        self.send_with(bhs, data, false);
+    }
+
+    /// As [`Raw::send`]; `bad_data_digest`: the data digest (which must be
+    /// in force) is wrong.
+    pub fn send_with(&mut self, bhs: &[u8; 48], data: &[u8], bad_data_digest: bool) {
+        let v = self.encode(bhs, data, bad_data_digest);
         self.s.write_all(&v).expect("send");
     }
 
-    /// Reads one PDU: (BHS, data). None on EOF or timeout.
+    /// The bytes of one PDU as [`Raw::send_with`] sends them.
+    pub fn encode(&self, bhs: &[u8; 48], data: &[u8], bad_data_digest: bool) -> Vec<u8> {
+        assert!(!bad_data_digest || (self.data_digest && !data.is_empty()));
+        let mut v = bhs.to_vec();
+        v[5..8].copy_from_slice(&(data.len() as u32).to_be_bytes()[1..]);
+        if self.header_digest {
+            let c = crc32c::crc32c(&v);
+            v.extend_from_slice(&c.to_le_bytes());
+        }
+        let at = v.len();
+        v.extend_from_slice(data);
+        pad(&mut v);
+        if self.data_digest && !data.is_empty() {
+            let c = crc32c::crc32c(&v[at..]) ^ u32::from(bad_data_digest);
+            v.extend_from_slice(&c.to_le_bytes());
+        }
+        v
+    }
+
+    /// Reads one PDU: (BHS, data). None on EOF or timeout. Panics on a
+    /// digest error (the target sent a broken PDU).
     pub fn recv(&mut self) -> Option<([u8; 48], Vec<u8>)> {
         let mut h = [0u8; 48];
         self.s.read_exact(&mut h).ok()?;
+        if self.header_digest {
+            let mut c = [0u8; 4];
+            self.s.read_exact(&mut c).ok()?;
+            assert_eq!(
+                u32::from_le_bytes(c),
+                crc32c::crc32c(&h),
+                "header digest of a PDU from the target"
+            );
+        }
         let len = u32::from_be_bytes([0, h[5], h[6], h[7]]) as usize;
         let mut d = vec![0u8; len.div_ceil(4) * 4];
         self.s.read_exact(&mut d).ok()?;
+        if self.data_digest && len > 0 {
+            let mut c = [0u8; 4];
+            self.s.read_exact(&mut c).ok()?;
+            assert_eq!(
+                u32::from_le_bytes(c),
+                crc32c::crc32c(&d),
+                "data digest of a PDU from the target"
+            );
+        }
         d.truncate(len);
         if h[0] & 0x3f != 0x20 || u32::from_be_bytes(h[16..20].try_into().unwrap()) != 0xffff_ffff {
             self.exp_stat_sn = u32::from_be_bytes(h[24..28].try_into().unwrap()).wrapping_add(1);
@@ -145,23 +195,71 @@ impl Raw {
         Some((h, d))
     }
 
-    /// Logs in (no authentication, straight to full feature phase).
+    /// Logs in (no authentication, straight to full feature phase). The
+    /// digests the target answers CRC32C to are in force afterwards.
     pub fn login(&mut self, initiator: &str, target: &str, extra: &[(&str, &str)]) -> [u8; 48] {
-        let mut b = [0u8; 48];
-        b[0] = 0x43;
-        b[1] = 0x80 | (1 << 2) | 3; // T, CSG=1, NSG=3
-        b[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 7]);
-        b[16..20].copy_from_slice(&self.itt.to_be_bytes());
-        b[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
         let mut pairs = vec![
             ("InitiatorName", initiator),
             ("TargetName", target),
             ("SessionType", "Normal"),
         ];
         pairs.extend_from_slice(extra);
-        self.send(&b, &login_text(&pairs));
-        let (h, _) = self.recv().expect("login response");
+        let (h, d) = self
+            .login_pdu(true, false, 1, 3, &login_text(&pairs))
+            .expect("login response");
+        let answer = |key: &str| {
+            d.split(|&b| b == 0)
+                .any(|p| p == format!("{key}=CRC32C").as_bytes())
+        };
+        if h[36] == 0 && h[1] & 0x80 != 0 {
+            self.header_digest = answer("HeaderDigest");
+            self.data_digest = answer("DataDigest");
+        }
         h
+    }
+
+    /// Sends one Login Request (T and C bits, current and next stage) with
+    /// `text` as its data segment; returns the Login Response (BHS, data),
+    /// None when the connection ended instead.
+    pub fn login_pdu(
+        &mut self,
+        transit: bool,
+        cont: bool,
+        csg: u8,
+        nsg: u8,
+        text: &[u8],
+    ) -> Option<([u8; 48], Vec<u8>)> {
+        let mut b = [0u8; 48];
+        b[0] = 0x43; // immediate Login Request
+        b[1] = if transit { 0x80 } else { 0 } | if cont { 0x40 } else { 0 } | csg << 2 | nsg;
+        b[8..14].copy_from_slice(&self.isid);
+        b[16..20].copy_from_slice(&self.itt.to_be_bytes());
+        b[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
+        b[28..32].copy_from_slice(&self.exp_stat_sn.to_be_bytes());
+        self.send(&b, text);
+        self.recv()
+    }
+
+    /// Sends one Text Request (F and C bits, TTT) with `text`; returns what
+    /// comes back, None when the connection ended.
+    pub fn text_pdu(
+        &mut self,
+        itt: u32,
+        final_bit: bool,
+        cont: bool,
+        ttt: u32,
+        text: &[u8],
+    ) -> Option<([u8; 48], Vec<u8>)> {
+        let mut b = [0u8; 48];
+        b[0] = 0x04;
+        b[1] = if final_bit { 0x80 } else { 0 } | if cont { 0x40 } else { 0 };
+        b[16..20].copy_from_slice(&itt.to_be_bytes());
+        b[20..24].copy_from_slice(&ttt.to_be_bytes());
+        b[24..28].copy_from_slice(&self.cmd_sn.to_be_bytes());
+        b[28..32].copy_from_slice(&self.exp_stat_sn.to_be_bytes());
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        self.send(&b, text);
+        self.recv()
     }
 
     pub fn next_itt(&mut self) -> u32 {

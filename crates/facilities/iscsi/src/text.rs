@@ -19,6 +19,8 @@ pub enum TextError {
     Duplicate(String),
     #[error("text is not UTF-8")]
     NotUtf8,
+    #[error("a continued text exchange interrupted by another one")]
+    OtherExchange,
 }
 
 /// Parsed pairs in the order sent. Keys are unique.
@@ -77,6 +79,69 @@ pub fn parse(data: &[u8]) -> Result<Pairs, TextError> {
         out.push((k.to_string(), v.to_string()));
     }
     Ok(Pairs(out))
+}
+
+/// Text of one negotiation exchange split over several PDUs with the C
+/// (continue) bit (RFC 7143 §11.10.2, §11.12.2): the pieces are joined
+/// until a PDU without C ends the set of pairs. A pair may be cut anywhere,
+/// even inside its key. At most [`TEXT_BYTES_MAX`] bytes in all.
+#[derive(Debug, Clone, Default)]
+pub struct Continued {
+    buf: Vec<u8>,
+    /// Initiator Task Tag of the exchange under way (text requests).
+    itt: Option<u32>,
+}
+
+/// What one piece of text made of the exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece {
+    /// More pieces follow (the C bit was set).
+    More,
+    /// The whole text of the exchange.
+    Whole(Vec<u8>),
+}
+
+impl Continued {
+    /// Takes the data segment of one PDU of exchange `itt`; `cont`: its C
+    /// bit. On an error the exchange is forgotten (the next piece starts a
+    /// new one).
+    pub fn push(&mut self, itt: u32, cont: bool, data: &[u8]) -> Result<Piece, TextError> {
+        if self.itt.is_some_and(|i| i != itt) {
+            self.reset();
+            return Err(TextError::OtherExchange);
+        }
+        if self.buf.len() + data.len() > TEXT_BYTES_MAX {
+            self.reset();
+            return Err(TextError::TooLong);
+        }
+        self.buf.extend_from_slice(data);
+        if cont {
+            self.itt = Some(itt);
+            return Ok(Piece::More);
+        }
+        self.itt = None;
+        Ok(Piece::Whole(std::mem::take(&mut self.buf)))
+    }
+
+    /// Is an exchange waiting for more pieces?
+    pub fn pending(&self) -> bool {
+        self.itt.is_some()
+    }
+
+    /// Bytes gathered so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Forgets the exchange under way.
+    pub fn reset(&mut self) {
+        self.buf = Vec::new();
+        self.itt = None;
+    }
 }
 
 /// Appends `key=value\0`.
@@ -232,6 +297,31 @@ mod tests {
     }
 
     #[test]
+    fn continued_text() {
+        let mut c = Continued::default();
+        assert_eq!(c.push(7, true, b"SendTar"), Ok(Piece::More));
+        assert!(c.pending());
+        // Another exchange in between: refused, and the first is gone.
+        assert_eq!(c.push(8, false, b"X=1\0"), Err(TextError::OtherExchange));
+        assert!(!c.pending() && c.is_empty());
+        assert_eq!(c.push(7, true, b"SendTar"), Ok(Piece::More));
+        assert_eq!(
+            c.push(7, false, b"gets=All\0"),
+            Ok(Piece::Whole(b"SendTargets=All\0".to_vec()))
+        );
+        // Exactly the bound is taken, one byte more is not.
+        let half = vec![b'a'; TEXT_BYTES_MAX / 2];
+        assert_eq!(c.push(1, true, &half), Ok(Piece::More));
+        assert!(
+            matches!(c.push(1, false, &half), Ok(Piece::Whole(w)) if w.len() == TEXT_BYTES_MAX)
+        );
+        assert_eq!(c.push(1, true, &half), Ok(Piece::More));
+        assert_eq!(c.push(1, true, &half), Ok(Piece::More));
+        assert_eq!(c.push(1, false, b"a"), Err(TextError::TooLong));
+        assert!(!c.pending() && c.is_empty());
+    }
+
+    #[test]
     fn numbers_and_binary() {
         assert_eq!(parse_number("512", 512, 1 << 24), Some(512));
         assert_eq!(parse_number("511", 512, 1 << 24), None);
@@ -259,6 +349,70 @@ mod tests {
             let pairs = Pairs(keys.into_iter().collect());
             let enc = encode(&pairs);
             prop_assert_eq!(parse(&enc).unwrap(), pairs);
+        }
+
+        /// Any split of a text over PDUs with the C bit gives back the
+        /// whole text, which parses as if it had come in one PDU.
+        #[test]
+        fn continued_text_joins_any_split(
+            keys in proptest::collection::btree_map("[A-Za-z][A-Za-z0-9_.]{0,20}", "[ -~&&[^=]]{0,40}", 1..20),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..6),
+            itt in any::<u32>(),
+        ) {
+            let pairs = Pairs(keys.into_iter().collect());
+            let enc = encode(&pairs);
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(enc.len() + 1)).collect();
+            at.push(0);
+            at.push(enc.len());
+            at.sort_unstable();
+            let mut c = Continued::default();
+            let pieces: Vec<&[u8]> = at.windows(2).map(|w| &enc[w[0]..w[1]]).collect();
+            for (k, p) in pieces.iter().enumerate() {
+                let last = k + 1 == pieces.len();
+                match c.push(itt, !last, p).unwrap() {
+                    Piece::More => prop_assert!(!last && c.pending()),
+                    Piece::Whole(w) => {
+                        prop_assert!(last && !c.pending());
+                        prop_assert_eq!(parse(&w).unwrap(), pairs.clone());
+                    }
+                }
+            }
+        }
+
+        /// Whatever arrives, the gathered text never exceeds the bound, and
+        /// an exchange of more than the bound is refused.
+        #[test]
+        fn continued_text_is_bounded(
+            steps in proptest::collection::vec((0u32..3, any::<bool>(), 0usize..(TEXT_BYTES_MAX / 3)), 0..12),
+        ) {
+            let mut c = Continued::default();
+            let mut total = 0usize;
+            let mut itt_now: Option<u32> = None;
+            for (itt, cont, n) in steps {
+                let r = c.push(itt, cont, &vec![b'a'; n]);
+                prop_assert!(c.len() <= TEXT_BYTES_MAX);
+                if itt_now.is_some_and(|i| i != itt) {
+                    prop_assert_eq!(r, Err(TextError::OtherExchange));
+                    prop_assert!(!c.pending() && c.is_empty());
+                    total = 0;
+                    itt_now = None;
+                    continue;
+                }
+                total += n;
+                if total > TEXT_BYTES_MAX {
+                    prop_assert_eq!(r, Err(TextError::TooLong));
+                    prop_assert!(!c.pending() && c.is_empty());
+                    total = 0;
+                    itt_now = None;
+                } else if cont {
+                    prop_assert_eq!(r, Ok(Piece::More));
+                    itt_now = Some(itt);
+                } else {
+                    prop_assert_eq!(r, Ok(Piece::Whole(vec![b'a'; total])));
+                    total = 0;
+                    itt_now = None;
+                }
+            }
         }
 
         #[test]

@@ -214,7 +214,108 @@ fn skipping_security_needs_no_auth() {
     assert_eq!(status(&s), 0x0201);
 }
 
+fn cont(csg: u8) -> LoginRequest {
+    LoginRequest {
+        cont: true,
+        ..req(csg, 0, false)
+    }
+}
+
+/// The first set of pairs split over two PDUs (cut inside a key): the
+/// first is acknowledged with an empty response, the second completes the
+/// login as one PDU would.
+#[test]
+fn continued_login_text() {
+    let whole = kv(&[
+        ("InitiatorName", INIT),
+        ("TargetName", TARGET),
+        ("HeaderDigest", "CRC32C"),
+    ]);
+    let cut = 20;
+    let mut m = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+    let s = m.step(&cont(1), &whole[..cut]);
+    let Step::Continue(r) = &s else {
+        panic!("{s:?}")
+    };
+    assert!(r.data.is_empty() && !r.rsp.transit && r.rsp.status == 0);
+    let s = m.step(&req(1, 3, true), &whole[cut..]);
+    let Step::Done(_, d) = &s else {
+        panic!("{s:?}")
+    };
+    assert_eq!(d.initiator_name, INIT);
+    assert!(d.params.header_digest);
+    assert_eq!(reply_pairs(&s).get("HeaderDigest"), Some("CRC32C"));
+}
+
+#[test]
+fn continued_login_refusals() {
+    // C and T together.
+    let mut m = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+    let both = LoginRequest {
+        cont: true,
+        ..req(1, 3, true)
+    };
+    assert_eq!(
+        status(&m.step(&both, &kv(&[("InitiatorName", INIT)]))),
+        0x0200
+    );
+    // More than TEXT_BYTES_MAX in all.
+    let mut m = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+    let piece = vec![b'a'; TEXT_BYTES_MAX / 4];
+    for _ in 0..4 {
+        assert!(matches!(m.step(&cont(1), &piece), Step::Continue(_)));
+    }
+    let s = m.step(&cont(1), b"a");
+    assert!(matches!(s, Step::Fail(_)), "{s:?}");
+    assert_eq!(status(&s), 0x0200);
+}
+
 proptest::proptest! {
+    /// Any split of a login's text gives the same answer as one PDU.
+    #[test]
+    fn continued_login_is_split_anywhere(cut1 in 0usize..200, cut2 in 0usize..200) {
+        let whole = kv(&[
+            ("InitiatorName", INIT),
+            ("TargetName", TARGET),
+            ("MaxBurstLength", "65536"),
+            ("ImmediateData", "Yes"),
+        ]);
+        let (a, b) = (cut1.min(cut2).min(whole.len()), cut1.max(cut2).min(whole.len()));
+        let mut one = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+        let want = one.step(&req(1, 3, true), &whole);
+        let mut m = LoginMachine::new(ctx(Arc::new(OpenAccess)), 1, [7; 16]);
+        proptest::prop_assert!(matches!(m.step(&cont(1), &whole[..a]), Step::Continue(_)));
+        proptest::prop_assert!(matches!(m.step(&cont(1), &whole[a..b]), Step::Continue(_)));
+        let got = m.step(&req(1, 3, true), &whole[b..]);
+        proptest::prop_assert_eq!(got, want);
+    }
+}
+
+proptest::proptest! {
+    /// Any sequence of login requests, continued or not: no panic, a
+    /// request with both C and T always fails, and after a failure the
+    /// caller has closed (nothing is asked of the machine then).
+    #[test]
+    fn continued_login_sequences(steps in proptest::collection::vec(
+        (proptest::prelude::any::<bool>(), proptest::prelude::any::<bool>(), 0u8..4, 0u8..4,
+         proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)), 1..12)) {
+        let mut m = LoginMachine::new(ctx(chap_table(true)), 9, [7; 16]);
+        for (c, t, csg, nsg, data) in steps {
+            let r = LoginRequest { cont: c, ..req(csg, nsg, t) };
+            let s = m.step(&r, &data);
+            if c && t {
+                proptest::prop_assert!(matches!(s, Step::Fail(_)));
+            }
+            if c && matches!(s, Step::Continue(_)) {
+                let (Step::Continue(rep) | Step::Fail(rep) | Step::Done(rep, _)) = &s;
+                proptest::prop_assert!(rep.data.is_empty() && !rep.rsp.transit);
+            }
+            if matches!(s, Step::Fail(_) | Step::Done(..)) {
+                break;
+            }
+        }
+    }
+
     #[test]
     fn login_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
                           csg in 0u8..4, nsg in 0u8..4, t in proptest::prelude::any::<bool>()) {
