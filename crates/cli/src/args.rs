@@ -315,7 +315,8 @@ pub struct ChapArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum IscsiCmd {
-    /// The iSCSI target portal (node-level setting).
+    /// The iSCSI target portal (node-level setting; applies when sanvirtd
+    /// next starts).
     #[command(subcommand)]
     Portal(PortalCmd),
 }

@@ -607,6 +607,7 @@ fn chap(c: &Client, out: &Out, a: ChapArgs) -> Result<String, Failure> {
 }
 
 fn portal(c: &Client, out: &Out, cmd: PortalCmd) -> Result<String, Failure> {
+    let change = !matches!(cmd, PortalCmd::Show);
     let v = match cmd {
         PortalCmd::Show => c.get("/v1/iscsi/portal")?,
         PortalCmd::Set { listen, disabled } => c.put(
@@ -615,7 +616,14 @@ fn portal(c: &Client, out: &Out, cmd: PortalCmd) -> Result<String, Failure> {
         )?,
         PortalCmd::Clear => c.delete("/v1/iscsi/portal")?,
     };
-    out.show(v, |p: IscsiPortalView| render::portal(&p))
+    out.show(v, |p: IscsiPortalView| {
+        let mut text = render::portal(&p);
+        if change {
+            // The target binds its portal when sanvirtd starts.
+            text.push_str("(takes effect when sanvirtd next starts; `sanvirt status` shows the portal it serves now)\n");
+        }
+        text
+    })
 }
 
 /// `sanvirt command '{"op": ...}'`: checked here first (same strict parser as

@@ -880,7 +880,10 @@ fn thin_volumes_and_the_iscsi_portal() {
     let out = d.ok(&["iscsi", "portal", "show"]);
     assert!(out.contains("not set in the configuration"), "{out}");
     let out = d.ok(&["iscsi", "portal", "set", "--listen", "0.0.0.0:3260"]);
-    assert_eq!(out, "listen   0.0.0.0:3260\nenabled  yes\n");
+    assert_eq!(
+        out,
+        "listen   0.0.0.0:3260\nenabled  yes\n(takes effect when sanvirtd next starts; `sanvirt status` shows the portal it serves now)\n"
+    );
     let out = d.ok(&[
         "iscsi",
         "portal",
@@ -889,7 +892,10 @@ fn thin_volumes_and_the_iscsi_portal() {
         "[::]:3261",
         "--disabled",
     ]);
-    assert_eq!(out, "listen   [::]:3261\nenabled  no\n");
+    assert_eq!(
+        out,
+        "listen   [::]:3261\nenabled  no\n(takes effect when sanvirtd next starts; `sanvirt status` shows the portal it serves now)\n"
+    );
     let r = d.sanvirt(&["iscsi", "portal", "set", "--listen", "localhost:3260"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert_eq!(d.json(&["iscsi", "portal", "show"])["listen"], "[::]:3261");
