@@ -708,6 +708,9 @@ impl<T: Transport> Inner<T> {
     ) -> Result<Arc<Running>, ClusterError> {
         let id = identity.node_id;
         let config = self.cfg.raft_config(id, &identity.cluster_uid)?;
+        // Before raft runs: its messages carry the cluster uid and node id
+        // from the first one on.
+        self.net.set_identity(&identity.cluster_uid, id);
         let sm = StateMachineStore::new(self.db.clone())?;
         let network = RaftNet {
             net: self.net.clone(),
@@ -783,7 +786,7 @@ impl<T: Transport> Inner<T> {
                         continue;
                     };
                     let req = Request::Forward(proposal.clone());
-                    match self.net.call(&addr, &req, deadline - now).await {
+                    match self.net.call_to(&addr, Some(l), &req, deadline - now).await {
                         Ok(Reply::Forward(Ok(_))) if self.lose_answer() => {
                             last = format!("boss {l}: answer lost (test hook)");
                         }
@@ -1236,7 +1239,7 @@ impl<T: Transport> Renew for Renewer<T> {
                 match self
                     .inner
                     .net
-                    .call(&addr, &req, self.inner.cfg.renew_interval())
+                    .call_to(&addr, Some(l), &req, self.inner.cfg.renew_interval())
                     .await
                 {
                     Ok(Reply::LeaseRenew(Ok(_))) => Ok(()),
