@@ -909,9 +909,24 @@ impl<T: Transport> Inner<T> {
                 })
             }
         }
+        // After the confirmation the applied state is at least what any
+        // earlier boss committed: a node offline there (or being declared
+        // offline, fenced) gets no lease until it is declared online again
+        // (see `lease.rs`), so no lease outlives an offline event.
+        let now = Instant::now();
+        let online = r.sm.current().state.nodes.get(&node).is_some_and(|n| n.online);
+        if !online || self.boss.is_fenced(node) {
+            self.boss.asked(node, my_term, now);
+            return Err(Refusal::Failed {
+                reason: format!(
+                    "node {node} is offline (or being declared offline) in the configuration: \
+                     the boss declares it online before it grants it a lease"
+                ),
+            });
+        }
         // Recorded after the confirmation, so never earlier than the
         // requester's send time: the offline rule waits long enough.
-        if !self.boss.granted(node, my_term, Instant::now()) {
+        if !self.boss.granted(node, my_term, now) {
             return Err(Refusal::NotLeader { leader: None });
         }
         Ok(LeaseGrant { term: my_term })
@@ -1006,9 +1021,17 @@ impl<T: Transport> Inner<T> {
     async fn node_events(&self, r: &Running, state: &State) {
         for n in state.nodes.values() {
             let now = Instant::now();
-            let online = if n.online && self.boss.expired(n.id, now) {
+            if !n.online {
+                // Its offline event is applied: no fence needed any more.
+                self.boss.unfence(n.id);
+            }
+            let online = if n.online && self.boss.is_fenced(n.id) {
+                // Being declared offline: the event is in this boss's log
+                // and commits once a quorum hears it.
+                continue;
+            } else if n.online && self.boss.expire_and_fence(n.id, now) {
                 false
-            } else if !n.online && self.boss.remaining(n.id, now).is_some_and(|d| !d.is_zero()) {
+            } else if !n.online && self.boss.asked_recently(n.id, now) {
                 true
             } else {
                 continue;

@@ -838,8 +838,19 @@ fn seeds() -> Vec<u64> {
     (1..=n).collect()
 }
 
+/// Log lines stamped with simulated time (`RUST_LOG=...` to see them).
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{:>9.3?}", now())
+    }
+}
+
 fn run(variant: Variant) {
     let _ = tracing_subscriber::fmt()
+        .with_timer(SimTime)
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
