@@ -316,7 +316,8 @@ async fn node(
     Ok(())
 }
 
-/// What the fault schedule does in one episode.
+/// What the fault schedule does in one episode. Nodes are indices into
+/// the variant's names (0 is n1; in summaries too).
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     /// Cuts the boss off: messages held (`drop: false`) or lost.
