@@ -914,7 +914,12 @@ impl<T: Transport> Inner<T> {
         // offline, fenced) gets no lease until it is declared online again
         // (see `lease.rs`), so no lease outlives an offline event.
         let now = Instant::now();
-        let online = r.sm.current().state.nodes.get(&node).is_some_and(|n| n.online);
+        let online =
+            r.sm.current()
+                .state
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.online);
         if !online || self.boss.is_fenced(node) {
             self.boss.asked(node, my_term, now);
             return Err(Refusal::Failed {

@@ -693,7 +693,10 @@ where
                 refused_before = true;
             }
             let reply = Reply::Refused(refusal);
-            match frame::encode(&ReplyFrame { id: req.id, body: &reply }) {
+            match frame::encode(&ReplyFrame {
+                id: req.id,
+                body: &reply,
+            }) {
                 Ok(frame) => {
                     if tx.send(frame).await.is_err() {
                         break None;
@@ -806,7 +809,11 @@ impl<T: Transport> RaftNetwork<TypeConfig> for RaftPeer<T> {
     ) -> Result<AppendEntriesResponse<NodeId>, RaftRpcError> {
         let entries = rpc.entries.len() as u64;
         let req = Request::AppendEntries(rpc);
-        match self.net.call_to(&self.addr, Some(self.target), &req, option.hard_ttl()).await {
+        match self
+            .net
+            .call_to(&self.addr, Some(self.target), &req, option.hard_ttl())
+            .await
+        {
             Ok(Reply::AppendEntries(Ok(r))) => Ok(r),
             // Several large commands in one batch: openraft retries with
             // fewer entries (one entry always fits: ENTRY_BYTES_MAX).
@@ -827,7 +834,11 @@ impl<T: Transport> RaftNetwork<TypeConfig> for RaftPeer<T> {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RaftRpcError<InstallSnapshotError>> {
         let req = Request::InstallSnapshot(rpc);
-        match self.net.call_to(&self.addr, Some(self.target), &req, option.hard_ttl()).await {
+        match self
+            .net
+            .call_to(&self.addr, Some(self.target), &req, option.hard_ttl())
+            .await
+        {
             Ok(Reply::InstallSnapshot(Ok(r))) => Ok(r),
             Ok(Reply::InstallSnapshot(Err(e))) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -843,7 +854,11 @@ impl<T: Transport> RaftNetwork<TypeConfig> for RaftPeer<T> {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RaftRpcError> {
         let req = Request::Vote(rpc);
-        match self.net.call_to(&self.addr, Some(self.target), &req, option.hard_ttl()).await {
+        match self
+            .net
+            .call_to(&self.addr, Some(self.target), &req, option.hard_ttl())
+            .await
+        {
             Ok(Reply::Vote(Ok(r))) => Ok(r),
             Ok(Reply::Vote(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(other) => Err(self.unexpected(other)),

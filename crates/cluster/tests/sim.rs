@@ -321,22 +321,33 @@ async fn node(
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     /// Cuts the boss off: messages held (`drop: false`) or lost.
-    IsolateBoss { drop: bool },
+    IsolateBoss {
+        drop: bool,
+    },
     /// Cuts node i off (whatever its role).
-    Isolate { node: usize, drop: bool },
+    Isolate {
+        node: usize,
+        drop: bool,
+    },
     /// Node i's messages to the others are lost; it hears them.
     Mute(usize),
     /// The others' messages to node i are lost; they hear it.
     Deaf(usize),
     /// Messages from `from` to `to` are lost, the other way they arrive.
-    OneWay { from: usize, to: usize },
+    OneWay {
+        from: usize,
+        to: usize,
+    },
     /// Crashes the boss; it restarts after the episode.
     CrashBoss,
     Crash(usize),
     /// Node `cut` is cut off (messages lost); a third of the way in,
     /// node `crash` (possibly the same) crashes, and it restarts two thirds
     /// of the way in, while the cut is still in force.
-    CrashInPartition { cut: usize, crash: usize },
+    CrashInPartition {
+        cut: usize,
+        crash: usize,
+    },
     /// Witness variant: the link between the two data nodes breaks
     /// (messages lost), both still reach the witness.
     LinkBreak,
@@ -636,7 +647,8 @@ fn run_seed(variant: Variant, seed: u64) -> (Vec<String>, String) {
             let mut links = Links::default();
             // (stalled, sides)
             let mut cut: Option<(BTreeSet<usize>, Vec<BTreeSet<usize>>)> = None;
-            let isolated = |i: usize| Some((BTreeSet::from([i]), vec![BTreeSet::from([i]), rest(i)]));
+            let isolated =
+                |i: usize| Some((BTreeSet::from([i]), vec![BTreeSet::from([i]), rest(i)]));
             let loss = |drop: bool| if drop { Loss::Drop } else { Loss::Hold };
             match ep.fault {
                 Fault::IsolateBoss { drop } => {
@@ -816,7 +828,10 @@ fn check(w: &World, cuts: &[Cut], v: &mut Vec<String>) {
         let active: Vec<String> = c
             .sides
             .iter()
-            .filter(|side| side.iter().any(|&i| acked(i).is_some() || held(i).is_some()))
+            .filter(|side| {
+                side.iter()
+                    .any(|&i| acked(i).is_some() || held(i).is_some())
+            })
             .map(|side| format!("{:?}", side.iter().map(|&i| names[i]).collect::<Vec<_>>()))
             .collect();
         if active.len() > 1 {

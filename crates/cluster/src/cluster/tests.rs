@@ -736,7 +736,9 @@ async fn a_node_recreated_on_a_members_address_is_not_talked_into_the_old_cluste
     assert!(term >= 2, "{term}");
     nodes[l].restart().await;
     let boss = leader(&nodes).unwrap();
-    let f = (0..3).find(|&i| i != boss && nodes[i].cluster.is_some()).unwrap();
+    let f = (0..3)
+        .find(|&i| i != boss && nodes[i].cluster.is_some())
+        .unwrap();
     let old_uid = nodes[boss].c().status().cluster_uid.unwrap();
 
     // Wipe f: a new directory, same name and address, a new cluster.
@@ -768,7 +770,10 @@ async fn a_node_recreated_on_a_members_address_is_not_talked_into_the_old_cluste
 
     let st = fresh.c().status();
     assert_eq!(st.cluster_uid.as_deref(), Some(new_uid.as_str()));
-    assert_eq!(st.term, new_term, "the old cluster moved the new one's term");
+    assert_eq!(
+        st.term, new_term,
+        "the old cluster moved the new one's term"
+    );
     assert_eq!(st.leader, Some(1));
     let s = fresh.c().state();
     assert_eq!(s.cluster.as_ref().map(|c| c.name.as_str()), Some("other"));

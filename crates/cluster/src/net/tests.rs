@@ -380,7 +380,8 @@ async fn member_requests_from_another_cluster_or_for_another_node_are_refused() 
     let (snet, _server, addr) = server().await;
     snet.set_identity("uid-a", 1);
     let vote = || Request::Vote(VoteRequest::new(openraft::Vote::new(9, 2), None));
-    let handled = |r: &Result<Reply, NetError>| matches!(r, Ok(Reply::Refused(Refusal::NotInCluster)));
+    let handled =
+        |r: &Result<Reply, NetError>| matches!(r, Ok(Reply::Refused(Refusal::NotInCluster)));
 
     let same = Net::new(TokioTransport);
     same.set_identity("uid-a", 2);
@@ -394,7 +395,10 @@ async fn member_requests_from_another_cluster_or_for_another_node_are_refused() 
 
     let r = same.call_to(&addr, Some(3), &vote(), T).await;
     assert!(
-        matches!(r, Ok(Reply::Refused(Refusal::WrongNode { ours: 1, meant: 3 }))),
+        matches!(
+            r,
+            Ok(Reply::Refused(Refusal::WrongNode { ours: 1, meant: 3 }))
+        ),
         "{r:?}"
     );
 
@@ -412,7 +416,10 @@ async fn member_requests_from_another_cluster_or_for_another_node_are_refused() 
     let none = Net::new(TokioTransport);
     let r = none.call(&addr, &vote(), T).await;
     assert!(
-        matches!(r, Ok(Reply::Refused(Refusal::WrongCluster { theirs: None, .. }))),
+        matches!(
+            r,
+            Ok(Reply::Refused(Refusal::WrongCluster { theirs: None, .. }))
+        ),
         "{r:?}"
     );
     // The handshake is for nodes of no or another cluster.
