@@ -708,6 +708,9 @@ impl<T: Transport> Inner<T> {
     ) -> Result<Arc<Running>, ClusterError> {
         let id = identity.node_id;
         let config = self.cfg.raft_config(id, &identity.cluster_uid)?;
+        // Before raft runs: its messages carry the cluster uid and node id
+        // from the first one on.
+        self.net.set_identity(&identity.cluster_uid, id);
         let sm = StateMachineStore::new(self.db.clone())?;
         let network = RaftNet {
             net: self.net.clone(),
@@ -783,7 +786,7 @@ impl<T: Transport> Inner<T> {
                         continue;
                     };
                     let req = Request::Forward(proposal.clone());
-                    match self.net.call(&addr, &req, deadline - now).await {
+                    match self.net.call_to(&addr, Some(l), &req, deadline - now).await {
                         Ok(Reply::Forward(Ok(_))) if self.lose_answer() => {
                             last = format!("boss {l}: answer lost (test hook)");
                         }
@@ -906,9 +909,29 @@ impl<T: Transport> Inner<T> {
                 })
             }
         }
+        // After the confirmation the applied state is at least what any
+        // earlier boss committed: a node offline there (or being declared
+        // offline, fenced) gets no lease until it is declared online again
+        // (see `lease.rs`), so no lease outlives an offline event.
+        let now = Instant::now();
+        let online =
+            r.sm.current()
+                .state
+                .nodes
+                .get(&node)
+                .is_some_and(|n| n.online);
+        if !online || self.boss.is_fenced(node) {
+            self.boss.asked(node, my_term, now);
+            return Err(Refusal::Failed {
+                reason: format!(
+                    "node {node} is offline (or being declared offline) in the configuration: \
+                     the boss declares it online before it grants it a lease"
+                ),
+            });
+        }
         // Recorded after the confirmation, so never earlier than the
         // requester's send time: the offline rule waits long enough.
-        if !self.boss.granted(node, my_term, Instant::now()) {
+        if !self.boss.granted(node, my_term, now) {
             return Err(Refusal::NotLeader { leader: None });
         }
         Ok(LeaseGrant { term: my_term })
@@ -1003,9 +1026,17 @@ impl<T: Transport> Inner<T> {
     async fn node_events(&self, r: &Running, state: &State) {
         for n in state.nodes.values() {
             let now = Instant::now();
-            let online = if n.online && self.boss.expired(n.id, now) {
+            if !n.online {
+                // Its offline event is applied: no fence needed any more.
+                self.boss.unfence(n.id);
+            }
+            let online = if n.online && self.boss.is_fenced(n.id) {
+                // Being declared offline: the event is in this boss's log
+                // and commits once a quorum hears it.
+                continue;
+            } else if n.online && self.boss.expire_and_fence(n.id, now) {
                 false
-            } else if !n.online && self.boss.remaining(n.id, now).is_some_and(|d| !d.is_zero()) {
+            } else if !n.online && self.boss.asked_recently(n.id, now) {
                 true
             } else {
                 continue;
@@ -1236,7 +1267,7 @@ impl<T: Transport> Renew for Renewer<T> {
                 match self
                     .inner
                     .net
-                    .call(&addr, &req, self.inner.cfg.renew_interval())
+                    .call_to(&addr, Some(l), &req, self.inner.cfg.renew_interval())
                     .await
                 {
                     Ok(Reply::LeaseRenew(Ok(_))) => Ok(()),

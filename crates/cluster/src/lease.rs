@@ -13,6 +13,15 @@
 //!   lease has run out even on a clock that runs `drift` slower, whether the
 //!   grant was its own or an earlier boss's (any grant of an earlier boss was
 //!   confirmed by a quorum before a quorum voted for this one).
+//! * The offline event is true when it is *applied*, not only when it is
+//!   decided: between the decision and the commit (which may take long, for
+//!   a boss that is not heard for a while) the boss grants that node
+//!   nothing (it is *fenced*, decided atomically with the expiry check),
+//!   and it grants nothing to a node that is offline in its applied state.
+//!   Such a node's renewals are recorded as asks, and the boss first
+//!   declares it online (`SetNodeOnline { online: true }`) and grants it
+//!   a lease once that is applied. So no lease runs past an offline event
+//!   in the log, however long that event took to commit.
 //!
 //! Times are `tokio::time::Instant` so a simulation with paused time runs
 //! the same rules.
@@ -218,6 +227,12 @@ struct BossInner {
     boss_since: Option<(u64, Instant)>,
     /// Grants made in that term.
     grants: BTreeMap<NodeId, Instant>,
+    /// Nodes being declared offline: no grants until the offline event
+    /// is applied (or the term ends).
+    fenced: std::collections::BTreeSet<NodeId>,
+    /// Renewals refused in that term because the node is offline (or
+    /// fenced): when the last one came.
+    asked: BTreeMap<NodeId, Instant>,
 }
 
 impl BossLeases {
@@ -237,24 +252,25 @@ impl BossLeases {
     pub fn boss_of(&self, term: u64, now: Instant) {
         let mut b = self.lock();
         if b.boss_since.map(|(t, _)| t) != Some(term) {
-            b.boss_since = Some((term, now));
-            b.grants.clear();
+            *b = BossInner {
+                boss_since: Some((term, now)),
+                ..BossInner::default()
+            };
         }
     }
 
     /// This node is not the boss (any more).
     pub fn not_boss(&self) {
-        let mut b = self.lock();
-        b.boss_since = None;
-        b.grants.clear();
+        *self.lock() = BossInner::default();
     }
 
     /// Records a grant to `node` made at `now` in `term`, after a quorum
     /// confirmed this node as boss of `term`. Returns false (and records
     /// nothing) if this node is no longer boss of that term.
+    /// Also false (nothing recorded) while `node` is fenced.
     pub fn granted(&self, node: NodeId, term: u64, now: Instant) -> bool {
         let mut b = self.lock();
-        if b.boss_since.map(|(t, _)| t) != Some(term) {
+        if b.boss_since.map(|(t, _)| t) != Some(term) || b.fenced.contains(&node) {
             return false;
         }
         let g = b.grants.entry(node).or_insert(now);
@@ -264,14 +280,57 @@ impl BossLeases {
 
     /// Whether the boss may declare `node` offline at `now` (the rule at the
     /// top of this file). Never while not the boss.
+    #[cfg(test)]
     pub fn expired(&self, node: NodeId, now: Instant) -> bool {
-        let b = self.lock();
+        self.expired_in(&self.lock(), node, now)
+    }
+
+    /// [`BossLeases::expired`] under the caller's lock.
+    fn expired_in(&self, b: &BossInner, node: NodeId, now: Instant) -> bool {
         let Some((_, since)) = b.boss_since else {
             return false;
         };
         let wait = lease_with_drift(self.lease);
         let after = |t: Instant| now > t + wait;
         after(since) && b.grants.get(&node).is_none_or(|g| after(*g))
+    }
+
+    /// [`BossLeases::expired`], and if so fences `node` in the same step:
+    /// no grant can slip in between the decision and the fence.
+    pub fn expire_and_fence(&self, node: NodeId, now: Instant) -> bool {
+        let mut b = self.lock();
+        if !self.expired_in(&b, node, now) {
+            return false;
+        }
+        b.fenced.insert(node);
+        true
+    }
+
+    pub fn is_fenced(&self, node: NodeId) -> bool {
+        self.lock().fenced.contains(&node)
+    }
+
+    /// The offline event of `node` is applied here: the fence's work is
+    /// done (the applied state refuses its renewals from now on).
+    pub fn unfence(&self, node: NodeId) {
+        self.lock().fenced.remove(&node);
+    }
+
+    /// A renewal of `node` was refused at `now` because it is offline or
+    /// fenced (recorded only while boss of `term`).
+    pub fn asked(&self, node: NodeId, term: u64, now: Instant) {
+        let mut b = self.lock();
+        if b.boss_since.map(|(t, _)| t) == Some(term) {
+            let a = b.asked.entry(node).or_insert(now);
+            *a = (*a).max(now);
+        }
+    }
+
+    /// Whether `node` asked for a lease within the last lease period: it
+    /// is alive and should be declared online.
+    pub fn asked_recently(&self, node: NodeId, now: Instant) -> bool {
+        let b = self.lock();
+        b.boss_since.is_some() && b.asked.get(&node).is_some_and(|a| now < *a + self.lease)
     }
 
     /// The boss's view of `node`'s lease: time left of its last grant here.
@@ -344,6 +403,31 @@ mod tests {
         up.store(true, Ordering::SeqCst);
         held.wait_for(|h| *h).await.unwrap();
         task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_being_declared_offline_gets_no_grant() {
+        let wait = lease_with_drift(L);
+        let boss = BossLeases::new(L);
+        let t = Instant::now();
+        boss.boss_of(5, t);
+        assert!(boss.granted(2, 5, t));
+        assert!(!boss.expire_and_fence(2, t + wait));
+        let d = t + wait + Duration::from_millis(1);
+        assert!(boss.expire_and_fence(2, d));
+        assert!(boss.is_fenced(2));
+        // The decision stands until the event is applied: no grant.
+        assert!(!boss.granted(2, 5, d + Duration::from_millis(10)));
+        assert!(boss.expired(2, d + Duration::from_millis(10)));
+        boss.asked(2, 5, d);
+        assert!(boss.asked_recently(2, d + L / 2));
+        assert!(!boss.asked_recently(2, d + L));
+        boss.unfence(2);
+        assert!(boss.granted(2, 5, d + Duration::from_millis(20)));
+        // A new term starts clean.
+        assert!(boss.expire_and_fence(2, d + wait * 2));
+        boss.boss_of(6, d + wait * 2);
+        assert!(!boss.is_fenced(2) && !boss.asked_recently(2, d + wait * 2));
     }
 
     #[tokio::test(start_paused = true)]

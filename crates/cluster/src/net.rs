@@ -9,7 +9,11 @@
 //! Failure handling: a malformed frame or message closes that connection
 //! with a logged reason (the stream cannot be resynchronised); callers of
 //! requests in flight on it get [`NetError::Closed`] and the next request
-//! reconnects. Nothing here panics on input from the network.
+//! reconnects. A request that times out on a connection that received
+//! nothing at all while it waited closes that connection too (the path
+//! may be black-holed: TCP keeps such a connection for minutes, a new one
+//! works as soon as the path heals). Nothing here panics on input from the
+//! network.
 
 pub mod frame;
 pub mod msg;
@@ -167,6 +171,9 @@ struct NetInner<T: Transport> {
     peers: Mutex<HashMap<String, Arc<Peer>>>,
     next_id: AtomicU64,
     isolated: AtomicBool,
+    /// This node's cluster uid and node id, once it has them: stamped on
+    /// every request it sends, checked on every member request it gets.
+    identity: Mutex<Option<(String, NodeId)>>,
 }
 
 struct Peer {
@@ -192,6 +199,10 @@ impl Drop for Conn {
 struct ConnShared {
     addr: String,
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    /// Frames received so far (client side: replies). A request that
+    /// waited out its timeout while this did not move saw a silent
+    /// connection.
+    received: AtomicU64,
     /// Why the connection closed; `Some` once closed.
     closed: Mutex<Option<String>>,
 }
@@ -223,17 +234,49 @@ impl ConnShared {
 }
 
 /// Removes a request's reply slot however its caller leaves (reply,
-/// timeout, cancellation), so abandoned requests do not accumulate.
+/// timeout, cancellation), so abandoned requests do not accumulate; and
+/// closes a connection that looks dead (below).
 struct PendingGuard<'a> {
     shared: &'a ConnShared,
     id: u64,
+    /// When the request was queued, and `shared.received` then.
+    sent: tokio::time::Instant,
+    received_then: u64,
+    /// The caller's timeout.
+    timeout: Duration,
+    answered: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         lock(&self.shared.pending).remove(&self.id);
+        if self.answered {
+            return;
+        }
+        // Abandoned without an answer. If the caller waited (nearly) its
+        // whole timeout and nothing at all came back on this connection
+        // meanwhile, the path is presumed black-holed: TCP would only give
+        // up after minutes, while a new connection works as soon as the
+        // path heals. Close it so the next request redials. "Nearly":
+        // openraft cancels its calls at their deadline rather than letting
+        // them time out here. A slow request on a connection that answers
+        // other requests keeps the connection.
+        let waited = self.sent.elapsed();
+        if waited >= self.timeout.mul_f64(DEAD_AFTER_TIMEOUT_FRACTION)
+            && self.shared.received.load(Ordering::SeqCst) == self.received_then
+            && !self.shared.is_closed()
+        {
+            self.shared.close(format!(
+                "no reply to anything for {waited:?} (a request timed out); redialing"
+            ));
+        }
     }
 }
+
+/// See [`PendingGuard`]: the share of its timeout a request must have
+/// waited, on a connection that received nothing meanwhile, for the
+/// connection to be closed as dead.
+const DEAD_AFTER_TIMEOUT_FRACTION: f64 = 0.75;
 
 /// Std mutexes here guard short critical sections without awaits; a
 /// poisoned one only means another task panicked mid-update of a map whose
@@ -250,6 +293,7 @@ impl<T: Transport> Net<T> {
                 peers: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 isolated: AtomicBool::new(false),
+                identity: Mutex::new(None),
             }),
         }
     }
@@ -266,6 +310,37 @@ impl<T: Transport> Net<T> {
 
     pub fn is_isolated(&self) -> bool {
         self.inner.isolated.load(Ordering::SeqCst)
+    }
+
+    /// This node is now member `node` of cluster `cluster_uid`: its
+    /// requests say so, and it refuses member requests that come from
+    /// another cluster or are meant for another member.
+    pub fn set_identity(&self, cluster_uid: &str, node: NodeId) {
+        *lock(&self.inner.identity) = Some((cluster_uid.to_string(), node));
+    }
+
+    fn cluster_uid(&self) -> Option<String> {
+        lock(&self.inner.identity).as_ref().map(|(u, _)| u.clone())
+    }
+
+    /// Why an incoming request must not be carried out, if it must not.
+    fn refusal(&self, frame: &RequestFrame<Request>) -> Option<Refusal> {
+        if !frame.body.member_only() {
+            return None;
+        }
+        // A node in no cluster answers member requests itself
+        // (`NotInCluster`).
+        let (ours, id) = lock(&self.inner.identity).clone()?;
+        if frame.cluster.as_deref() != Some(ours.as_str()) {
+            return Some(Refusal::WrongCluster {
+                ours,
+                theirs: frame.cluster.clone(),
+            });
+        }
+        match frame.to {
+            Some(meant) if meant != id => Some(Refusal::WrongNode { ours: id, meant }),
+            _ => None,
+        }
     }
 
     /// Drops every pooled connection (their requests fail with `Closed`).
@@ -288,10 +363,23 @@ impl<T: Transport> Net<T> {
         req: &Request,
         timeout: Duration,
     ) -> Result<Reply, NetError> {
+        self.call_to(addr, None, req, timeout).await
+    }
+
+    /// [`Net::call`] to member `to` of this node's cluster, whose address
+    /// is `addr`: a node there that is not that member refuses member
+    /// requests ([`Refusal::WrongNode`]).
+    pub async fn call_to(
+        &self,
+        addr: &str,
+        to: Option<NodeId>,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Reply, NetError> {
         if self.is_isolated() {
             return Err(NetError::Isolated);
         }
-        match tokio::time::timeout(timeout, self.call_inner(addr, req)).await {
+        match tokio::time::timeout(timeout, self.call_inner(addr, to, req, timeout)).await {
             Ok(r) => r,
             Err(_) => Err(NetError::Timeout {
                 addr: addr.to_string(),
@@ -300,7 +388,13 @@ impl<T: Transport> Net<T> {
         }
     }
 
-    async fn call_inner(&self, addr: &str, req: &Request) -> Result<Reply, NetError> {
+    async fn call_inner(
+        &self,
+        addr: &str,
+        to: Option<NodeId>,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Reply, NetError> {
         let peer = self.peer(addr)?;
         let conn = self.connection(&peer, addr).await?;
         let _slot = conn
@@ -309,7 +403,13 @@ impl<T: Transport> Net<T> {
             .await
             .map_err(|_| conn.shared.closed_error())?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = frame::encode(&RequestFrame { id, body: req }).map_err(|e| match e {
+        let request = RequestFrame {
+            id,
+            cluster: self.cluster_uid(),
+            to,
+            body: req,
+        };
+        let frame = frame::encode(&request).map_err(|e| match e {
             FrameError::TooLarge { len } => NetError::TooLarge { len },
             e => NetError::Encode(e.to_string()),
         })?;
@@ -324,15 +424,21 @@ impl<T: Transport> Net<T> {
             }
             lock(&conn.shared.pending).insert(id, tx);
         }
-        let _guard = PendingGuard {
+        let mut guard = PendingGuard {
             shared: &conn.shared,
             id,
+            sent: tokio::time::Instant::now(),
+            received_then: conn.shared.received.load(Ordering::SeqCst),
+            timeout,
+            answered: false,
         };
         conn.tx
             .send(frame)
             .await
             .map_err(|_| conn.shared.closed_error())?;
-        rx.await.map_err(|_| conn.shared.closed_error())
+        let reply = rx.await;
+        guard.answered = true;
+        reply.map_err(|_| conn.shared.closed_error())
     }
 
     fn peer(&self, addr: &str) -> Result<Arc<Peer>, NetError> {
@@ -385,6 +491,7 @@ impl<T: Transport> Net<T> {
         let shared = Arc::new(ConnShared {
             addr: addr.to_string(),
             pending: Mutex::new(HashMap::new()),
+            received: AtomicU64::new(0),
             closed: Mutex::new(None),
         });
         let (tx, rx) = mpsc::channel(CONN_QUEUE_MAX);
@@ -526,6 +633,7 @@ async fn client_reader<R: AsyncRead + Unpin>(r: R, shared: Arc<ConnShared>) {
         match frames.next().await {
             Ok(Some(payload)) => match serde_json::from_slice::<ReplyFrame<Reply>>(&payload) {
                 Ok(f) => {
+                    shared.received.fetch_add(1, Ordering::SeqCst);
                     if let Some(tx) = lock(&shared.pending).remove(&f.id) {
                         let _ = tx.send(f.body);
                     }
@@ -555,6 +663,7 @@ where
     let shared = Arc::new(ConnShared {
         addr: peer.clone(),
         pending: Mutex::new(HashMap::new()),
+        received: AtomicU64::new(0),
         closed: Mutex::new(None),
     });
     let (tx, rx) = mpsc::channel(CONN_QUEUE_MAX);
@@ -562,6 +671,7 @@ where
     tasks.spawn(writer(w, rx, shared.clone()));
     let slots = Arc::new(Semaphore::new(INFLIGHT_PER_CONN_MAX));
     let mut frames = FrameReader::new(r);
+    let mut refused_before = false;
     let reason = loop {
         while tasks.try_join_next().is_some() {}
         let payload = match frames.next().await {
@@ -576,6 +686,26 @@ where
             Ok(f) => f,
             Err(e) => break Some(format!("malformed request: {e}")),
         };
+        if let Some(refusal) = net.refusal(&req) {
+            // Logged once per connection: the sender retries at its pace.
+            if !refused_before {
+                tracing::warn!(%peer, request = req.body.kind(), %refusal, "cluster request refused");
+                refused_before = true;
+            }
+            let reply = Reply::Refused(refusal);
+            match frame::encode(&ReplyFrame {
+                id: req.id,
+                body: &reply,
+            }) {
+                Ok(frame) => {
+                    if tx.send(frame).await.is_err() {
+                        break None;
+                    }
+                }
+                Err(e) => break Some(format!("refusal does not encode: {e}")),
+            }
+            continue;
+        }
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break None;
         };
@@ -655,6 +785,14 @@ impl<T: Transport> RaftPeer<T> {
     }
 
     fn unexpected<E: std::error::Error>(&self, reply: Reply) -> RaftRpcError<E> {
+        if let Reply::Refused(r @ (Refusal::WrongCluster { .. } | Refusal::WrongNode { .. })) =
+            reply
+        {
+            // Not this member at that address: as good as unreachable
+            // (openraft backs off), and says why.
+            let e = io::Error::other(format!("node {} at {}: {r}", self.target, self.addr));
+            return RPCError::Unreachable(Unreachable::new(&e));
+        }
         let e = io::Error::other(format!(
             "unexpected reply from node {}: {reply:?}",
             self.target
@@ -671,7 +809,11 @@ impl<T: Transport> RaftNetwork<TypeConfig> for RaftPeer<T> {
     ) -> Result<AppendEntriesResponse<NodeId>, RaftRpcError> {
         let entries = rpc.entries.len() as u64;
         let req = Request::AppendEntries(rpc);
-        match self.net.call(&self.addr, &req, option.hard_ttl()).await {
+        match self
+            .net
+            .call_to(&self.addr, Some(self.target), &req, option.hard_ttl())
+            .await
+        {
             Ok(Reply::AppendEntries(Ok(r))) => Ok(r),
             // Several large commands in one batch: openraft retries with
             // fewer entries (one entry always fits: ENTRY_BYTES_MAX).
@@ -692,7 +834,11 @@ impl<T: Transport> RaftNetwork<TypeConfig> for RaftPeer<T> {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RaftRpcError<InstallSnapshotError>> {
         let req = Request::InstallSnapshot(rpc);
-        match self.net.call(&self.addr, &req, option.hard_ttl()).await {
+        match self
+            .net
+            .call_to(&self.addr, Some(self.target), &req, option.hard_ttl())
+            .await
+        {
             Ok(Reply::InstallSnapshot(Ok(r))) => Ok(r),
             Ok(Reply::InstallSnapshot(Err(e))) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -708,7 +854,11 @@ impl<T: Transport> RaftNetwork<TypeConfig> for RaftPeer<T> {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RaftRpcError> {
         let req = Request::Vote(rpc);
-        match self.net.call(&self.addr, &req, option.hard_ttl()).await {
+        match self
+            .net
+            .call_to(&self.addr, Some(self.target), &req, option.hard_ttl())
+            .await
+        {
             Ok(Reply::Vote(Ok(r))) => Ok(r),
             Ok(Reply::Vote(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(other) => Err(self.unexpected(other)),

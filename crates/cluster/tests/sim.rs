@@ -2,25 +2,35 @@
 //!
 //! Three real `Cluster`s (the production code, redb databases in temporary
 //! directories) run as turmoil hosts over a simulated TCP network
-//! ([`SimTransport`], the same `net::Transport` seam the daemon's TCP uses).
+//! ([`SimTransport`], the same `net::Transport` seam the daemon's TCP uses):
+//! three data nodes, or (the witness variant) two data nodes and a witness.
 //! A client proposes `CreateHost` commands with unique names to random nodes
 //! while a fault schedule drawn from the seed isolates the boss, isolates
-//! another node, crashes and restarts nodes (kill -9: the host's future is
-//! dropped and the node reopens the same directory) and changes message
-//! latency. Then everything heals and the invariants are checked:
+//! another node, cuts one direction of a node's links only (it hears and
+//! is not heard, or the reverse), loses the messages of one direction
+//! between two nodes (A hears B, B does not hear A), crashes and restarts
+//! nodes (kill -9: the host's future is dropped and the node reopens the
+//! same directory), crashes and restarts a node while another is cut off,
+//! breaks the link between the two data nodes of the witness variant, and
+//! changes message latency. Then everything heals and the invariants are
+//! checked:
 //!
 //! * every acknowledged command is on every node, and the nodes' states (so
 //!   their orders: ids are allocated in log order) are identical; a command
 //!   acknowledged before another was submitted comes first; nothing that was
 //!   never proposed appears;
 //! * during a partition the minority side acknowledges no command and, once
-//!   a lease has passed, holds no lease;
+//!   a lease has passed, holds no lease; at most one side of a partition
+//!   acknowledges commands or (once a lease has passed) holds leases; with
+//!   the witness, when the data nodes' link breaks and the boss is a data
+//!   node, the other data node does neither;
 //! * whenever a `NodeOffline(n)` reaches a node's I/O modules, node `n`'s
 //!   lease has already run out;
 //! * after healing all nodes agree (same state, same applied index).
 //!
-//! `SANVIRT_SIM_SEEDS=n` runs seeds 1..=n (default 12, about a minute),
-//! `SANVIRT_SIM_SEED=s` replays seed s only; a failure names its seed.
+//! `SANVIRT_SIM_SEEDS=n` runs seeds 1..=n of each variant (default
+//! [`SEEDS_DEFAULT`]), `SANVIRT_SIM_SEED=s` replays seed s only (of both
+//! variants); a failure names its seed and variant.
 //!
 //! Limits of determinism: everything the simulation controls (the fault
 //! schedule, proposals, turmoil's network latencies and host order) comes
@@ -29,9 +39,13 @@
 //! schedule but not necessarily the same interleaving. The databases do real
 //! file I/O.
 //!
-//! Message loss is modelled as TCP sees it: segments held on a cut link are
-//! delivered when it heals (retransmission), latency varies per message. A
-//! partition is `turmoil::hold` on the links between the sides.
+//! Message loss comes in two kinds. Held (`turmoil::hold`): segments on a
+//! cut link wait and are delivered when it heals, as TCP retransmission
+//! would. Dropped (`turmoil::partition`, `partition_oneway`): segments are
+//! lost for good, and since turmoil's TCP does not retransmit, a connection
+//! that lost a segment never delivers again, like a TCP connection
+//! black-holed for longer than its retransmissions last: the cluster must
+//! redial (see `net.rs`). Latency varies per message.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -53,7 +67,34 @@ const HEARTBEAT_MS: u64 = 50;
 const ELECTION_MS: u64 = 300;
 const LEASE_MS: u64 = 900;
 const PORT: u16 = 7100;
-const NODES: [&str; 3] = ["n1", "n2", "n3"];
+/// Seeds per variant in a default run.
+const SEEDS_DEFAULT: u64 = 4;
+
+/// Which cluster is simulated: host names (node `i` is node id `i + 1`),
+/// and which one, if any, is a witness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    ThreeNodes,
+    Witness,
+}
+
+impl Variant {
+    fn names(self) -> [&'static str; 3] {
+        match self {
+            Variant::ThreeNodes => ["n1", "n2", "n3"],
+            Variant::Witness => ["n1", "n2", "w"],
+        }
+    }
+
+    fn witness(self) -> Option<usize> {
+        match self {
+            Variant::ThreeNodes => None,
+            Variant::Witness => Some(2),
+        }
+    }
+}
+
+const N: usize = 3;
 /// One simulation step.
 const TICK: Duration = Duration::from_millis(2);
 /// Sampling period of the per-node monitor.
@@ -131,7 +172,8 @@ struct Ack {
 
 #[derive(Default)]
 struct World {
-    slots: [Slot; 3],
+    names: [&'static str; N],
+    slots: [Slot; N],
     acks: Vec<Ack>,
     proposed: BTreeSet<String>,
     /// (node, submitted, failure)
@@ -175,9 +217,9 @@ impl IoModules for Io {
             // One tick of slack: hosts are polled one after another.
             if let Some(d) = deadline {
                 if d > t + TICK {
+                    let who = w.names[self.node];
                     w.violations.push(format!(
-                        "{t:?}: {} got NodeOffline({id}) while node {id}'s lease runs to {d:?}",
-                        NODES[self.node]
+                        "{t:?}: {who} got NodeOffline({id}) while node {id}'s lease runs to {d:?}"
                     ));
                 }
             }
@@ -185,13 +227,14 @@ impl IoModules for Io {
     }
 }
 
-fn config(i: usize, dir: &std::path::Path) -> ClusterConfig {
-    let name = NODES[i];
+fn config(variant: Variant, i: usize, dir: &std::path::Path) -> ClusterConfig {
+    let name = variant.names()[i];
     let advertise = format!("{name}:{PORT}");
     ClusterConfig {
         heartbeat_ms: HEARTBEAT_MS,
         election_timeout_ms: ELECTION_MS,
         lease_ms: LEASE_MS,
+        witness: variant.witness() == Some(i),
         ..ClusterConfig::new(
             dir.join("cluster"),
             name,
@@ -205,12 +248,14 @@ fn config(i: usize, dir: &std::path::Path) -> ClusterConfig {
 /// One node's software: start (or restart on the same directory), publish
 /// what the checks need, serve the client's operations.
 async fn node(
+    variant: Variant,
     i: usize,
     dir: PathBuf,
     world: Shared,
     ops: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Op>>>,
 ) -> turmoil::Result {
-    let cfg = config(i, &dir);
+    let names = variant.names();
+    let cfg = config(variant, i, &dir);
     let io = Arc::new(Io {
         node: i,
         world: world.clone(),
@@ -219,7 +264,7 @@ async fn node(
         match Cluster::start_with(cfg.clone(), io.clone(), SimTransport).await {
             Ok(c) => break Arc::new(c),
             Err(ClusterError::Store(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(e) => return Err(format!("{}: start: {e}", NODES[i]).into()),
+            Err(e) => return Err(format!("{}: start: {e}", names[i]).into()),
         }
     };
     {
@@ -271,15 +316,41 @@ async fn node(
     Ok(())
 }
 
-/// What the fault schedule does in one episode.
+/// What the fault schedule does in one episode. Nodes are indices into
+/// the variant's names (0 is n1; in summaries too).
 #[derive(Debug, Clone, Copy)]
 enum Fault {
-    IsolateBoss,
-    /// Isolates node i (whatever its role).
-    Isolate(usize),
+    /// Cuts the boss off: messages held (`drop: false`) or lost.
+    IsolateBoss {
+        drop: bool,
+    },
+    /// Cuts node i off (whatever its role).
+    Isolate {
+        node: usize,
+        drop: bool,
+    },
+    /// Node i's messages to the others are lost; it hears them.
+    Mute(usize),
+    /// The others' messages to node i are lost; they hear it.
+    Deaf(usize),
+    /// Messages from `from` to `to` are lost, the other way they arrive.
+    OneWay {
+        from: usize,
+        to: usize,
+    },
     /// Crashes the boss; it restarts after the episode.
     CrashBoss,
     Crash(usize),
+    /// Node `cut` is cut off (messages lost); a third of the way in,
+    /// node `crash` (possibly the same) crashes, and it restarts two thirds
+    /// of the way in, while the cut is still in force.
+    CrashInPartition {
+        cut: usize,
+        crash: usize,
+    },
+    /// Witness variant: the link between the two data nodes breaks
+    /// (messages lost), both still reach the witness.
+    LinkBreak,
     /// Messages take up to this long.
     Slow(u64),
     Calm,
@@ -291,16 +362,34 @@ struct Episode {
     rest: Duration,
 }
 
-fn schedule(rng: &mut StdRng) -> Vec<Episode> {
+fn schedule(rng: &mut StdRng, variant: Variant) -> Vec<Episode> {
+    let kinds = if variant.witness().is_some() { 11 } else { 10 };
     (0..4)
         .map(|_| {
-            let fault = match rng.gen_range(0..6) {
-                0 => Fault::IsolateBoss,
-                1 => Fault::Isolate(rng.gen_range(0..3)),
-                2 => Fault::CrashBoss,
-                3 => Fault::Crash(rng.gen_range(0..3)),
-                4 => Fault::Slow(rng.gen_range(20..120)),
-                _ => Fault::Calm,
+            let fault = match rng.gen_range(0..kinds) {
+                0 => Fault::IsolateBoss {
+                    drop: rng.gen_bool(0.5),
+                },
+                1 => Fault::Isolate {
+                    node: rng.gen_range(0..N),
+                    drop: rng.gen_bool(0.5),
+                },
+                2 => Fault::Mute(rng.gen_range(0..N)),
+                3 => Fault::Deaf(rng.gen_range(0..N)),
+                4 => {
+                    let from = rng.gen_range(0..N);
+                    let to = (from + rng.gen_range(1..N)) % N;
+                    Fault::OneWay { from, to }
+                }
+                5 => Fault::CrashBoss,
+                6 => Fault::Crash(rng.gen_range(0..N)),
+                7 => Fault::CrashInPartition {
+                    cut: rng.gen_range(0..N),
+                    crash: rng.gen_range(0..N),
+                },
+                8 => Fault::Slow(rng.gen_range(20..120)),
+                9 => Fault::Calm,
+                _ => Fault::LinkBreak,
             };
             Episode {
                 fault,
@@ -311,6 +400,7 @@ fn schedule(rng: &mut StdRng) -> Vec<Episode> {
         .collect()
 }
 
+/// The node most nodes that are up name as their leader.
 fn boss(world: &Shared) -> Option<usize> {
     let w = lock(world);
     // The leader most nodes that are up name.
@@ -338,7 +428,12 @@ async fn ask<T>(
 
 /// Forms the cluster, then proposes until told to stop, then waits until
 /// the nodes agree.
-async fn client(world: Shared, txs: Vec<mpsc::UnboundedSender<Op>>, seed: u64) -> turmoil::Result {
+async fn client(
+    variant: Variant,
+    world: Shared,
+    txs: Vec<mpsc::UnboundedSender<Op>>,
+    seed: u64,
+) -> turmoil::Result {
     // Formation, retried: a partition or crash cannot hit it (the schedule
     // starts once `formed` is set) but an election can.
     loop {
@@ -346,7 +441,7 @@ async fn client(world: Shared, txs: Vec<mpsc::UnboundedSender<Op>>, seed: u64) -
             break;
         }
     }
-    for (k, n) in NODES.iter().enumerate().skip(1) {
+    for (k, n) in variant.names().iter().enumerate().skip(1) {
         let id = loop {
             match ask(&txs[0], |t| Op::AddNode(format!("{n}:{PORT}"), t)).await {
                 Some(Ok(id)) => break id,
@@ -360,7 +455,7 @@ async fn client(world: Shared, txs: Vec<mpsc::UnboundedSender<Op>>, seed: u64) -
         let all_online = lock(&world)
             .slots
             .iter()
-            .all(|s| s.state.nodes.len() == 3 && s.state.nodes.values().all(|n| n.online));
+            .all(|s| s.state.nodes.len() == N && s.state.nodes.values().all(|n| n.online));
         if all_online {
             break;
         }
@@ -372,7 +467,7 @@ async fn client(world: Shared, txs: Vec<mpsc::UnboundedSender<Op>>, seed: u64) -
     let mut k = 0u64;
     while !lock(&world).stop {
         k += 1;
-        let node = rng.gen_range(0..3);
+        let node = rng.gen_range(0..N);
         let name = format!("h{k}");
         let tx = txs[node].clone();
         let world2 = world.clone();
@@ -428,20 +523,77 @@ async fn client(world: Shared, txs: Vec<mpsc::UnboundedSender<Op>>, seed: u64) -
     Ok(())
 }
 
-/// A window in which `minority` was cut off from the others.
+/// A window in which nodes were cut off.
 struct Cut {
-    minority: usize,
+    /// Nodes that must stall: acknowledge no command, and hold no lease
+    /// once a lease has passed.
+    stalled: BTreeSet<usize>,
+    /// The sides, when the nodes were split into groups that could not
+    /// talk: at most one side acknowledges commands or holds leases.
+    sides: Vec<BTreeSet<usize>>,
     from: Duration,
     to: Duration,
 }
 
+/// How an episode cuts links: held (delivered at healing) or lost.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    Hold,
+    Drop,
+}
+
+/// The link faults of one episode, applied and healed together.
+#[derive(Default)]
+struct Links {
+    /// Both directions of each pair.
+    both: Vec<(usize, usize, Loss)>,
+    /// (from, to): only that direction, lost.
+    one_way: Vec<(usize, usize)>,
+}
+
+impl Links {
+    /// Every link between `i` and the others.
+    fn isolate(i: usize, loss: Loss) -> Links {
+        Links {
+            both: (0..N).filter(|&j| j != i).map(|j| (i, j, loss)).collect(),
+            one_way: Vec::new(),
+        }
+    }
+
+    fn apply(&self, sim: &mut turmoil::Sim, names: &[&str; N]) {
+        for &(a, b, loss) in &self.both {
+            match loss {
+                Loss::Hold => sim.hold(names[a], names[b]),
+                Loss::Drop => sim.partition(names[a], names[b]),
+            }
+        }
+        for &(from, to) in &self.one_way {
+            sim.partition_oneway(names[from], names[to]);
+        }
+    }
+
+    fn heal(&self, sim: &mut turmoil::Sim, names: &[&str; N]) {
+        for &(a, b, loss) in &self.both {
+            match loss {
+                Loss::Hold => sim.release(names[a], names[b]),
+                Loss::Drop => sim.repair(names[a], names[b]),
+            }
+        }
+        for &(from, to) in &self.one_way {
+            sim.repair_oneway(names[from], names[to]);
+        }
+    }
+}
+
 /// Runs one seed; returns the violations found (empty: passed) and a
 /// summary line.
-fn run_seed(seed: u64) -> (Vec<String>, String) {
+fn run_seed(variant: Variant, seed: u64) -> (Vec<String>, String) {
+    let names = variant.names();
     let mut rng = StdRng::seed_from_u64(seed);
-    let episodes = schedule(&mut rng);
+    let episodes = schedule(&mut rng, variant);
     let world: Shared = Arc::default();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    lock(&world).names = names;
+    let dirs: Vec<tempfile::TempDir> = (0..N).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .simulation_duration(Duration::from_secs(300))
@@ -452,23 +604,27 @@ fn run_seed(seed: u64) -> (Vec<String>, String) {
         .enable_random_order()
         .build();
     let mut txs = Vec::new();
-    for (i, name) in NODES.iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         let (tx, rx) = mpsc::unbounded_channel();
         txs.push(tx);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let dir = dirs[i].path().to_path_buf();
         let world = world.clone();
         sim.host(*name, move || {
-            node(i, dir.clone(), world.clone(), rx.clone())
+            node(variant, i, dir.clone(), world.clone(), rx.clone())
         });
     }
-    sim.client("client", client(world.clone(), txs, seed));
+    sim.client("client", client(variant, world.clone(), txs, seed));
 
     let step = |sim: &mut turmoil::Sim, until: Duration| -> Result<(), String> {
         while sim.elapsed() < until {
             sim.step().map_err(|e| e.to_string())?;
         }
         Ok(())
+    };
+    let crash = |sim: &mut turmoil::Sim, i: usize| {
+        lock(&world).slots[i].up = false;
+        sim.crash(names[i]);
     };
     let mut failure = None;
     let mut cuts = Vec::new();
@@ -484,42 +640,82 @@ fn run_seed(seed: u64) -> (Vec<String>, String) {
         for ep in &episodes {
             let start = sim.elapsed();
             let boss = boss(&world).unwrap_or(0);
+            let rest = |i: usize| -> BTreeSet<usize> { (0..N).filter(|&j| j != i).collect() };
             let mut crashed = None;
-            let mut isolated = None;
+            // (node, when it crashes, when it restarts) within the episode.
+            let mut crash_in_cut = None;
+            let mut links = Links::default();
+            // (stalled, sides)
+            let mut cut: Option<(BTreeSet<usize>, Vec<BTreeSet<usize>>)> = None;
+            let isolated =
+                |i: usize| Some((BTreeSet::from([i]), vec![BTreeSet::from([i]), rest(i)]));
+            let loss = |drop: bool| if drop { Loss::Drop } else { Loss::Hold };
             match ep.fault {
-                Fault::IsolateBoss => isolated = Some(boss),
-                Fault::Isolate(i) => isolated = Some(i),
+                Fault::IsolateBoss { drop } => {
+                    links = Links::isolate(boss, loss(drop));
+                    cut = isolated(boss);
+                }
+                Fault::Isolate { node, drop } => {
+                    links = Links::isolate(node, loss(drop));
+                    cut = isolated(node);
+                }
+                Fault::Mute(i) => {
+                    links.one_way = rest(i).into_iter().map(|j| (i, j)).collect();
+                    cut = isolated(i);
+                }
+                Fault::Deaf(i) => {
+                    links.one_way = rest(i).into_iter().map(|j| (j, i)).collect();
+                    cut = isolated(i);
+                }
+                Fault::OneWay { from, to } => links.one_way = vec![(from, to)],
                 Fault::CrashBoss => crashed = Some(boss),
                 Fault::Crash(i) => crashed = Some(i),
+                Fault::CrashInPartition { cut: c, crash } => {
+                    links = Links::isolate(c, Loss::Drop);
+                    cut = isolated(c);
+                    crash_in_cut = Some((crash, start + ep.len / 3, start + ep.len * 2 / 3));
+                }
+                Fault::LinkBreak => {
+                    // Only in the witness variant: the data nodes are the
+                    // other two.
+                    let w = variant.witness().expect("a witness");
+                    let data: Vec<usize> = rest(w).into_iter().collect();
+                    links.both = vec![(data[0], data[1], Loss::Drop)];
+                    // The data node without the boss stops; with the
+                    // witness as boss both go on.
+                    if boss != w {
+                        let other = data.iter().copied().find(|&d| d != boss).unwrap();
+                        cut = Some((BTreeSet::from([other]), Vec::new()));
+                    }
+                }
                 Fault::Slow(ms) => sim.set_max_message_latency(Duration::from_millis(ms)),
                 Fault::Calm => {}
             }
-            faults.push(format!("{:?}(boss n{})", ep.fault, boss + 1));
-            if let Some(i) = isolated {
-                for j in (0..3).filter(|&j| j != i) {
-                    sim.hold(NODES[i], NODES[j]);
-                }
-            }
+            faults.push(format!("{:?}(boss {})", ep.fault, names[boss]));
+            links.apply(&mut sim, &names);
             if let Some(i) = crashed {
-                lock(&world).slots[i].up = false;
-                sim.crash(NODES[i]);
+                crash(&mut sim, i);
             }
-            if let Err(e) = step(&mut sim, start + ep.len) {
+            let mut res = Ok(());
+            if let Some((i, down, up)) = crash_in_cut {
+                res = step(&mut sim, down).map(|()| crash(&mut sim, i));
+                res = res.and_then(|()| step(&mut sim, up).map(|()| sim.bounce(names[i])));
+            }
+            if let Err(e) = res.and_then(|()| step(&mut sim, start + ep.len)) {
                 failure = Some(e);
                 break;
             }
-            if let Some(i) = isolated {
-                for j in (0..3).filter(|&j| j != i) {
-                    sim.release(NODES[i], NODES[j]);
-                }
+            links.heal(&mut sim, &names);
+            if let Some((stalled, sides)) = cut {
                 cuts.push(Cut {
-                    minority: i,
+                    stalled,
+                    sides,
                     from: start,
                     to: sim.elapsed(),
                 });
             }
             if let Some(i) = crashed {
-                sim.bounce(NODES[i]);
+                sim.bounce(names[i]);
             }
             sim.set_max_message_latency(Duration::from_millis(5));
             let rest = sim.elapsed() + ep.rest;
@@ -545,7 +741,7 @@ fn run_seed(seed: u64) -> (Vec<String>, String) {
     }
     check(&w, &cuts, &mut v);
     let summary = format!(
-        "seed {seed}: {} proposed, {} acknowledged, {} failed; faults {}; {:?} simulated",
+        "{variant:?} seed {seed}: {} proposed, {} acknowledged, {} failed; faults {}; {:?} simulated",
         w.proposed.len(),
         w.acks.len(),
         w.failed.len(),
@@ -556,12 +752,13 @@ fn run_seed(seed: u64) -> (Vec<String>, String) {
 }
 
 fn check(w: &World, cuts: &[Cut], v: &mut Vec<String>) {
+    let names = w.names;
     let state = &w.slots[0].state;
     // Same state everywhere (checked by the client too; repeated for the
     // report).
     for (i, s) in w.slots.iter().enumerate() {
         if s.state != *state {
-            v.push(format!("{} ended with a different state", NODES[i]));
+            v.push(format!("{} ended with a different state", names[i]));
         }
     }
     // Every acknowledged command on every node; nothing never proposed.
@@ -570,7 +767,7 @@ fn check(w: &World, cuts: &[Cut], v: &mut Vec<String>) {
             if !s.state.hosts.contains_key(&a.name) {
                 v.push(format!(
                     "{} acknowledged by {} at {:?} is missing on {}",
-                    a.name, NODES[a.node], a.acked, NODES[i]
+                    a.name, names[a.node], a.acked, names[i]
                 ));
             }
         }
@@ -596,29 +793,51 @@ fn check(w: &World, cuts: &[Cut], v: &mut Vec<String>) {
             }
         }
     }
-    // The minority side of a partition: no acknowledgement, and no lease
-    // once a lease (with drift) has passed.
+    // Cut-off nodes: no acknowledgement, and no lease once a lease (with
+    // drift) has passed. Sides: at most one acknowledges or holds leases.
     let margin = Duration::from_millis(100);
     let lease_gone = lease_with_drift(Duration::from_millis(LEASE_MS)) + margin;
     for c in cuts {
-        for a in &w.acks {
-            if a.node == c.minority && a.acked > c.from + margin && a.acked < c.to {
+        let window = format!("cut {:?}..{:?}", c.from, c.to);
+        let acked = |i: usize| {
+            w.acks
+                .iter()
+                .find(|a| a.node == i && a.acked > c.from + margin && a.acked < c.to)
+        };
+        let held = |i: usize| {
+            w.slots[i]
+                .samples
+                .iter()
+                .find(|(t, h)| *h && *t > c.from + lease_gone && *t < c.to)
+                .map(|(t, _)| *t)
+        };
+        for &i in &c.stalled {
+            if let Some(a) = acked(i) {
                 v.push(format!(
-                    "{} acknowledged by isolated {} at {:?} (cut {:?}..{:?})",
-                    a.name, NODES[c.minority], a.acked, c.from, c.to
+                    "{} acknowledged by cut-off {} at {:?} ({window})",
+                    a.name, names[i], a.acked
+                ));
+            }
+            if let Some(t) = held(i) {
+                v.push(format!(
+                    "cut-off {} held a lease at {t:?} ({window})",
+                    names[i]
                 ));
             }
         }
-        let held: Vec<Duration> = w.slots[c.minority]
-            .samples
+        let active: Vec<String> = c
+            .sides
             .iter()
-            .filter(|(t, h)| *h && *t > c.from + lease_gone && *t < c.to)
-            .map(|(t, _)| *t)
+            .filter(|side| {
+                side.iter()
+                    .any(|&i| acked(i).is_some() || held(i).is_some())
+            })
+            .map(|side| format!("{:?}", side.iter().map(|&i| names[i]).collect::<Vec<_>>()))
             .collect();
-        if let Some(t) = held.first() {
+        if active.len() > 1 {
             v.push(format!(
-                "isolated {} held a lease at {t:?} (cut {:?}..{:?})",
-                NODES[c.minority], c.from, c.to
+                "more than one side acknowledged commands or held leases: {} ({window})",
+                active.join(" and ")
             ));
         }
     }
@@ -631,13 +850,23 @@ fn seeds() -> Vec<u64> {
     let n: u64 = std::env::var("SANVIRT_SIM_SEEDS")
         .ok()
         .map(|s| s.parse().expect("SANVIRT_SIM_SEEDS is a number"))
-        .unwrap_or(12);
+        .unwrap_or(SEEDS_DEFAULT);
     (1..=n).collect()
 }
 
-#[test]
-fn three_nodes_under_partitions_crashes_and_latency() {
+/// Log lines stamped with simulated time (`RUST_LOG=...` to see them).
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{:>9.3?}", now())
+    }
+}
+
+fn run(variant: Variant) {
     let _ = tracing_subscriber::fmt()
+        .with_timer(SimTime)
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
@@ -645,20 +874,38 @@ fn three_nodes_under_partitions_crashes_and_latency() {
         .with_test_writer()
         .try_init();
     let mut failed = Vec::new();
-    for seed in seeds() {
+    let all = std::time::Instant::now();
+    let seeds = seeds();
+    for &seed in &seeds {
         let started = std::time::Instant::now();
-        let (v, summary) = run_seed(seed);
+        let (v, summary) = run_seed(variant, seed);
         println!("{summary}; {:?} real", started.elapsed());
         if !v.is_empty() {
-            println!("seed {seed} FAILED (replay: SANVIRT_SIM_SEED={seed}):");
+            println!("{variant:?} seed {seed} FAILED (replay: SANVIRT_SIM_SEED={seed}):");
             for x in &v {
                 println!("  {x}");
             }
             failed.push(seed);
         }
     }
+    println!(
+        "{variant:?}: {} seeds, {} failed, {:?} real",
+        seeds.len(),
+        failed.len(),
+        all.elapsed()
+    );
     assert!(
         failed.is_empty(),
-        "seeds {failed:?} failed; replay one with SANVIRT_SIM_SEED=<seed>"
+        "{variant:?}: seeds {failed:?} failed; replay one with SANVIRT_SIM_SEED=<seed>"
     );
+}
+
+#[test]
+fn three_nodes_under_partitions_crashes_and_latency() {
+    run(Variant::ThreeNodes);
+}
+
+#[test]
+fn two_nodes_and_a_witness_under_partitions_crashes_and_latency() {
+    run(Variant::Witness);
 }

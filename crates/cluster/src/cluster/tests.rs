@@ -713,3 +713,77 @@ async fn eventually_value<T>(what: &str, f: impl Fn() -> Option<T>) -> T {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A member's machine is wiped and a new cluster is created on it, on the
+/// same address: the old cluster's boss keeps sending it raft messages (as
+/// to its old member) with a higher term. They are refused (another
+/// cluster uid): the new cluster keeps its own term and state, and the old
+/// one carries on with the other two nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_recreated_on_a_members_address_is_not_talked_into_the_old_cluster() {
+    let mut nodes = three_nodes().await;
+    // A term above 1, so the old boss's messages outrank the new cluster's
+    // first term.
+    let l = leader(&nodes).unwrap();
+    nodes[l].stop().await;
+    let term = eventually_value("a new boss", || {
+        let n = nodes.iter().find(|n| n.cluster.is_some())?;
+        let st = n.c().status();
+        st.leader.filter(|&b| b != (l + 1) as NodeId)?;
+        Some(st.term)
+    })
+    .await;
+    assert!(term >= 2, "{term}");
+    nodes[l].restart().await;
+    let boss = leader(&nodes).unwrap();
+    let f = (0..3)
+        .find(|&i| i != boss && nodes[i].cluster.is_some())
+        .unwrap();
+    let old_uid = nodes[boss].c().status().cluster_uid.unwrap();
+
+    // Wipe f: a new directory, same name and address, a new cluster.
+    nodes[f].stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ClusterConfig {
+        data_dir: dir.path().join("cluster"),
+        ..nodes[f].cfg.clone()
+    };
+    let io = Arc::new(Recorder::default());
+    let mut fresh = TestNode {
+        _dir: dir,
+        cfg: cfg.clone(),
+        io: io.clone(),
+        cluster: None,
+    };
+    fresh.restart().await;
+    fresh.c().create("other", None).await.unwrap();
+    let st = fresh.c().status();
+    let (new_uid, new_term) = (st.cluster_uid.clone().unwrap(), st.term);
+    assert_ne!(new_uid, old_uid);
+    assert!(new_term < term, "{new_term} {term}");
+
+    // The old cluster goes on (2 of 3) and keeps sending to f's address.
+    let others: Vec<usize> = (0..3).filter(|&i| i != f).collect();
+    nodes[others[0]].c().propose(pool("old-1")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10 * ELECTION_MS)).await;
+    nodes[others[1]].c().propose(pool("old-2")).await.unwrap();
+
+    let st = fresh.c().status();
+    assert_eq!(st.cluster_uid.as_deref(), Some(new_uid.as_str()));
+    assert_eq!(
+        st.term, new_term,
+        "the old cluster moved the new one's term"
+    );
+    assert_eq!(st.leader, Some(1));
+    let s = fresh.c().state();
+    assert_eq!(s.cluster.as_ref().map(|c| c.name.as_str()), Some("other"));
+    assert_eq!(s.nodes.len(), 1);
+    assert!(s.pools.is_empty(), "{:?}", s.pools.keys());
+    fresh.c().propose(pool("new-1")).await.unwrap();
+    for &i in &others {
+        let s = nodes[i].c().state();
+        assert!(s.pools.contains_key("old-2") && !s.pools.contains_key("new-1"));
+    }
+    fresh.stop().await;
+    stop_all(&mut nodes).await;
+}

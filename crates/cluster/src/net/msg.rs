@@ -14,9 +14,20 @@ use crate::{Applied, NodeId, Proposal, TypeConfig};
 
 /// A request on the wire. Generic over the body so the sender can encode a
 /// borrowed request.
+///
+/// Every request says which cluster sent it (`cluster`: the sender's
+/// cluster uid, `None` from a node in no cluster) and, when the sender
+/// means a particular member, which one (`to`). A node in a cluster
+/// carries out a member request ([`Request::member_only`]) only if both
+/// match it, so a node of another cluster, or a node re-created on a
+/// reused address or id, cannot move this cluster's terms, votes or log.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct RequestFrame<B> {
     pub id: u64,
+    #[serde(default)]
+    pub cluster: Option<String>,
+    #[serde(default)]
+    pub to: Option<NodeId>,
     pub body: B,
 }
 
@@ -55,6 +66,12 @@ pub enum Request {
 }
 
 impl Request {
+    /// Requests only members of the same cluster may make (everything but
+    /// the handshake, which checks the cluster itself).
+    pub fn member_only(&self) -> bool {
+        !matches!(self, Request::Hello | Request::Join { .. })
+    }
+
     /// For logs.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -124,6 +141,19 @@ pub enum Refusal {
         cluster_uid: String,
         node_id: NodeId,
     },
+    /// The request came from another cluster (or from a node in none).
+    #[error(
+        "this node belongs to cluster {ours}, the request came from {}: \
+         a node of another cluster, or a node re-created on a reused address",
+        theirs.as_deref().map_or("a node in no cluster".to_string(), |u| format!("cluster {u}"))
+    )]
+    WrongCluster {
+        ours: String,
+        theirs: Option<String>,
+    },
+    /// The request was meant for another member (a stale address).
+    #[error("this is node {ours} of the cluster, the request was meant for node {meant}")]
+    WrongNode { ours: NodeId, meant: NodeId },
     #[error("{reason}")]
     Failed { reason: String },
 }
