@@ -876,12 +876,14 @@ fn pr_state() -> impl Strategy<Value = PrState> {
         any::<u32>(),
         proptest::collection::vec((nexus.clone(), 1..4u64), 0..4),
         proptest::option::of((
-            nexus,
+            nexus.clone(),
             prop_oneof![Just(0u8), Just(1), Just(3), Just(7)],
             1..4u64,
         )),
+        proptest::option::of(nexus),
+        0..3u64,
     )
-        .prop_map(|(generation, regs, res)| PrState {
+        .prop_map(|(generation, regs, res, spc2_holder, lun_resets)| PrState {
             generation,
             registrations: regs
                 .into_iter()
@@ -895,6 +897,8 @@ fn pr_state() -> impl Strategy<Value = PrState> {
             aptpl: false,
             // Whatever the command carries, apply sets it.
             config_generation: 0,
+            spc2_holder,
+            lun_resets,
         })
 }
 
@@ -1306,6 +1310,8 @@ fn reservations_are_stored_per_volume() {
         }),
         aptpl: false,
         config_generation: 0,
+        spc2_holder: Some(nexus.clone()),
+        lun_resets: 2,
     };
     let set = |volume_id, state: &PrState| Command::SetReservations {
         volume_id,
@@ -1322,6 +1328,11 @@ fn reservations_are_stored_per_volume() {
     bad.reservation.as_mut().unwrap().key = 1;
     let e = err(&mut s, set(id, &bad));
     assert!(e.to_string().contains("differs"), "{e}");
+    let mut bad = good.clone();
+    bad.spc2_holder.as_mut().unwrap().initiator_port = String::new();
+    let e = err(&mut s, set(id, &bad));
+    assert!(e.to_string().contains("SPC-2"), "{e}");
+    assert_eq!(s.volumes["v0"].reservations, good, "nothing changed");
     let e = err(&mut s, set(999, &good));
     assert_eq!(e.to_string(), "volume id '999' does not exist");
     // Kept across renames, gone with the volume.
