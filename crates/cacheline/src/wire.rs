@@ -819,7 +819,7 @@ mod tests {
                     fua: true,
                     no_unmap: false,
                     offset: 4096,
-                    len: data.len() as u64,
+                    len: 4096 + 512,
                     data: data.clone(),
                 },
                 Msg::Reply {
