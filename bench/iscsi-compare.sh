@@ -160,6 +160,13 @@ TOML
   wait_port "$port"
   PORTAL=127.0.0.1:$port
   TARGET=iqn.2026-11.dev.sanvirt:node1
+  # The mapping reaches the target when the node's I/O modules apply the
+  # configuration, a moment after the CLI returns.
+  for _ in $(seq 1 100); do
+    iscsi-ls -s -i "$INITIATOR" "iscsi://$PORTAL" 2>/dev/null | grep -q 'Lun:0' && return 0
+    sleep 0.1
+  done
+  echo "LUN 0 never appeared for $INITIATOR on $name" >&2
 }
 stop_pid() { kill "$1"; wait "$1" 2>/dev/null || true; }
 

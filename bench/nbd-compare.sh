@@ -109,12 +109,15 @@ kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 # from the cache's own pages, no page-cache copy); warmed by one sequential
 # read of the volume through NBD, as the peers' data is warmed in the page
 # cache. Writes go through to the page cache (a lone node runs write-through).
-pages=$(( total / 4096 + 65536 ))
+clean=$(( total / 4096 + 4096 ))
+pages=$(( (clean + 2 * 4096) * 4 / 3 + 4096 )) # the cache leaves a quarter to the front ends
 EXTRA_TOML="[buffers]
 pages = $pages
-iobs = $(( pages / 4 ))
+iobs = $pages
 [cache]
-clean_pages_max = $(( total / 4096 + 4096 ))" start_sanvirt buffered 20815 20483
+dirty_pages_max = 4096
+volume_dirty_pages_max = 2048
+clean_pages_max = $clean" start_sanvirt buffered 20815 20483
 fio --name=warm --ioengine=nbd --uri="$URI" --rw=read --bs=1m --iodepth=8 --size="$total" >/dev/null 2>&1 || echo "warm-up read failed" >&2
 run_jobs sanvirt-cache "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
