@@ -254,6 +254,17 @@ async fn three_nodes_agree_on_every_proposal_in_order() {
     let ids: BTreeSet<u64> = s.pools.values().map(|p| p.id).collect();
     assert_eq!(ids.len(), 13);
 
+    // Every member holds a lease within a renewal round or two (a node's
+    // first lease follows the boss's duty tick and a commit).
+    eventually("every member to hold a lease", || {
+        nodes[l]
+            .c()
+            .status()
+            .members
+            .iter()
+            .all(|m| m.lease_remaining_ms.is_some())
+    })
+    .await;
     let st = nodes[l].c().status();
     assert_eq!(st.members.len(), 3);
     assert_eq!(
@@ -271,7 +282,10 @@ async fn three_nodes_agree_on_every_proposal_in_order() {
     assert!(st.quorum);
     let fst = nodes[follower].c().status();
     assert_eq!(fst.leader, st.leader);
-    assert!(fst.lease_remaining_ms > 0);
+    eventually("the follower to hold its lease", || {
+        nodes[follower].c().status().lease_remaining_ms > 0
+    })
+    .await;
     stop_all(&mut nodes).await;
 }
 
