@@ -109,7 +109,7 @@ impl PrStore for ConfigPrStore {
                         let state = node.state();
                         let latest = state.volumes.values().find(|v| v.id == disk);
                         Err(match latest {
-                            Some(v) => PrPersistError::Conflict(v.reservations.clone()),
+                            Some(v) => PrPersistError::Conflict(Box::new(v.reservations.clone())),
                             None => PrPersistError::Failed(format!("volume {disk} was deleted")),
                         })
                     }

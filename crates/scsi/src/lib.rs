@@ -254,7 +254,7 @@ pub enum PrPersistError {
     /// configuration's state now (at least as new as the one that won). The
     /// target adopts it and executes the command again.
     #[error("reservations changed meanwhile (now generation {})", .0.config_generation)]
-    Conflict(PrState),
+    Conflict(Box<PrState>),
     /// The configuration refused or could not record the change; nothing
     /// changed.
     #[error("{0}")]

@@ -379,7 +379,7 @@ impl Lu {
                         "reservations changed meanwhile"
                     );
                     note(&latest);
-                    self.state.lock().adopt_pr(latest);
+                    self.state.lock().adopt_pr(*latest);
                     continue;
                 }
                 Err(PrPersistError::Failed(e)) => {

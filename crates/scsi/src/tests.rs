@@ -74,7 +74,7 @@ impl PrStore for MemPr {
                 let mut states = self.states.lock();
                 let stored = states.entry(disk).or_default();
                 if stored.config_generation != expected_generation {
-                    return Err(PrPersistError::Conflict(stored.clone()));
+                    return Err(PrPersistError::Conflict(Box::new(stored.clone())));
                 }
                 *stored = PrState {
                     config_generation: expected_generation + 1,

@@ -54,15 +54,11 @@ impl<S: IoServer> ScsiPort for ScsiTarget<S> {
     fn encode_sense(&self, nexus: &Nexus, lun: u64, sense: &Sense) -> Vec<u8> {
         ScsiTarget::encode_sense(self, nexus, lun, sense)
     }
-    fn task_management(
-        &self,
-        nexus: Arc<Nexus>,
-        tmf: Tmf,
-    ) -> impl Future<Output = TmfResponse> + Send + '_ {
-        async move { ScsiTarget::task_management(self, &nexus, tmf).await }
+    async fn task_management(&self, nexus: Arc<Nexus>, tmf: Tmf) -> TmfResponse {
+        ScsiTarget::task_management(self, &nexus, tmf).await
     }
-    fn logout(&self, nexus: Arc<Nexus>) -> impl Future<Output = ()> + Send + '_ {
-        async move { ScsiTarget::release_spc2_of(self, &nexus).await }
+    async fn logout(&self, nexus: Arc<Nexus>) {
+        ScsiTarget::release_spc2_of(self, &nexus).await
     }
     fn nexus_lost(&self, nexus: &Nexus) {
         ScsiTarget::nexus_lost(self, nexus)

@@ -454,10 +454,10 @@ impl PrStore for Churn {
         Box::pin(async move {
             let mut g = self.0.lock();
             *g += 1;
-            Err(PrPersistError::Conflict(PrState {
+            Err(PrPersistError::Conflict(Box::new(PrState {
                 config_generation: *g,
                 ..PrState::default()
-            }))
+            })))
         })
     }
 }
