@@ -400,6 +400,36 @@ impl Lu {
         );
         Err(SharedRefused::Busy)
     }
+
+    /// Releases the SPC-2 reservation through the configuration if
+    /// `releases(state, holder)` says its holder loses it. Whether it did.
+    async fn release_spc2(
+        &self,
+        store: &dyn PrStore,
+        disk_config: Option<&Mutex<HashMap<DiskId, DiskConfig>>>,
+        releases: impl Fn(&LuState, &PrNexus) -> bool,
+    ) -> Result<bool, SharedRefused> {
+        let mut released = false;
+        self.change_shared(
+            store,
+            disk_config,
+            |st| {
+                Ok(st
+                    .pr
+                    .spc2_holder
+                    .as_ref()
+                    .filter(|h| releases(st, h))
+                    .map(|_| {
+                        let mut next = st.pr.clone();
+                        next.spc2_holder = None;
+                        (next, ())
+                    }))
+            },
+            |_, ()| released = true,
+        )
+        .await?;
+        Ok(released)
+    }
 }
 
 /// A SCSI target over one IoServer. See the crate documentation.
@@ -865,20 +895,12 @@ impl<S: IoServer> ScsiTarget<S> {
                 }
                 // The target's resets release SPC-2 reservations.
                 for lu in lus {
-                    let _ = lu
-                        .change_shared(
-                            &*self.pr_store,
-                            Some(&self.disk_config),
-                            |st| {
-                                Ok(st.pr.spc2_holder.is_some().then(|| {
-                                    let mut next = st.pr.clone();
-                                    next.spc2_holder = None;
-                                    (next, ())
-                                }))
-                            },
-                            |_, ()| {},
-                        )
+                    let r = lu
+                        .release_spc2(&*self.pr_store, Some(&self.disk_config), |_, _| true)
                         .await;
+                    if r.is_err() {
+                        tracing::warn!(disk = lu.disk, "SPC-2 reservation not released at reset");
+                    }
                 }
                 TmfResponse::Complete
             }
@@ -895,28 +917,19 @@ impl<S: IoServer> ScsiTarget<S> {
         let lus: Vec<Arc<Lu>> = self.lus.read().values().cloned().collect();
         let mut released = 0;
         for lu in lus {
-            let stale = |st: &LuState| {
-                st.pr.spc2_holder.as_ref().is_some_and(|h| {
-                    h.relative_target_port == relative_target_port
-                        && !st.seen.contains(&NexusKey::from_pr(h))
-                })
+            let stale = |st: &LuState, h: &PrNexus| {
+                h.relative_target_port == relative_target_port
+                    && !st.seen.contains(&NexusKey::from_pr(h))
             };
-            let r = lu
-                .change_shared(
-                    &*self.pr_store,
-                    Some(&self.disk_config),
-                    |st| {
-                        Ok(stale(st).then(|| {
-                            let mut next = st.pr.clone();
-                            next.spc2_holder = None;
-                            (next, ())
-                        }))
-                    },
-                    |_, ()| released += 1,
-                )
-                .await;
-            if r.is_err() {
-                tracing::warn!(disk = lu.disk, "a stale SPC-2 reservation was not released");
+            match lu
+                .release_spc2(&*self.pr_store, Some(&self.disk_config), stale)
+                .await
+            {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                Err(_) => {
+                    tracing::warn!(disk = lu.disk, "a stale SPC-2 reservation was not released")
+                }
             }
         }
         released
@@ -931,23 +944,9 @@ impl<S: IoServer> ScsiTarget<S> {
         let lus: Vec<Arc<Lu>> = self.lus.read().values().cloned().collect();
         for lu in lus {
             let released = lu
-                .change_shared(
-                    &*self.pr_store,
-                    Some(&self.disk_config),
-                    |st| {
-                        Ok(st
-                            .pr
-                            .spc2_holder
-                            .as_ref()
-                            .filter(|h| spc2_is(h, &k))
-                            .map(|_| {
-                                let mut next = st.pr.clone();
-                                next.spc2_holder = None;
-                                (next, ())
-                            }))
-                    },
-                    |_, ()| {},
-                )
+                .release_spc2(&*self.pr_store, Some(&self.disk_config), |_, h| {
+                    spc2_is(h, &k)
+                })
                 .await;
             if released.is_err() {
                 tracing::warn!(disk = lu.disk, "SPC-2 reservation not released at logout");
@@ -969,22 +968,7 @@ impl<S: IoServer> ScsiTarget<S> {
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     let (lu, store, k) = (Arc::clone(&lu), Arc::clone(&self.pr_store), k.clone());
                     rt.spawn(async move {
-                        let released = lu
-                            .change_shared(
-                                &*store,
-                                None,
-                                |st| {
-                                    Ok(st.pr.spc2_holder.as_ref().filter(|h| spc2_is(h, &k)).map(
-                                        |_| {
-                                            let mut next = st.pr.clone();
-                                            next.spc2_holder = None;
-                                            (next, ())
-                                        },
-                                    ))
-                                },
-                                |_, ()| {},
-                            )
-                            .await;
+                        let released = lu.release_spc2(&*store, None, |_, h| spc2_is(h, &k)).await;
                         if released.is_err() {
                             tracing::warn!(
                                 disk = lu.disk,
@@ -1526,27 +1510,14 @@ impl<S: IoServer> ScsiTarget<S> {
                 }
             }
             Cdb::Release { .. } => {
+                // A no-op for a nexus that does not hold it.
                 let r = lu
-                    .change_shared(
-                        &*self.pr_store,
-                        Some(&self.disk_config),
-                        |st| {
-                            Ok(st
-                                .pr
-                                .spc2_holder
-                                .as_ref()
-                                .filter(|h| spc2_is(h, k))
-                                .map(|_| {
-                                    let mut next = st.pr.clone();
-                                    next.spc2_holder = None;
-                                    (next, ())
-                                }))
-                        },
-                        |_, ()| {},
-                    )
+                    .release_spc2(&*self.pr_store, Some(&self.disk_config), |_, h| {
+                        spc2_is(h, k)
+                    })
                     .await;
                 match r {
-                    Ok(()) => ScsiOutcome::good(),
+                    Ok(_) => ScsiOutcome::good(),
                     Err(e) => e.outcome(),
                 }
             }
