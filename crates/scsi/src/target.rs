@@ -1169,7 +1169,7 @@ impl<S: IoServer> ScsiTarget<S> {
                     return ScsiOutcome::check(s);
                 }
             }
-            if !spc2_allowed(&c) && st.spc2_held_by_other(&k) {
+            if st.spc2_held_by_other(&k) && !spc2_allowed(&c) {
                 return ScsiOutcome::reservation_conflict();
             }
             if pr::conflicts_port(&st.pr, &k.port, k.rtp, access_of(&c)) {
