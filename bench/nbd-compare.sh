@@ -4,6 +4,12 @@
 #
 #   bench/nbd-compare.sh [--runtime SECONDS] [--size-mib MIB_PER_FILE] [--dir DIR]
 #
+# For a quick A/B, SERVERS picks rows (space-separated names, default all:
+# sanvirt sanvirt-direct sanvirt-cache nbdkit nbdkit-file qemu-nbd; WITH_HOP=1
+# adds sanvirt-hop) and JOBS picks jobs (comma-separated "rw bs iodepth",
+# default all six), e.g.
+#   SERVERS="sanvirt nbdkit" JOBS="randread 4k 32,randwrite 4k 32" bench/nbd-compare.sh
+#
 # sanvirt serves a volume striped across four backing files (four mdisks, one
 # pool, 1 MiB extents); nbdkit serves the same four files concatenated (split
 # plugin) and, as "nbdkit-file", the first file with its file plugin (the
@@ -79,10 +85,14 @@ warm() { python3 bench/warm_cache.py "${files[@]}"; }
 
 cpu_ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
 
+want() { [ -z "${SERVERS:-}" ] || [[ " $SERVERS " == *" $1 "* ]]; }
+
 results=$work/results.jsonl; : > "$results"
 run_jobs() { # server-name pid uri region-bytes
   local name=$1 pid=$2 uri=$3 region=$4
-  for job in "randread 4k 32" "randwrite 4k 32" "read 64k 32" "write 64k 32" "randread 4k 1" "randwrite 4k 1"; do
+  local jobs job
+  IFS=, read -r -a jobs <<< "${JOBS:-randread 4k 32,randwrite 4k 32,read 64k 32,write 64k 32,randread 4k 1,randwrite 4k 1}"
+  for job in "${jobs[@]}"; do
     set -- $job
     local before after
     before=$(cpu_ticks "$pid")
@@ -95,20 +105,25 @@ run_jobs() { # server-name pid uri region-bytes
 }
 
 # sanvirt, page cache (same caching as the peers)
-start_sanvirt buffered 20809 20480; run_jobs sanvirt "$SERVER_PID" "$URI" "$total"
-kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+if want sanvirt; then
+  start_sanvirt buffered 20809 20480; run_jobs sanvirt "$SERVER_PID" "$URI" "$total"
+  kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+fi
 # sanvirt, page cache, writes handed to a back-end thread (inline_writes off)
 if [ -n "${WITH_HOP:-}" ]; then
   INLINE=false start_sanvirt buffered 20814 20482; run_jobs sanvirt-hop "$SERVER_PID" "$URI" "$total"
   kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 fi
 # sanvirt, O_DIRECT
-start_sanvirt direct 20810 20481; run_jobs sanvirt-direct "$SERVER_PID" "$URI" "$total"
-kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+if want sanvirt-direct; then
+  start_sanvirt direct 20810 20481; run_jobs sanvirt-direct "$SERVER_PID" "$URI" "$total"
+  kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+fi
 # sanvirt with its cache facility sized for the whole volume (reads served
 # from the cache's own pages, no page-cache copy); warmed by one sequential
 # read of the volume through NBD, as the peers' data is warmed in the page
 # cache. Writes go through to the page cache (a lone node runs write-through).
+if want sanvirt-cache; then
 clean=$(( total / 4096 + 4096 ))
 pages=$(( (clean + 2 * 4096) * 4 / 3 + 4096 )) # the cache leaves a quarter to the front ends
 EXTRA_TOML="[buffers]
@@ -121,23 +136,34 @@ clean_pages_max = $clean" start_sanvirt buffered 20815 20483
 fio --name=warm --ioengine=nbd --uri="$URI" --rw=read --bs=1m --iodepth=8 --size="$total" >/dev/null 2>&1 || echo "warm-up read failed" >&2
 run_jobs sanvirt-cache "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+fi
 
+if want nbdkit; then
 warm
 nbdkit -f -p 20811 split "${files[@]}" >/dev/null 2>&1 &
 pids+=($!); NBDKIT=$!; wait_port 20811
 run_jobs nbdkit "$NBDKIT" nbd://127.0.0.1:20811/bench "$total"
 kill "$NBDKIT"; wait "$NBDKIT" 2>/dev/null || true
 
+fi
+
+
+if want nbdkit-file; then
 warm
 nbdkit -f -p 20813 file "${files[0]}" >/dev/null 2>&1 &
 pids+=($!); NBDKITF=$!; wait_port 20813
 run_jobs nbdkit-file "$NBDKITF" nbd://127.0.0.1:20813/ $((size_mib * 1048576))
 kill "$NBDKITF"; wait "$NBDKITF" 2>/dev/null || true
 
+fi
+
+
+if want qemu-nbd; then
 warm
 qemu-nbd -t -e 4 -f raw -p 20812 -x bench --cache=writeback --aio=threads "${files[0]}" >/dev/null 2>&1 &
 pids+=($!); QNBD=$!; wait_port 20812
 run_jobs qemu-nbd "$QNBD" nbd://127.0.0.1:20812/bench $((size_mib * 1048576))
 kill "$QNBD"; wait "$QNBD" 2>/dev/null || true
+fi
 
 python3 bench/report.py "$results"

@@ -30,6 +30,7 @@ pub mod limits;
 pub mod negotiate;
 pub mod proto;
 pub mod slab;
+mod sock;
 pub mod testing;
 pub mod transmission;
 

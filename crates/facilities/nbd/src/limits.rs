@@ -57,6 +57,11 @@ pub const RECV_IOV_MAX: usize = 256;
 /// Scratch memory per connection, for throwing away payloads.
 pub const DISCARD_CHUNK_BYTES: usize = 16 << 10;
 
+/// Parsed request headers left unread in the socket (with a peek offset)
+/// are consumed once this many bytes have gathered, unless a WRITE
+/// payload's `readv` takes them first.
+pub const CONSUME_BATCH_BYTES: usize = 4096;
+
 /// A connection short of buffers waits in the pool's FIFO queue; if the pool
 /// refuses even to queue it (too many waiters), it retries this often.
 pub const BUFFER_RETRY_INTERVAL_MS: u64 = 1;
@@ -84,4 +89,7 @@ const _: () = assert!(OPTION_DATA_BYTES_MAX as u64 <= OPTION_DISCARD_BYTES_MAX);
 const _: () = assert!(ERROR_MESSAGE_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(BLOCK_STATUS_EXTENTS_MAX >= 1 && BLOCK_STATUS_EXTENTS_MAX <= 1 << 20);
 const _: () = assert!(DISCARD_CHUNK_BYTES >= IN_FLIGHT_MAX * REQUEST_HEADER_BYTES);
+// Pending headers plus one more peek fit the scratch the readv throws them into.
+const _: () =
+    assert!(CONSUME_BATCH_BYTES + IN_FLIGHT_MAX * REQUEST_HEADER_BYTES <= DISCARD_CHUNK_BYTES);
 const _: () = assert!(CONNECTIONS_DEFAULT <= CONNECTIONS_MAX);

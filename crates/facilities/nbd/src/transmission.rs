@@ -15,7 +15,11 @@
 //! * **Receiving.** Headers are *peeked*, parsed, then consumed only up to the
 //!   end of the last accepted header, so a WRITE payload is never pulled into
 //!   scratch memory: it is read with `readv` straight into the pages of a
-//!   [`Buffer`] from the pool. A request whose buffer cannot be had leaves its
+//!   [`Buffer`] from the pool. With a peek offset (`SO_PEEK_OFF`, see
+//!   [`crate::sock`]) the parsed headers are not consumed before the next
+//!   peek: they are read in bulk once [`CONSUME_BATCH_BYTES`] have gathered,
+//!   or by the first iovec of the next payload's `readv`, so a stream of
+//!   reads costs one system call per batch of headers. A request whose buffer cannot be had leaves its
 //!   header unread in the socket while the connection waits in the pool's
 //!   FIFO queue (`BufferPool::alloc_wait`): backpressure, no error.
 //! * **Executing.** Requests run concurrently; each slot future is polled only
@@ -37,7 +41,6 @@ use sanvirt_facility::{
     AllocExtent, Buffer, BufferPool, DiskId, IoError, IoFlags, IoRequest, IoResult, IoServer,
 };
 use sanvirt_objpool::Pool;
-use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
@@ -46,6 +49,7 @@ use crate::limits::*;
 use crate::negotiate::{Session, BASE_ALLOCATION_ID};
 use crate::proto::*;
 use crate::slab::FutureSlab;
+use crate::sock::Got;
 
 /// What a slot asks of the IOServer.
 pub enum Op {
@@ -246,6 +250,15 @@ pub struct Transmission<'a, S, F, G> {
     scratch: Box<[u8]>,
     /// Peeked bytes accepted but not yet consumed from the socket.
     consume_pending: usize,
+    /// The socket's peek offset as this connection left it (bytes past the
+    /// next unread byte where the next peek starts); `None` where the kernel
+    /// has no peek offset for TCP (then every peek starts at the next
+    /// unread byte, and parsed headers are consumed before peeking again).
+    peek_off: Option<usize>,
+    /// Bytes past the next unread byte known to be in the socket (peeked).
+    /// A short peek clears tokio's readiness while they stay unread, so
+    /// reads of them must not wait for readiness ([`crate::sock`]).
+    seen: usize,
     /// Waiting (FIFO, in the pool) for the buffer of the header at the
     /// front of the socket; boxed only on this exhaustion path.
     buf_wait: Option<BufWait<'a>>,
@@ -291,6 +304,8 @@ where
             hdr_have: 0,
             scratch: vec![0u8; DISCARD_CHUNK_BYTES].into_boxed_slice(),
             consume_pending: 0,
+            peek_off: crate::sock::set_peek_off(stream, 0).ok().map(|()| 0),
+            seen: 0,
             buf_wait: None,
             waited: None,
             retry: Box::pin(tokio::time::sleep(Duration::ZERO)),
@@ -325,6 +340,7 @@ where
                 progress |= self.poll_recv(cx);
             }
             if matches!(self.recv, Recv::Stopped) && self.busy == 0 {
+                self.drain_parsed();
                 return Poll::Ready(());
             }
             if !progress {
@@ -344,6 +360,23 @@ where
             Recv::Headers | Recv::Stopped => {}
         }
         tracing::debug!(reason, "connection stops receiving");
+    }
+
+    /// Reads the headers parsed but left in the socket (peek offset) before
+    /// the connection ends: closing a socket with unread bytes resets the
+    /// connection instead of closing it (the client that sent NBD_CMD_DISC
+    /// would see ECONNRESET).
+    fn drain_parsed(&mut self) {
+        while self.consume_pending > 0 {
+            let k = self.consume_pending.min(self.scratch.len());
+            match crate::sock::read(self.stream, &mut self.scratch[..k], true) {
+                Ok(Got::Bytes(m)) if m > 0 => {
+                    self.consume_pending -= m;
+                    self.consumed(m);
+                }
+                _ => break,
+            }
+        }
     }
 
     // ------------------------------------------------------------ slots
@@ -642,7 +675,11 @@ where
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         loop {
-            if self.consume_pending > 0 && !self.consume(cx) {
+            let must_consume = self.consume_pending > 0
+                && (self.peek_off.is_none()
+                    || self.consume_pending >= CONSUME_BATCH_BYTES
+                    || matches!(self.recv, Recv::Discard { .. }));
+            if must_consume && !self.consume(cx) {
                 return progress;
             }
             let step = match self.recv {
@@ -661,22 +698,25 @@ where
     /// Reads and drops `consume_pending` bytes already parsed from a peek.
     fn consume(&mut self, cx: &mut Context<'_>) -> bool {
         while self.consume_pending > 0 {
-            match self.stream.poll_read_ready(cx) {
-                Poll::Pending => return false,
-                Poll::Ready(Err(_)) => {
-                    self.stop("read failed");
-                    return false;
-                }
-                Poll::Ready(Ok(())) => {}
-            }
+            // Peeked, so there: read without waiting for readiness.
             let k = self.consume_pending.min(self.scratch.len());
-            match self.stream.try_read(&mut self.scratch[..k]) {
-                Ok(0) => {
+            match crate::sock::read(self.stream, &mut self.scratch[..k], true) {
+                Ok(Got::Bytes(0)) => {
                     self.stop("client closed the connection");
                     return false;
                 }
-                Ok(m) => self.consume_pending -= m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(Got::Bytes(m)) => {
+                    self.consume_pending -= m;
+                    self.consumed(m);
+                }
+                Ok(Got::WouldBlock) => match self.stream.poll_read_ready(cx) {
+                    Poll::Pending => return false,
+                    Poll::Ready(Err(_)) => {
+                        self.stop("read failed");
+                        return false;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                },
                 Err(_) => {
                     self.stop("read failed");
                     return false;
@@ -684,6 +724,40 @@ where
             }
         }
         true
+    }
+
+    /// `m` bytes were read (consumed) from the socket: the kernel moved the
+    /// peek offset back by as much, down to zero.
+    fn consumed(&mut self, m: usize) {
+        if let Some(off) = self.peek_off.as_mut() {
+            *off = off.saturating_sub(m);
+        }
+        self.seen = self.seen.saturating_sub(m);
+    }
+
+    /// Makes the next peek start right after the parsed headers. Normally
+    /// it already does; it does not after a peek that went past what was
+    /// accepted (a header without a buffer yet, a tiny payload followed by
+    /// more requests). `false`: without a peek offset, consume first; or the
+    /// connection stopped.
+    fn align_peek(&mut self) -> bool {
+        match self.peek_off {
+            Some(off) if off == self.consume_pending => true,
+            Some(_) => match crate::sock::set_peek_off(self.stream, self.consume_pending) {
+                Ok(()) => {
+                    self.peek_off = Some(self.consume_pending);
+                    true
+                }
+                Err(e) => {
+                    // It was accepted when the connection started: the
+                    // stream position is no longer known for sure.
+                    tracing::warn!(error = %e, "closing connection: cannot set the peek offset");
+                    self.stop("peek offset refused");
+                    false
+                }
+            },
+            None => self.consume_pending == 0,
+        }
     }
 
     /// The front request has no buffer yet: make sure something wakes us.
@@ -747,18 +821,34 @@ where
                 }
             };
         }
+        if !self.align_peek() {
+            // Consume first (the caller's loop does), then peek; or stopped.
+            return true;
+        }
         let want = (free * REQUEST_HEADER_BYTES - self.hdr_have).min(self.scratch.len());
-        let n = {
-            let mut rb = ReadBuf::new(&mut self.scratch[..want]);
-            match self.stream.poll_peek(cx, &mut rb) {
-                Poll::Pending => return false,
-                Poll::Ready(Err(_)) => {
+        // Where this peek starts, past the next unread byte.
+        let start = self.peek_off.unwrap_or(0);
+        let n = loop {
+            match crate::sock::peek(self.stream, &mut self.scratch[..want], self.seen > start) {
+                Ok(Got::Bytes(n)) => break n,
+                Ok(Got::WouldBlock) => match self.stream.poll_read_ready(cx) {
+                    Poll::Pending => return false,
+                    Poll::Ready(Err(_)) => {
+                        self.stop("read failed");
+                        return true;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                },
+                Err(_) => {
                     self.stop("read failed");
                     return true;
                 }
-                Poll::Ready(Ok(n)) => n,
             }
         };
+        self.seen = self.seen.max(start + n);
+        if let Some(off) = self.peek_off.as_mut() {
+            *off += n;
+        }
         if n == 0 {
             self.stop("client closed the connection");
             return true;
@@ -968,25 +1058,23 @@ where
     fn recv_payload(&mut self, cx: &mut Context<'_>, slot: usize, mut received: usize) -> bool {
         let stream = self.stream;
         loop {
-            match stream.poll_read_ready(cx) {
-                Poll::Pending => {
-                    self.recv = Recv::Payload { slot, received };
-                    return false;
-                }
-                Poll::Ready(Err(_)) => {
-                    self.stop("read failed");
-                    return true;
-                }
-                Poll::Ready(Ok(())) => {}
-            }
+            // Bytes peeked earlier are there even if readiness was cleared.
+            let present = self.seen > 0;
             let got = {
                 let buf = self.slots[slot]
                     .data
                     .as_mut()
                     .expect("a receiving write slot holds its buffer");
-                let mut iov: [IoSliceMut<'_>; RECV_IOV_MAX + 1] =
+                let mut iov: [IoSliceMut<'_>; RECV_IOV_MAX + 2] =
                     std::array::from_fn(|_| IoSliceMut::new(&mut []));
                 let mut k = 0;
+                // Headers parsed from peeks and not consumed yet come first
+                // on the wire: the same readv throws them away.
+                let pending = self.consume_pending;
+                if pending > 0 {
+                    iov[0] = IoSliceMut::new(&mut self.scratch[..pending]);
+                    k = 1;
+                }
                 let mut skip = received;
                 let mut whole_rest = true;
                 for seg in buf.segments_mut() {
@@ -994,7 +1082,7 @@ where
                         skip -= seg.len();
                         continue;
                     }
-                    if k == RECV_IOV_MAX {
+                    if k == RECV_IOV_MAX + 1 {
                         whole_rest = false;
                         break;
                     }
@@ -1011,14 +1099,18 @@ where
                     iov[k] = IoSliceMut::new(&mut self.hdr_buf[..]);
                     k += 1;
                 }
-                stream.try_read_vectored(&mut iov[..k])
+                crate::sock::readv(stream, &mut iov[..k], present)
             };
             match got {
-                Ok(0) => {
+                Ok(Got::Bytes(0)) => {
                     self.stop("client closed the connection inside a write payload");
                     return true;
                 }
-                Ok(m) => {
+                Ok(Got::Bytes(mut m)) => {
+                    self.consumed(m);
+                    let thrown = m.min(self.consume_pending);
+                    self.consume_pending -= thrown;
+                    m -= thrown;
                     let s = &mut self.slots[slot];
                     let len = s.len as usize;
                     received += m;
@@ -1033,7 +1125,17 @@ where
                     }
                     self.recv = Recv::Payload { slot, received };
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(Got::WouldBlock) => match stream.poll_read_ready(cx) {
+                    Poll::Pending => {
+                        self.recv = Recv::Payload { slot, received };
+                        return false;
+                    }
+                    Poll::Ready(Err(_)) => {
+                        self.stop("read failed");
+                        return true;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                },
                 Err(_) => {
                     self.stop("read failed");
                     return true;
@@ -1044,24 +1146,15 @@ where
 
     fn recv_discard(&mut self, cx: &mut Context<'_>, slot: usize, mut remaining: u64) -> bool {
         loop {
-            match self.stream.poll_read_ready(cx) {
-                Poll::Pending => {
-                    self.recv = Recv::Discard { slot, remaining };
-                    return false;
-                }
-                Poll::Ready(Err(_)) => {
-                    self.stop("read failed");
-                    return true;
-                }
-                Poll::Ready(Ok(())) => {}
-            }
             let k = remaining.min(self.scratch.len() as u64) as usize;
-            match self.stream.try_read(&mut self.scratch[..k]) {
-                Ok(0) => {
+            let present = self.seen > 0;
+            match crate::sock::read(self.stream, &mut self.scratch[..k], present) {
+                Ok(Got::Bytes(0)) => {
                     self.stop("client closed the connection inside a write payload");
                     return true;
                 }
-                Ok(m) => {
+                Ok(Got::Bytes(m)) => {
+                    self.consumed(m);
                     remaining -= m as u64;
                     if remaining == 0 {
                         self.recv = Recv::Headers;
@@ -1071,7 +1164,17 @@ where
                     }
                     self.recv = Recv::Discard { slot, remaining };
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(Got::WouldBlock) => match self.stream.poll_read_ready(cx) {
+                    Poll::Pending => {
+                        self.recv = Recv::Discard { slot, remaining };
+                        return false;
+                    }
+                    Poll::Ready(Err(_)) => {
+                        self.stop("read failed");
+                        return true;
+                    }
+                    Poll::Ready(Ok(())) => {}
+                },
                 Err(_) => {
                     self.stop("read failed");
                     return true;

@@ -604,3 +604,93 @@ fn large_request_is_not_starved_by_small_ones() {
         "large read waited {waited:?}"
     );
 }
+
+/// Reads and tiny writes (payloads shorter than a batch of peeked headers)
+/// interleaved in one pipelined burst: the front end peeks past a write
+/// header into its payload and the requests behind it, so the next peek has
+/// to start at the right byte again; and a lone tiny write, whose peek
+/// drains the socket, must still have its payload read although no more
+/// data will arrive (the client waits for the reply). Then the socket is
+/// closed cleanly after NBD_CMD_DISC (no reset with unread bytes).
+#[test]
+fn tiny_writes_between_reads_in_one_burst() {
+    let srv = mem_server(&[(1, 4 * MIB)]);
+    let mut c = Raw::connect(srv.addr);
+    c.go("mem1", false, false);
+    let base = pattern(256 << 10, 0x5a);
+    c.write(1, 0, &base);
+    assert_eq!(c.reply(|_| 0).error(), 0);
+
+    // 3 rounds x 40 (read, tiny write, read) triples, each round one send.
+    let mut tiny = Vec::new();
+    for round in 0..3u64 {
+        let mut wire = Vec::new();
+        for i in 0..40u64 {
+            let k = round * 40 + i;
+            let h = |kind, cookie, offset, len| {
+                RequestHeader {
+                    flags: 0,
+                    kind,
+                    cookie,
+                    offset,
+                    len,
+                }
+                .encode()
+            };
+            wire.extend_from_slice(&h(CMD_READ, 10_000 + k, (k % 64) * 4096, 4096));
+            let len = 1 + (k * 37 % 300) as usize;
+            let data = pattern(len, k as u8);
+            let off = MIB + k * 512;
+            wire.extend_from_slice(&h(CMD_WRITE, 20_000 + k, off, len as u32));
+            wire.extend_from_slice(&data);
+            tiny.push((off, data));
+            wire.extend_from_slice(&h(CMD_READ, 30_000 + k, (k % 64) * 4096 + 512, 1000));
+        }
+        c.send(&wire);
+        for _ in 0..120 {
+            match c.reply(|cookie| match cookie {
+                10_000..=19_999 => 4096,
+                30_000.. => 1000,
+                _ => 0,
+            }) {
+                Reply::Simple {
+                    error: 0,
+                    cookie,
+                    data,
+                } => {
+                    let (k, at, len) = match cookie {
+                        10_000..=19_999 => (cookie - 10_000, 0, 4096),
+                        30_000.. => (cookie - 30_000, 512, 1000),
+                        _ => continue,
+                    };
+                    let start = ((k % 64) * 4096 + at) as usize;
+                    assert!(data == base[start..start + len], "read {cookie}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Lone tiny writes, one at a time: each burst is the whole socket.
+    for k in 0..20u64 {
+        let data = pattern(1 + k as usize, 0xa0 ^ k as u8);
+        let off = 2 * MIB + k * 4096;
+        c.write(40_000 + k, off, &data);
+        assert_eq!(c.reply(|_| 0).error(), 0, "lone tiny write {k}");
+        tiny.push((off, data));
+    }
+    for (off, data) in &tiny {
+        match c.read_simple(*off, data.len() as u32) {
+            Reply::Simple {
+                error: 0, data: d, ..
+            } => assert!(&d == data, "tiny write at {off}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    c.request(CMD_DISC, 0, 1, 0, 0);
+    let mut b = [0u8; 1];
+    let r = std::io::Read::read(&mut c.s, &mut b);
+    assert!(
+        matches!(r, Ok(0)),
+        "a clean close after NBD_CMD_DISC: {r:?}"
+    );
+}

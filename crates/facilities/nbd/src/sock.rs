@@ -1,0 +1,141 @@
+//! The few socket calls of the transmission phase that tokio does not offer
+//! in the shape the data path wants.
+//!
+//! * **Peek offset** (`SO_PEEK_OFF`, TCP since Linux 6.9): successive peeks
+//!   return successive bytes, so the request headers a connection has
+//!   already parsed need not be read (consumed) before it peeks at the next
+//!   ones. The connection consumes them later in bulk, or with the `readv`
+//!   of the next WRITE payload. Where the kernel refuses the option the
+//!   connection consumes before every peek, as before.
+//! * **Short transfers end readiness.** A peek or `readv` that returned fewer
+//!   bytes than asked found the socket drained; tokio's own `poll_read` then
+//!   clears the socket's readiness instead of trying again for an `EAGAIN`,
+//!   and so do these calls (inside [`TcpStream::try_io`], so the readiness
+//!   cleared is the one observed before the system call: data arriving
+//!   after it still wakes the connection).
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, RawFd};
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Sets the socket's peek offset to `off` bytes past the next unread byte.
+/// `Err` where the kernel does not support `SO_PEEK_OFF` on TCP.
+pub fn set_peek_off(stream: &TcpStream, off: usize) -> io::Result<()> {
+    let v: libc::c_int = off
+        .try_into()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a valid socket fd, a c_int option value of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEEK_OFF,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// What a non-blocking transfer did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Got {
+    /// `n` bytes (0: end of stream).
+    Bytes(usize),
+    /// Nothing there now; readiness cleared, the caller waits for the next.
+    WouldBlock,
+}
+
+/// Runs one read-side system call `f` (returning bytes or -1) under tokio's
+/// readiness, clearing readiness when it returned fewer than `want` bytes
+/// (but not at end of stream, which stays readable for good).
+///
+/// `present`: the caller knows bytes are waiting (it peeked them earlier).
+/// A short transfer may have cleared readiness while they stayed unread, so
+/// when tokio says "not ready" the call is made anyway, outside `try_io`
+/// (it changes no readiness: data arriving later sets it again).
+fn transfer(
+    stream: &TcpStream,
+    want: usize,
+    present: bool,
+    mut f: impl FnMut(RawFd) -> isize,
+) -> io::Result<Got> {
+    let fd = stream.as_raw_fd();
+    let mut got = None;
+    let r = stream.try_io(Interest::READABLE, || {
+        let n = f(fd);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        got = Some(n);
+        if n > 0 && n < want {
+            // Drained: make tokio clear readiness, keep the bytes.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    });
+    match (r, got) {
+        (Ok(()), Some(n)) => Ok(Got::Bytes(n)),
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(Got::Bytes(n)),
+        // Not ready in tokio's eyes, without a system call.
+        (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock && present => {
+            let n = f(fd);
+            if n >= 0 {
+                Ok(Got::Bytes(n as usize))
+            } else {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    Ok(Got::WouldBlock)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+        (Err(e), _) if e.kind() == io::ErrorKind::WouldBlock => Ok(Got::WouldBlock),
+        (Err(e), _) => Err(e),
+        (Ok(()), None) => unreachable!("success records the count"),
+    }
+}
+
+/// `recv(MSG_PEEK)` into `buf` (from the peek offset, where set).
+pub fn peek(stream: &TcpStream, buf: &mut [u8], present: bool) -> io::Result<Got> {
+    let want = buf.len();
+    transfer(stream, want, present, |fd| {
+        // SAFETY: `buf` is valid for `want` bytes of writes.
+        unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                want,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        }
+    })
+}
+
+/// `recv` into `buf`.
+pub fn read(stream: &TcpStream, buf: &mut [u8], present: bool) -> io::Result<Got> {
+    let want = buf.len();
+    transfer(stream, want, present, |fd| {
+        // SAFETY: `buf` is valid for `want` bytes of writes.
+        unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) }
+    })
+}
+
+/// `readv` into `iov`.
+pub fn readv(stream: &TcpStream, iov: &mut [IoSliceMut<'_>], present: bool) -> io::Result<Got> {
+    let want = iov.iter().map(|s| s.len()).sum();
+    let cnt = iov.len().min(libc::c_int::MAX as usize) as libc::c_int;
+    transfer(stream, want, present, |fd| {
+        // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix; every
+        // slice is valid for writes of its length.
+        unsafe { libc::readv(fd, iov.as_mut_ptr().cast(), cnt) }
+    })
+}
