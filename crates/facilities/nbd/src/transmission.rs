@@ -256,8 +256,9 @@ pub struct Transmission<'a, S, F, G> {
     /// unread byte, and parsed headers are consumed before peeking again).
     peek_off: Option<usize>,
     /// Bytes past the next unread byte known to be in the socket (peeked).
-    /// A short peek clears tokio's readiness while they stay unread, so
-    /// reads of them must not wait for readiness ([`crate::sock`]).
+    /// A peek past them (`EAGAIN`) clears tokio's readiness while they stay
+    /// unread, so reads of them must not wait for readiness
+    /// ([`crate::sock`]).
     seen: usize,
     /// Waiting (FIFO, in the pool) for the buffer of the header at the
     /// front of the socket; boxed only on this exhaustion path.
