@@ -200,6 +200,16 @@ enum Recv {
     Stopped,
 }
 
+/// What waiting for the socket to become readable gave.
+enum Readable {
+    /// Readable again: try the read once more.
+    Again,
+    /// Not yet; the task is woken when it is.
+    Pending,
+    /// The socket failed; the connection stopped.
+    Failed,
+}
+
 /// What happened to one accepted header.
 enum Admit {
     /// Consumed; keep parsing headers.
@@ -710,13 +720,9 @@ where
                     self.consume_pending -= m;
                     self.consumed(m);
                 }
-                Ok(Got::WouldBlock) => match self.stream.poll_read_ready(cx) {
-                    Poll::Pending => return false,
-                    Poll::Ready(Err(_)) => {
-                        self.stop("read failed");
-                        return false;
-                    }
-                    Poll::Ready(Ok(())) => {}
+                Ok(Got::WouldBlock) => match self.readable(cx) {
+                    Readable::Again => {}
+                    Readable::Pending | Readable::Failed => return false,
                 },
                 Err(_) => {
                     self.stop("read failed");
@@ -725,6 +731,19 @@ where
             }
         }
         true
+    }
+
+    /// After a read found nothing: waits for readiness (registering the
+    /// waker), or stops the connection if the socket failed.
+    fn readable(&mut self, cx: &mut Context<'_>) -> Readable {
+        match self.stream.poll_read_ready(cx) {
+            Poll::Pending => Readable::Pending,
+            Poll::Ready(Err(_)) => {
+                self.stop("read failed");
+                Readable::Failed
+            }
+            Poll::Ready(Ok(())) => Readable::Again,
+        }
     }
 
     /// `m` bytes were read (consumed) from the socket: the kernel moved the
@@ -832,13 +851,10 @@ where
         let n = loop {
             match crate::sock::peek(self.stream, &mut self.scratch[..want], self.seen > start) {
                 Ok(Got::Bytes(n)) => break n,
-                Ok(Got::WouldBlock) => match self.stream.poll_read_ready(cx) {
-                    Poll::Pending => return false,
-                    Poll::Ready(Err(_)) => {
-                        self.stop("read failed");
-                        return true;
-                    }
-                    Poll::Ready(Ok(())) => {}
+                Ok(Got::WouldBlock) => match self.readable(cx) {
+                    Readable::Again => {}
+                    Readable::Pending => return false,
+                    Readable::Failed => return true,
                 },
                 Err(_) => {
                     self.stop("read failed");
@@ -1126,16 +1142,13 @@ where
                     }
                     self.recv = Recv::Payload { slot, received };
                 }
-                Ok(Got::WouldBlock) => match stream.poll_read_ready(cx) {
-                    Poll::Pending => {
+                Ok(Got::WouldBlock) => match self.readable(cx) {
+                    Readable::Again => {}
+                    Readable::Pending => {
                         self.recv = Recv::Payload { slot, received };
                         return false;
                     }
-                    Poll::Ready(Err(_)) => {
-                        self.stop("read failed");
-                        return true;
-                    }
-                    Poll::Ready(Ok(())) => {}
+                    Readable::Failed => return true,
                 },
                 Err(_) => {
                     self.stop("read failed");
@@ -1165,16 +1178,13 @@ where
                     }
                     self.recv = Recv::Discard { slot, remaining };
                 }
-                Ok(Got::WouldBlock) => match self.stream.poll_read_ready(cx) {
-                    Poll::Pending => {
+                Ok(Got::WouldBlock) => match self.readable(cx) {
+                    Readable::Again => {}
+                    Readable::Pending => {
                         self.recv = Recv::Discard { slot, remaining };
                         return false;
                     }
-                    Poll::Ready(Err(_)) => {
-                        self.stop("read failed");
-                        return true;
-                    }
-                    Poll::Ready(Ok(())) => {}
+                    Readable::Failed => return true,
                 },
                 Err(_) => {
                     self.stop("read failed");
