@@ -69,6 +69,25 @@ const NONE: u32 = u32::MAX;
 
 const _: () = assert!(PAGE_SIZE.is_power_of_two());
 const _: () = assert!(POOL_PAGES_MAX < NONE as usize);
+
+/// High bit of a page's reference count: one of its holders is copying it
+/// for a copy-on-write (see `Buffer::make_exclusive`). While it is set, a
+/// holder that drops its reference and leaves only the copier hands its page
+/// unit to the copier instead of returning it to the pool.
+const COPYING: u32 = 1 << 31;
+const _: () = assert!(POOL_PAGES_MAX < COPYING as usize);
+
+/// What dropping one page reference did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Dropped {
+    /// It was the last: free the page, return its unit.
+    Last,
+    /// Others remain: return the unit this reference held.
+    Shared,
+    /// Only a holder copying the page remains: that holder takes this
+    /// reference's unit (it settles the accounting when its copy is done).
+    HandedToCopier,
+}
 const _: () = assert!(POOL_PAGES_MAX <= sanvirt_objpool::POOL_OBJECTS_MAX);
 // A facility's child pools take ranks inside the page and IOB bands.
 const _: () = assert!(ranks::PAGE.0 + ranks::BAND <= ranks::IOB.0);
@@ -179,6 +198,9 @@ const EMPTY_SLOT: IobSlot = IobSlot {
 pub struct BufferStats {
     /// Pages copied because a shared page was written.
     pub cow_copies: u64,
+    /// Copies made for a write and given back because the page's other
+    /// holders all let go of it during the copy (a race, not a cost).
+    pub cow_abandoned: u64,
     /// Explicit copies into or out of buffers (`copy_from_slice` / `copy_to_slice`).
     pub explicit_copies: u64,
     /// Bytes moved by both kinds of copy.
@@ -199,6 +221,7 @@ pub struct BufferPool {
     /// Base pool of IOB slot indexes.
     iobs: Pool<u32>,
     cow_copies: AtomicU64,
+    cow_abandoned: AtomicU64,
     explicit_copies: AtomicU64,
     copied_bytes: AtomicU64,
 }
@@ -250,6 +273,7 @@ impl BufferPool {
                 .collect(),
             iobs: Pool::base("iobs", ranks::IOB, (0..iob_count as u32).collect()),
             cow_copies: AtomicU64::new(0),
+            cow_abandoned: AtomicU64::new(0),
             explicit_copies: AtomicU64::new(0),
             copied_bytes: AtomicU64::new(0),
         })
@@ -291,6 +315,7 @@ impl BufferPool {
     pub fn stats(&self) -> BufferStats {
         BufferStats {
             cow_copies: self.cow_copies.load(Ordering::Relaxed),
+            cow_abandoned: self.cow_abandoned.load(Ordering::Relaxed),
             explicit_copies: self.explicit_copies.load(Ordering::Relaxed),
             copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
         }
@@ -451,16 +476,86 @@ impl BufferPool {
         chain.finish(acct.cloned(), 0, len)
     }
 
-    /// Drops one reference to `page`; true if it was the last one (the page
-    /// must then be freed to its pool).
+    /// Drops one reference to `page`.
     #[inline]
-    fn drop_ref(&self, page: u32) -> bool {
+    fn drop_ref(&self, page: u32) -> Dropped {
         let before = self.refs[page as usize].fetch_sub(1, Ordering::AcqRel);
-        assert!(
-            before >= 1,
-            "page {page} released more often than referenced"
-        );
-        before == 1
+        let n = before & !COPYING;
+        assert!(n >= 1, "page {page} released more often than referenced");
+        match (n, before & COPYING != 0) {
+            // A copier holds a reference, so a flagged count is never the last.
+            (1, copying) => {
+                debug_assert!(!copying);
+                Dropped::Last
+            }
+            (2, true) => Dropped::HandedToCopier,
+            _ => Dropped::Shared,
+        }
+    }
+
+    /// A page's reference count, without the copy flag.
+    fn ref_count(&self, page: u32) -> u32 {
+        self.refs[page as usize].load(Ordering::Acquire) & !COPYING
+    }
+
+    /// Copy-on-write of one page a buffer of `acct` holds (see
+    /// `Buffer::make_exclusive`): `Some(copy)` when the page was shared and
+    /// our reference moved to the private copy, `None` when it is ours alone.
+    fn copy_if_shared(&self, acct: Option<&Arc<Account>>, p: u32) -> Option<u32> {
+        let count = &self.refs[p as usize];
+        let mut spins = 0u32;
+        loop {
+            let cur = count.load(Ordering::Acquire);
+            if cur == 1 {
+                return None;
+            }
+            if cur & COPYING == 0 {
+                if count
+                    .compare_exchange_weak(cur, cur | COPYING, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    break;
+                }
+                continue;
+            }
+            // Another holder is copying this page: one page copy's wait.
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let (pp, _) = self.pools(acct);
+        // The unit our reference holds for its copy-on-write covers this
+        // page (the crate invariant); no dropper can return it meanwhile.
+        let np = pp.allocate_detached();
+        // SAFETY: p and np are distinct in-arena pages; np is private to us;
+        // p has another holder or a flagged count, so nobody writes it.
+        unsafe { std::ptr::copy_nonoverlapping(self.page_ptr(p), self.page_ptr(np), PAGE_SIZE) };
+        self.refs[np as usize].store(1, Ordering::Release);
+        // Clear the flag; drop our reference to p if others still hold it.
+        let before = count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                let n = c & !COPYING;
+                Some(if n >= 2 { n - 1 } else { n })
+            })
+            .expect("the update always applies");
+        if before & !COPYING >= 2 {
+            self.cow_copies.fetch_add(1, Ordering::Relaxed);
+            self.copied_bytes
+                .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
+            Some(np)
+        } else {
+            // The others dropped while we copied and the last one handed us
+            // its unit: p is ours alone, the copy goes back (object first,
+            // then the unit).
+            self.refs[np as usize].store(0, Ordering::Release);
+            pp.free_detached(np);
+            pp.unreserve_detached(1);
+            self.cow_abandoned.fetch_add(1, Ordering::Relaxed);
+            None
+        }
     }
 
     fn page_ptr(&self, page: u32) -> *mut u8 {
@@ -480,17 +575,21 @@ impl BufferPool {
     /// Frees a chain: page references and IOBs go back, objects first, then
     /// their units (a unit must never be spare while its object is not free).
     fn free_chain(&self, mut head: u32, pp: &Pool<u32>, ip: &Pool<u32>) {
-        let mut page_refs = 0;
+        let mut page_units = 0;
         let mut iobs = 0;
         while head != NONE {
             // SAFETY: the chain belongs to the buffer being dropped.
             let slot = unsafe { self.slot(head) };
             for &p in &slot.pages[..slot.count as usize] {
-                if self.drop_ref(p) {
-                    pp.free_detached(p);
+                match self.drop_ref(p) {
+                    Dropped::Last => {
+                        pp.free_detached(p);
+                        page_units += 1;
+                    }
+                    Dropped::Shared => page_units += 1,
+                    Dropped::HandedToCopier => {}
                 }
             }
-            page_refs += slot.count as usize;
             let next = slot.next;
             *slot = EMPTY_SLOT;
             ip.free_detached(head);
@@ -498,8 +597,8 @@ impl BufferPool {
             head = next;
         }
         // Each reference held a page unit: either for the page itself or for
-        // its copy-on-write.
-        pp.unreserve_detached(page_refs);
+        // its copy-on-write (except those handed to a copier).
+        pp.unreserve_detached(page_units);
         ip.unreserve_detached(iobs);
     }
 }
@@ -691,7 +790,7 @@ impl Buffer {
     /// Reference count of each page in chain order (for tests).
     pub fn page_refcounts(&self) -> Vec<u32> {
         let mut v = Vec::new();
-        self.for_each_page(|p| v.push(self.pool.refs[p as usize].load(Ordering::Acquire)));
+        self.for_each_page(|p| v.push(self.pool.ref_count(p)));
         v
     }
 
@@ -876,6 +975,17 @@ impl Buffer {
 
     /// Makes every page private to this buffer, copying shared pages into the
     /// pages reserved when they were shared.
+    ///
+    /// Other holders may drop their references while we copy (a reply sent on
+    /// another thread), so the decision is made under the page's `COPYING`
+    /// flag: set it while the page is still shared (it stays read-only to
+    /// everyone: no holder writes a page whose count is above one), copy, then
+    /// clear it and move our reference to the copy if the page is still
+    /// shared. If the others left meanwhile, the last of them handed its unit
+    /// to us rather than returning it (`Dropped::HandedToCopier`), so the
+    /// page we took for the copy was covered all along; we keep the original,
+    /// give the copy back and return that unit. Two holders copying the same
+    /// page take turns (the flag is held for one page copy).
     fn make_exclusive(&mut self) {
         let mut i = self.head;
         while i != NONE {
@@ -883,29 +993,8 @@ impl Buffer {
             let slot = unsafe { self.pool.slot(i) };
             for k in 0..slot.count as usize {
                 let p = slot.pages[k];
-                if self.pool.refs[p as usize].load(Ordering::Acquire) > 1 {
-                    // The unit this reference holds, reserved at share time,
-                    // guarantees a free page.
-                    let np = self.pool.pools(self.acct.as_ref()).0.allocate_detached();
-                    // SAFETY: p and np are distinct in-arena pages; np is
-                    // private to us; p is shared and thus read-only to all.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            self.pool.page_ptr(p),
-                            self.pool.page_ptr(np),
-                            PAGE_SIZE,
-                        )
-                    };
-                    self.pool.refs[np as usize].store(1, Ordering::Release);
-                    // The old page keeps its other references. The reservation
-                    // our extra reference held is now the page `np` itself.
-                    let before = self.pool.refs[p as usize].fetch_sub(1, Ordering::AcqRel);
-                    assert!(before >= 2);
+                if let Some(np) = self.pool.copy_if_shared(self.acct.as_ref(), p) {
                     slot.pages[k] = np;
-                    self.pool.cow_copies.fetch_add(1, Ordering::Relaxed);
-                    self.pool
-                        .copied_bytes
-                        .fetch_add(PAGE_SIZE as u64, Ordering::Relaxed);
                 }
             }
             i = slot.next;

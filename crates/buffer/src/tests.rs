@@ -536,3 +536,83 @@ proptest! {
         prop_assert_eq!(pool.iobs_available(), 24);
     }
 }
+
+/// A write into a shared page races the drop of the page's other share: the
+/// writer must either copy (the other share was still there) or write in
+/// place (it was gone), never lose track of a reference or a reserved page.
+/// A third thread allocates and frees pages meanwhile, with the pool nearly
+/// full, so a page unit handed back too early would be taken at once.
+#[test]
+fn write_racing_the_drop_of_the_other_share_keeps_counts_and_reservations() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::{Barrier, Mutex};
+    const PAGES: usize = 6;
+    const ROUNDS: usize = 100_000;
+    let pool = BufferPool::new(PAGES, 16);
+    let other: Mutex<Option<Buffer>> = Mutex::new(None);
+    let barrier = Barrier::new(2);
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for round in 0..ROUNDS {
+                let b = {
+                    barrier.wait();
+                    other.lock().unwrap().take().expect("share handed over")
+                };
+                assert!(
+                    bytes(&b).iter().all(|&x| x == 0x11),
+                    "share changed under its holder"
+                );
+                // Stagger the drop across the writer's copy window.
+                for _ in 0..round % 97 {
+                    std::hint::spin_loop();
+                }
+                drop(b);
+                barrier.wait();
+            }
+        });
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut c) = pool.alloc(PAGE_SIZE) {
+                    c.zero();
+                }
+            }
+        });
+        for round in 0..ROUNDS {
+            let mut a = loop {
+                if let Ok(a) = pool.alloc(PAGE_SIZE) {
+                    break a;
+                }
+            };
+            for seg in a.segments_mut() {
+                seg.fill(0x11);
+            }
+            let b = loop {
+                if let Ok(b) = a.share() {
+                    break b;
+                }
+            };
+            *other.lock().unwrap() = Some(b);
+            barrier.wait();
+            for _ in 0..(round * 7) % 101 {
+                std::hint::spin_loop();
+            }
+            for seg in a.segments_mut() {
+                seg.fill(0x22);
+            }
+            barrier.wait();
+            assert!(bytes(&a).iter().all(|&x| x == 0x22));
+            assert_eq!(a.page_refcounts(), vec![1]);
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let stats = pool.stats();
+    eprintln!("{stats:?}");
+    assert!(stats.cow_copies > 0, "no write found its page still shared");
+    assert_eq!(
+        pool.pages_available(),
+        PAGES,
+        "a page or a reservation leaked"
+    );
+    assert_eq!(pool.page_pool().free_objects(), PAGES);
+}
