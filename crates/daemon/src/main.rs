@@ -66,6 +66,23 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// A panic anywhere in the node stops the whole process (fail-stop).
+///
+/// A panic is a broken invariant. Tokio would catch it, end only the task
+/// that panicked and keep the node running: hosts would wait for I/O that
+/// never completes, and the node would carry on from state the panicking code
+/// may have left half-changed. Stopping instead lets the partner node take
+/// over the volumes and a restart recover from what is durable. The panic
+/// message and location go to the log first.
+fn fail_stop_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        tracing::error!("panic, stopping the node: {info}");
+        std::process::abort();
+    }));
+}
+
 fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -74,6 +91,7 @@ fn run() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    fail_stop_on_panic();
     let args = Args::parse();
     let mut cfg = config::DaemonConfig::load(args.config.as_deref())?;
     if let Some(d) = args.data_dir {
@@ -106,4 +124,59 @@ fn run() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(node::run(cfg, args.demo, args.create_cluster))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    const CHILD_ENV: &str = "SANVIRTD_PANIC_CHILD";
+
+    /// The child process of `a_panicking_task_stops_the_whole_process`; does
+    /// nothing without its environment.
+    #[test]
+    #[ignore = "the child process of a_panicking_task_stops_the_whole_process"]
+    fn panic_child() {
+        if std::env::var(CHILD_ENV).is_err() {
+            return;
+        }
+        super::fail_stop_on_panic();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let task = tokio::spawn(async {
+                panic!("invariant broken on purpose");
+            });
+            // Without the hook tokio catches the panic and the rest runs on.
+            let _ = task.await;
+            tokio::time::sleep(Duration::from_secs(20)).await;
+        });
+        println!("still running after the panic");
+    }
+
+    #[test]
+    fn a_panicking_task_stops_the_whole_process() {
+        let started = Instant::now();
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "tests::panic_child", "--nocapture"])
+            .env(CHILD_ENV, "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGABRT),
+            "child ended with {:?}\nstdout: {stdout}\nstderr: {stderr}",
+            out.status
+        );
+        assert!(stderr.contains("invariant broken on purpose"), "{stderr}");
+        assert!(!stdout.contains("still running"), "{stdout}");
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
 }
