@@ -806,6 +806,17 @@ impl Buffer {
         }
     }
 
+    /// Whether `other` is charged to the same pools as this buffer (so
+    /// [`Buffer::append`] may join them).
+    pub fn same_account(&self, other: &Buffer) -> bool {
+        Arc::ptr_eq(&self.pool, &other.pool)
+            && match (&self.acct, &other.acct) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+    }
+
     /// The paper's IOB *clone*: a second buffer over the same pages. Each
     /// shared page reserves one page for its later copy-on-write.
     pub fn share(&self) -> Result<Buffer, BufferError> {

@@ -961,25 +961,55 @@ impl<S: IoServer> Inner<S> {
         Ok(Some(buf))
     }
 
-    /// Serves a read from the directory if every sector is valid.
+    /// Serves a read from the directory if every sector is valid. The reply
+    /// shares the cached pages (the paper's IOB clone: no copy; a later
+    /// write into a shared page copies it first), or, where they cannot be
+    /// shared (a page not aligned on its own, pages of different accounts,
+    /// no page to reserve for the copy-on-write), is copied from them.
     fn try_hit(&self, d: &Dir, buf: &mut Buffer, off: u64, first: u64, last: u64) -> bool {
         let end = off + buf.len() as u64;
-        let mut spans = Vec::with_capacity((last - first + 1) as usize);
+        let span = |p: u64| {
+            (
+                (p * PAGE).max(off) - p * PAGE,
+                ((p + 1) * PAGE).min(end) - p * PAGE,
+            )
+        };
+        let mut shared: Option<Buffer> = None;
+        let mut sharing = true;
         for p in first..=last {
-            let a = (p * PAGE).max(off);
-            let b = ((p + 1) * PAGE).min(end);
-            let m = dir::mask(a - p * PAGE, b - p * PAGE);
-            match d.tracks.get(&p) {
-                Some(t) if t.valid & m == m => spans.push((t, a, b)),
+            let (a, b) = span(p);
+            let m = dir::mask(a, b);
+            let t = match d.tracks.get(&p) {
+                Some(t) if t.valid & m == m => t,
                 _ => return false,
+            };
+            if !sharing {
+                continue;
+            }
+            let part = (t.page.len() == PAGE as usize)
+                .then(|| t.page.slice(a as usize, (b - a) as usize).ok())
+                .flatten();
+            sharing = match (part, shared.as_mut()) {
+                (Some(part), None) => {
+                    shared = Some(part);
+                    true
+                }
+                (Some(part), Some(s)) => s.same_account(&part) && s.append(part).is_ok(),
+                (None, _) => false,
+            };
+        }
+        if sharing {
+            if let Some(s) = shared {
+                *buf = s;
+                return true;
             }
         }
         let mut tmp = [0u8; PAGE as usize];
-        for (t, a, b) in spans {
+        for p in first..=last {
+            let (a, b) = span(p);
             let n = (b - a) as usize;
-            let p = a / PAGE;
-            t.page.copy_to_slice((a - p * PAGE) as usize, &mut tmp[..n]);
-            buf.copy_from_slice((a - off) as usize, &tmp[..n]);
+            d.tracks[&p].page.copy_to_slice(a as usize, &mut tmp[..n]);
+            buf.copy_from_slice((p * PAGE + a - off) as usize, &tmp[..n]);
         }
         true
     }

@@ -616,3 +616,46 @@ proptest! {
         });
     }
 }
+
+/// A read hit shares the cached pages with the reply (no copy of the data),
+/// also across pages and for a part of a page; a write into a page a reply
+/// still holds copies the page first, so the reply keeps what it read.
+#[tokio::test]
+async fn read_hits_share_cached_pages_and_later_writes_do_not_change_them() {
+    let (c, pool) = cache_with(limits());
+    mirrored(&c).blind.store(true, Ordering::Relaxed);
+    let data: Vec<u8> = (0..16384u32).map(|i| (i % 253) as u8).collect();
+    write(&c, &pool, 0, &data, false).await;
+    let before = pool.stats();
+    let hit = |off: u64, len: usize| {
+        let b = pool.alloc(len).unwrap();
+        c.submit(IoRequest::read(DISK, off, b))
+    };
+    let whole = hit(0, 16384).await.unwrap().unwrap();
+    let part = hit(4096 + 512, 1024).await.unwrap().unwrap();
+    let across = hit(2048, 8192).await.unwrap().unwrap();
+    assert_eq!(c.stats().read_hits, 3);
+    let after = pool.stats();
+    assert_eq!(
+        after.explicit_copies, before.explicit_copies,
+        "hits copied data"
+    );
+    assert!(
+        whole.page_refcounts().iter().all(|&r| r >= 2),
+        "the reply shares the cache's pages: {:?}",
+        whole.page_refcounts()
+    );
+    assert_eq!(whole.to_vec(), data);
+    assert_eq!(part.to_vec(), &data[4608..5632]);
+    assert_eq!(across.to_vec(), &data[2048..10240]);
+
+    // Overwrite while the replies still hold the pages.
+    let newer = vec![0x5Au8; 16384];
+    write(&c, &pool, 0, &newer, false).await;
+    assert_eq!(whole.to_vec(), data, "a reply changed after it was read");
+    assert_eq!(across.to_vec(), &data[2048..10240]);
+    assert_eq!(read(&c, &pool, 0, 16384).await, newer);
+    drop((whole, part, across));
+    c.drain().await.unwrap();
+    assert_eq!(read(c.server(), &pool, 0, 16384).await, newer);
+}
