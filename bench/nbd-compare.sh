@@ -4,11 +4,25 @@
 #
 #   bench/nbd-compare.sh [--runtime SECONDS] [--size-mib MIB_PER_FILE] [--dir DIR]
 #
+# ROUNDS=3 repeats the whole sequence three times and reports medians.
 # For a quick A/B, SERVERS picks rows (space-separated names, default all:
-# sanvirt sanvirt-direct sanvirt-cache nbdkit nbdkit-file qemu-nbd; WITH_HOP=1
-# adds sanvirt-hop) and JOBS picks jobs (comma-separated "rw bs iodepth",
-# default all six), e.g.
+# sanvirt sanvirt-direct sanvirt-cache nbdkit nbdkit-file qemu-nbd nbdkit-null;
+# WITH_HOP=1 adds sanvirt-hop) and JOBS picks jobs (comma-separated
+# "rw bs iodepth [iops-rate]", default all eight), e.g.
 #   SERVERS="sanvirt nbdkit" JOBS="randread 4k 32,randwrite 4k 32" bench/nbd-compare.sh
+#
+# Two rows and two jobs are there to show where the limit is rather than to
+# compare:
+# * "nbdkit-null" is nbdkit's null plugin: reads return zeros and writes are
+#   dropped, no storage work per request. At queue depth 32 on two cores fio
+#   saturates its core (the client CPU column), so this row shows what the
+#   client drives when the server's work is nothing but nbdkit's own request
+#   handling. It is not a hard ceiling: how a server batches its replies
+#   changes the client's cost per I/O (fewer, larger TCP segments).
+# * the jobs with a rate ("randread 4k 32 20000") hold every server to the
+#   same offered load, below all their limits. A saturated server's CPU per
+#   I/O is about 1/IOPS (it never sleeps, and a cheaper one only wakes more
+#   often); at a fixed rate the CPU per I/O is what each request costs.
 #
 # sanvirt serves a volume striped across four backing files (four mdisks, one
 # pool, 1 MiB extents); nbdkit serves the same four files concatenated (split
@@ -91,19 +105,23 @@ results=$work/results.jsonl; : > "$results"
 run_jobs() { # server-name pid uri region-bytes
   local name=$1 pid=$2 uri=$3 region=$4
   local jobs job
-  IFS=, read -r -a jobs <<< "${JOBS:-randread 4k 32,randwrite 4k 32,read 64k 32,write 64k 32,randread 4k 1,randwrite 4k 1}"
+  IFS=, read -r -a jobs <<< "${JOBS:-randread 4k 32,randwrite 4k 32,read 64k 32,write 64k 32,randread 4k 1,randwrite 4k 1,randread 4k 32 20000,randwrite 4k 32 20000}"
   for job in "${jobs[@]}"; do
     set -- $job
-    local before after
+    local before after rate=${4:-0}
     before=$(cpu_ticks "$pid")
     fio --name=j --ioengine=nbd --uri="$uri" --rw=$1 --bs=$2 --iodepth=$3 \
+        $([ "$rate" -gt 0 ] && echo "--rate_iops=$rate") \
         --runtime="$runtime" --time_based --size="$region" \
         --output-format=json --output="$work/fio.json" >/dev/null 2>&1 || echo "fio failed: $name $job" >&2
     after=$(cpu_ticks "$pid")
-    python3 bench/fio_row.py "$work/fio.json" "$name" "$1" "$2" "$3" "$before" "$after" "$(getconf CLK_TCK)" >> "$results"
+    python3 bench/fio_row.py "$work/fio.json" "$name" "$1" "$2" "$3" "$rate" "$before" "$after" "$(getconf CLK_TCK)" >> "$results"
   done
 }
 
+# ROUNDS=n runs every server n times, in turn (the report takes medians):
+# on this VM one run of a job can differ from the next by 10-20%.
+for round in $(seq 1 "${ROUNDS:-1}"); do
 # sanvirt, page cache (same caching as the peers)
 if want sanvirt; then
   start_sanvirt buffered 20809 20480; run_jobs sanvirt "$SERVER_PID" "$URI" "$total"
@@ -165,5 +183,15 @@ pids+=($!); QNBD=$!; wait_port 20812
 run_jobs qemu-nbd "$QNBD" nbd://127.0.0.1:20812/bench $((size_mib * 1048576))
 kill "$QNBD"; wait "$QNBD" 2>/dev/null || true
 fi
+
+# The client's ceiling: a server that does no work per request.
+if want nbdkit-null; then
+nbdkit -f -p 20816 null size="$total" >/dev/null 2>&1 &
+pids+=($!); NULLKIT=$!; wait_port 20816
+run_jobs nbdkit-null "$NULLKIT" nbd://127.0.0.1:20816/ "$total"
+kill "$NULLKIT"; wait "$NULLKIT" 2>/dev/null || true
+fi
+
+done
 
 python3 bench/report.py "$results"
