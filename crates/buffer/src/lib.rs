@@ -38,7 +38,9 @@
 //! over allocated pages `p`: every extra reference to a page holds one
 //! reserved page for its eventual copy-on-write. Without child pools this is
 //! `available == free_pages - Σ(refcount(p) - 1)`. Allocations and shares
-//! reserve; dropping a reference unreserves one unit.
+//! reserve; dropping a reference unreserves one unit, except that a holder
+//! whose drop leaves only a holder busy copying the page for a
+//! copy-on-write hands its unit to that copier (see `make_exclusive`).
 //!
 //! # Copies
 //!
