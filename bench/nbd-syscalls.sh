@@ -6,7 +6,8 @@
 #   bench/nbd-syscalls.sh [--runtime SECONDS] [--size-mib MIB_PER_FILE]
 #
 # JOB="randread 4k 32" (rw bs iodepth [iops-rate]) picks the job, SERVERS
-# the rows (default "sanvirt nbdkit nbdkit-null"). Needs perf (linux-perf):
+# the rows (default "sanvirt nbdkit nbdkit-null"; also "sanvirt-cache", with
+# the cache sized for the volume and warmed, as in nbd-compare.sh). Needs perf (linux-perf):
 # `perf stat` counts the client's system calls over the whole job and the
 # server's over 4 s in its middle. This is where the figures behind
 # docs/benchmarks.md's "the client is the limit at QD32" come from.
@@ -24,7 +25,7 @@ for b in fio nbdkit perf python3; do command -v $b >/dev/null || { echo "missing
 [ "$runtime" -ge 7 ] || { echo "--runtime must be at least 7 (the server is sampled for 4 s after 2 s)" >&2; exit 2; }
 
 cargo build --release -q -p sanvirtd -p sanvirt-cli
-SANVIRTD=$PWD/target/release/sanvirtd
+SANVIRTD=${SANVIRTD:-$PWD/target/release/sanvirtd}  # SANVIRTD= another build, for an A/B
 SANVIRT=$PWD/target/release/sanvirt
 work=$(mktemp -d /var/tmp/sanvirt-syscalls.XXXXXX)
 pids=()
@@ -88,8 +89,8 @@ echo "|---|---:|---:|---:|---|---|"
 for s in ${SERVERS:-sanvirt nbdkit nbdkit-null}; do
   python3 bench/warm_cache.py "${files[@]}"
   case $s in
-    sanvirt)
-      d=$work/sanvirt; mkdir -p "$d"
+    sanvirt|sanvirt-cache)
+      d=$work/$s; rm -rf "$d"; mkdir -p "$d"
       cat > "$d/sanvirtd.toml" <<TOML
 data_dir = "$d/data"
 [admin]
@@ -99,6 +100,13 @@ listen = "127.0.0.1:20881"
 [backend]
 io_mode = "buffered"
 TOML
+      if [ "$s" = sanvirt-cache ]; then
+        # The cache sized for the whole volume, as in nbd-compare.sh.
+        clean=$(( total / 4096 + 4096 ))
+        pages=$(( (clean + 2 * 4096) * 4 / 3 + 4096 ))
+        printf '[buffers]\npages = %d\niobs = %d\n[cache]\ndirty_pages_max = 4096\nvolume_dirty_pages_max = 2048\nclean_pages_max = %d\n' \
+          "$pages" "$pages" "$clean" >> "$d/sanvirtd.toml"
+      fi
       "$SANVIRTD" --config "$d/sanvirtd.toml" --create-cluster bench > "$d/log" 2>&1 &
       pids+=($!); P=$!; wait_port 20880
       export SANVIRT_API=http://127.0.0.1:20880 SANVIRT_TOKEN_FILE=$d/data/api-token
@@ -106,7 +114,12 @@ TOML
       "$SANVIRT" pool create --name p0 --extent-size 1MiB >/dev/null
       "$SANVIRT" pool add-mdisk --pool p0 md0 md1 md2 md3 >/dev/null
       "$SANVIRT" volume create --name bench --pool p0 --size $((total / 1048576))MiB --striped >/dev/null
-      wait_port 20881; measure sanvirt "$P" nbd://127.0.0.1:20881/bench;;
+      wait_port 20881
+      if [ "$s" = sanvirt-cache ]; then
+        fio --name=warm --ioengine=nbd --uri=nbd://127.0.0.1:20881/bench --rw=read --bs=1m \
+            --iodepth=8 --size="$total" >/dev/null 2>&1 || echo "warm-up read failed" >&2
+      fi
+      measure "$s" "$P" nbd://127.0.0.1:20881/bench;;
     nbdkit)
       nbdkit -f -p 20882 split "${files[@]}" >/dev/null 2>&1 &
       pids+=($!); P=$!; wait_port 20882; measure nbdkit "$P" nbd://127.0.0.1:20882/;;

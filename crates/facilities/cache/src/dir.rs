@@ -2,7 +2,9 @@
 //! cache holds, which of their 512-byte sectors are valid and which are
 //! dirty (newer than the back end).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 use sanvirt_buffer::{Buffer, PAGE_SIZE};
 
@@ -59,7 +61,11 @@ pub fn runs(m: u8) -> impl Iterator<Item = (u32, u32)> {
 /// The per-volume part of the cache under one lock.
 #[derive(Default)]
 pub struct Dir {
-    pub tracks: BTreeMap<u64, Track>,
+    /// Tracks by page index. A hash map, not an ordered map: a read hit
+    /// looks up every page of the read, and with a large cache the levels
+    /// of a B-tree were one cache miss each (a 4 KiB hit spent ~1 µs in
+    /// the lookup at 256k tracks). Ordered walks use `dirty`.
+    pub tracks: FxHashMap<u64, Track>,
     /// Pages with dirty sectors, ascending (destage coalesces neighbours).
     pub dirty: BTreeSet<u64>,
     /// Bumped by every write (the versions of tracks come from it).
@@ -91,12 +97,20 @@ impl Dir {
     /// Drops clean tracks of pages `[first, last]` (their data may be stale
     /// after a write that bypassed the cache).
     pub fn invalidate_clean(&mut self, first: u64, last: u64) -> usize {
-        let stale: Vec<u64> = self
-            .tracks
-            .range(first..=last)
-            .filter(|(_, t)| t.dirty == 0 && t.destaging.is_none())
-            .map(|(p, _)| *p)
-            .collect();
+        let stale_track = |t: &Track| t.dirty == 0 && t.destaging.is_none();
+        // Probe the range's pages, or walk the map when it has fewer
+        // entries than the range has pages (an unmap of a whole volume).
+        let stale: Vec<u64> = if last.saturating_sub(first) < self.tracks.len() as u64 {
+            (first..=last)
+                .filter(|p| self.tracks.get(p).is_some_and(stale_track))
+                .collect()
+        } else {
+            self.tracks
+                .iter()
+                .filter(|(p, t)| (first..=last).contains(*p) && stale_track(t))
+                .map(|(p, _)| *p)
+                .collect()
+        };
         for p in &stale {
             self.tracks.remove(p);
         }

@@ -1181,7 +1181,12 @@ impl<S: IoServer> IoClient for Inner<S> {
                     // Pages beyond a shrunk end are gone from the volume.
                     let mut d = v.dir.lock();
                     let keep_below = info.size_bytes.div_ceil(PAGE);
-                    let beyond: Vec<u64> = d.tracks.range(keep_below..).map(|(p, _)| *p).collect();
+                    let beyond: Vec<u64> = d
+                        .tracks
+                        .keys()
+                        .filter(|p| **p >= keep_below)
+                        .copied()
+                        .collect();
                     for p in beyond {
                         let t = d.tracks.remove(&p).expect("listed");
                         if t.dirty != 0 {
