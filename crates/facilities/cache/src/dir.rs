@@ -159,4 +159,61 @@ mod tests {
             [(1, 3), (5, 6), (7, 8)]
         );
     }
+
+    /// Both ways `invalidate_clean` finds the range's tracks (probing each
+    /// page of a short range, walking the map for a long one) drop exactly
+    /// the clean, idle tracks inside the range.
+    #[test]
+    fn invalidate_clean_drops_only_clean_idle_tracks_in_range() {
+        let pool = sanvirt_buffer::BufferPool::new(64, 64);
+        let build = || {
+            let mut d = Dir::default();
+            for p in 0..20u64 {
+                let dirty = if p % 5 == 0 { ALL } else { 0 };
+                let destaging = (p % 7 == 0).then_some(1);
+                let page = pool.alloc(PAGE_SIZE).unwrap();
+                d.tracks.insert(
+                    p * 3,
+                    Track {
+                        page,
+                        valid: ALL,
+                        dirty,
+                        version: 1,
+                        destaging,
+                        destaged: 0,
+                    },
+                );
+                if dirty != 0 {
+                    d.dirty.insert(p * 3);
+                }
+            }
+            d
+        };
+        let expect = |d: &Dir, first: u64, last: u64| -> Vec<u64> {
+            let mut v: Vec<u64> = d
+                .tracks
+                .iter()
+                .filter(|(p, t)| {
+                    (first..=last).contains(*p) && t.dirty == 0 && t.destaging.is_none()
+                })
+                .map(|(p, _)| *p)
+                .collect();
+            v.sort();
+            v
+        };
+        // Short range (probed), long range (walked), empty and inverted.
+        for (first, last) in [(4, 20), (0, u64::MAX), (9, 9), (10, 9), (30, 1 << 40)] {
+            let mut d = build();
+            let gone = expect(&d, first, last);
+            assert_eq!(
+                d.invalidate_clean(first, last),
+                gone.len(),
+                "{first}..={last}"
+            );
+            for p in &gone {
+                assert!(!d.tracks.contains_key(p));
+            }
+            assert_eq!(d.tracks.len(), 20 - gone.len());
+        }
+    }
 }
