@@ -71,6 +71,9 @@ const NONE: u32 = u32::MAX;
 
 const _: () = assert!(PAGE_SIZE.is_power_of_two());
 const _: () = assert!(POOL_PAGES_MAX < NONE as usize);
+const _: () = assert!(POOL_PAGES_MAX <= sanvirt_objpool::POOL_OBJECTS_MAX);
+// A facility's child pools take ranks inside the page and IOB bands.
+const _: () = assert!(ranks::PAGE.0 + ranks::BAND <= ranks::IOB.0);
 
 /// High bit of a page's reference count: one of its holders is copying it
 /// for a copy-on-write (see `Buffer::make_exclusive`). While it is set, a
@@ -90,9 +93,6 @@ enum Dropped {
     /// reference's unit (it settles the accounting when its copy is done).
     HandedToCopier,
 }
-const _: () = assert!(POOL_PAGES_MAX <= sanvirt_objpool::POOL_OBJECTS_MAX);
-// A facility's child pools take ranks inside the page and IOB bands.
-const _: () = assert!(ranks::PAGE.0 + ranks::BAND <= ranks::IOB.0);
 
 /// Pages a buffer of `len` bytes holds.
 pub const fn pages_for(len: usize) -> usize {

@@ -63,8 +63,9 @@ pub fn runs(m: u8) -> impl Iterator<Item = (u32, u32)> {
 pub struct Dir {
     /// Tracks by page index. A hash map, not an ordered map: a read hit
     /// looks up every page of the read, and with a large cache the levels
-    /// of a B-tree were one cache miss each (a 4 KiB hit spent ~1 µs in
-    /// the lookup at 256k tracks). Ordered walks use `dirty`.
+    /// of a B-tree were one cache miss each (with 256k tracks, the hit path
+    /// was 12.9% of the server's samples at 40k reads/s, three quarters of
+    /// it in the tree search; 6.5% with this map). Ordered walks use `dirty`.
     pub tracks: FxHashMap<u64, Track>,
     /// Pages with dirty sectors, ascending (destage coalesces neighbours).
     pub dirty: BTreeSet<u64>,
