@@ -31,6 +31,40 @@ fn seed(test: &str) -> u64 {
     seed
 }
 
+/// What a kill loop did, iteration by iteration. A passing test prints
+/// only its summary; a failing one prints the journal's last lines after
+/// its panic message. (A CI log shows the start and the end of a long
+/// output: fifty iterations printed as they went would push the failure
+/// itself out of sight.)
+struct Journal {
+    lines: Vec<String>,
+}
+
+/// Journal lines a failure prints.
+const JOURNAL_TAIL: usize = 8;
+
+impl Journal {
+    fn new() -> Journal {
+        Journal { lines: Vec::new() }
+    }
+
+    fn note(&mut self, line: String) {
+        self.lines.push(line);
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let skip = self.lines.len().saturating_sub(JOURNAL_TAIL);
+            eprintln!("--- the test's journal ({skip} earlier lines left out) ---");
+            for l in &self.lines[skip..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -85,20 +119,21 @@ const REGION_BLOCKS: u64 = 4096;
 /// Acknowledged writes wanted after the writer reconnected, before it stops.
 const WRITES_AFTER_FAILOVER: u64 = 300;
 
-fn verify_or_panic(rt: &tokio::runtime::Runtime, w: &mut Writer, addr: &str, ctx: &str) {
-    verify_or_logs(rt, w, addr, ctx, &[]);
+fn verify_or_panic(rt: &tokio::runtime::Runtime, w: &mut Writer, addr: &str, ctx: &str) -> String {
+    verify_or_logs(rt, w, addr, ctx, &[])
 }
 
 /// As [`verify_or_panic`], and a failure shows the end of `nodes`' logs.
+/// Returns the verification's one-line report.
 fn verify_or_logs(
     rt: &tokio::runtime::Runtime,
     w: &mut Writer,
     addr: &str,
     ctx: &str,
     nodes: &[Daemon],
-) {
+) -> String {
     match rt.block_on(w.verify(addr)) {
-        Ok(v) => eprintln!("{ctx}: verify through {addr}: {v:?}"),
+        Ok(v) => format!("{ctx}: verify through {addr}: {v:?}"),
         Err(e) => {
             let mut logs = String::new();
             for n in nodes {
@@ -136,6 +171,7 @@ fn single_node_kill9_and_restart_loses_no_acknowledged_write() {
     ));
     let progress = w.progress();
     let started = Instant::now();
+    let mut journal = Journal::new();
     for it in 0..iterations() {
         let t0 = Instant::now();
         let stop = Stop::new();
@@ -157,8 +193,10 @@ fn single_node_kill9_and_restart_loses_no_acknowledged_write() {
             stop.stop();
             writer.join().expect("writer thread")
         });
-        let report = report.unwrap_or_else(|e| panic!("iteration {it}: {e}"));
-        eprintln!(
+        let report = report.unwrap_or_else(|e| {
+            panic_with_logs(std::slice::from_ref(&d), &format!("iteration {it}: {e}"))
+        });
+        journal.note(format!(
             "iteration {it}: killed after {delay:?}; {} acked, {} unacknowledged at the break, \
              max stall {:?}, {:.1} s; breaks: {:?}",
             report.acked_writes,
@@ -166,12 +204,17 @@ fn single_node_kill9_and_restart_loses_no_acknowledged_write() {
             report.max_stall,
             t0.elapsed().as_secs_f64(),
             report.breaks
-        );
+        ));
         assert!(
             !report.breaks.is_empty(),
             "iteration {it}: the kill did not break the writer's connection"
         );
-        verify_or_panic(&rt, &mut w, &addr, &format!("iteration {it}"));
+        journal.note(verify_or_panic(
+            &rt,
+            &mut w,
+            &addr,
+            &format!("iteration {it}"),
+        ));
     }
     eprintln!(
         "{} iterations, {} writes acknowledged, {:.1} s",
@@ -244,7 +287,7 @@ fn two_node_kills(name: &str, kill: Victim, thin: bool) {
         make_volume(&nodes[0]);
     }
     let addrs: Vec<String> = nodes[..2].iter().map(nbd_addr).collect();
-    wait_until(30, "both nodes to serve the volume", || {
+    wait_until_or_logs(&nodes, 30, "both nodes to serve the volume", || {
         addrs.iter().all(|a| serves(&rt, a))
     });
     let mut cfg = WriterConfig::new(addrs.clone(), "v", REGION_BLOCKS, seed);
@@ -253,6 +296,7 @@ fn two_node_kills(name: &str, kill: Victim, thin: bool) {
     let progress = w.progress();
     let started = Instant::now();
     let mut stalls = Vec::new();
+    let mut journal = Journal::new();
     for it in 0..pair_iterations() {
         let t0 = Instant::now();
         wait_until_or_logs(&nodes, 60, "the cache pair to be mirrored", || {
@@ -264,13 +308,13 @@ fn two_node_kills(name: &str, kill: Victim, thin: bool) {
             let _stop_on_panic = stop.guard();
             let writer = s.spawn(|| rt.block_on(w.run(Until::stopped(&stop))));
             let a0 = progress.acked();
-            wait_until(30, "the writer's first writes", || {
+            wait_until_or_logs(&nodes, 30, "the writer's first writes", || {
                 progress.acked() > a0 + 50
             });
             std::thread::sleep(delay);
             // The node the writer is connected to now.
             let mut connected = None;
-            wait_until(30, "the writer to be connected", || {
+            wait_until_or_logs(&nodes, 30, "the writer to be connected", || {
                 connected = progress.current();
                 connected.is_some()
             });
@@ -283,19 +327,36 @@ fn two_node_kills(name: &str, kill: Victim, thin: bool) {
             nodes[victim].kill9();
             let killed = Instant::now();
             // On past the survivor's lease and a new boss's election.
-            wait_until(60, "the writer to write on the survivor", || {
-                (kill == Victim::Partner || progress.connections() > conns)
-                    && progress.current() == Some(1 - victim)
-                    && progress.acked() >= acked + WRITES_AFTER_FAILOVER
-                    && killed.elapsed() >= KEEP_WRITING_AFTER_KILL
-            });
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !((kill == Victim::Partner || progress.connections() > conns)
+                && progress.current() == Some(1 - victim)
+                && progress.acked() >= acked + WRITES_AFTER_FAILOVER
+                && killed.elapsed() >= KEEP_WRITING_AFTER_KILL)
+            {
+                if Instant::now() >= deadline {
+                    panic_with_logs(
+                        &nodes,
+                        &format!(
+                            "iteration {it}: timed out waiting for the writer to write on the \
+                             survivor {}: connections {} (before the kill {conns}), connected \
+                             to {:?}, {} acked (before the kill {acked})",
+                            nodes[1 - victim].node_name,
+                            progress.connections(),
+                            progress.current().map(|i| &nodes[i].node_name),
+                            progress.acked()
+                        ),
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             stop.stop();
             (writer.join().expect("writer thread"), victim)
         });
-        let report = report.unwrap_or_else(|e| panic!("iteration {it}: {e}"));
+        let report =
+            report.unwrap_or_else(|e| panic_with_logs(&nodes, &format!("iteration {it}: {e}")));
         let survivor = 1 - victim;
         stalls.push(report.max_stall);
-        eprintln!(
+        journal.note(format!(
             "iteration {it}: killed {} after {delay:?}; {} acked, {} unacknowledged at breaks, \
              max stall {:?}, {:.1} s; breaks: {:?}",
             nodes[victim].node_name,
@@ -304,25 +365,25 @@ fn two_node_kills(name: &str, kill: Victim, thin: bool) {
             report.max_stall,
             t0.elapsed().as_secs_f64(),
             report.breaks
-        );
-        verify_or_logs(
+        ));
+        journal.note(verify_or_logs(
             &rt,
             &mut w,
             &addrs[survivor],
             &format!("iteration {it} (survivor)"),
             &nodes,
-        );
+        ));
         nodes[victim].spawn();
         wait_until_or_logs(&nodes, 30, "the restarted node to serve the volume", || {
             serves(&rt, &addrs[victim])
         });
-        verify_or_logs(
+        journal.note(verify_or_logs(
             &rt,
             &mut w,
             &addrs[victim],
             &format!("iteration {it} (restarted victim)"),
             &nodes,
-        );
+        ));
     }
     stalls.sort();
     eprintln!(
@@ -363,13 +424,14 @@ fn both_nodes_killed_after_power_failing_loses_no_acknowledged_write() {
     let mut nodes = two_nodes_and_a_witness();
     make_volume(&nodes[0]);
     let addrs: Vec<String> = nodes[..2].iter().map(nbd_addr).collect();
-    wait_until(30, "both nodes to serve the volume", || {
+    wait_until_or_logs(&nodes, 30, "both nodes to serve the volume", || {
         addrs.iter().all(|a| serves(&rt, a))
     });
     let mut cfg = WriterConfig::new(addrs.clone(), "v", REGION_BLOCKS, seed);
     cfg.reconnect_timeout = Duration::from_secs(60);
     let mut w = Writer::new(cfg);
     let progress = w.progress();
+    let mut journal = Journal::new();
     for it in 0..iterations() {
         wait_until_or_logs(&nodes, 60, "the cache pair to be mirrored", || {
             pair_mode(&nodes[0]).as_deref() == Some("mirrored")
@@ -379,7 +441,7 @@ fn both_nodes_killed_after_power_failing_loses_no_acknowledged_write() {
             let _stop_on_panic = stop.guard();
             let writer = s.spawn(|| rt.block_on(w.run(Until::stopped(&stop))));
             let a0 = progress.acked();
-            wait_until(30, "the writer's first writes", || {
+            wait_until_or_logs(&nodes, 30, "the writer's first writes", || {
                 progress.acked() > a0 + 200
             });
             let marks: Vec<usize> = nodes[..2]
@@ -409,17 +471,20 @@ fn both_nodes_killed_after_power_failing_loses_no_acknowledged_write() {
             // Writes go on (write-through now) until the power goes.
             let a1 = progress.acked();
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..500)));
-            wait_until(30, "writes after the signal", || progress.acked() > a1 + 20);
+            wait_until_or_logs(&nodes, 30, "writes after the signal", || {
+                progress.acked() > a1 + 20
+            });
             nodes[0].kill9();
             nodes[1].kill9();
             stop.stop();
             writer.join().expect("writer thread")
         });
-        let report = report.unwrap_or_else(|e| panic!("iteration {it}: {e}"));
-        eprintln!(
+        let report =
+            report.unwrap_or_else(|e| panic_with_logs(&nodes, &format!("iteration {it}: {e}")));
+        journal.note(format!(
             "iteration {it}: both killed after power failing; {} acked, {} unacknowledged at breaks",
             report.acked_writes, report.unacked_writes
-        );
+        ));
         nodes[0].spawn();
         nodes[1].spawn();
         for (i, a) in addrs.iter().enumerate() {
@@ -429,7 +494,12 @@ fn both_nodes_killed_after_power_failing_loses_no_acknowledged_write() {
                 "the restarted nodes to serve the volume",
                 || serves(&rt, a),
             );
-            verify_or_panic(&rt, &mut w, a, &format!("iteration {it} (node {})", i + 1));
+            journal.note(verify_or_panic(
+                &rt,
+                &mut w,
+                a,
+                &format!("iteration {it} (node {})", i + 1),
+            ));
         }
     }
 }

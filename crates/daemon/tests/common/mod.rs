@@ -361,6 +361,21 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test removes its data directory; `SANVIRT_TEST_KEEP_LOGS=dir`
+        // keeps each node's log there for a post-mortem.
+        if std::thread::panicking() {
+            if let Ok(keep) = std::env::var("SANVIRT_TEST_KEEP_LOGS") {
+                let to = std::path::Path::new(&keep).join(format!(
+                    "{}-{}-{}.log",
+                    self.node_name,
+                    std::process::id(),
+                    self.nbd_port
+                ));
+                let _ = std::fs::create_dir_all(&keep);
+                let _ = std::fs::copy(self.dir.path().join("sanvirtd.log"), &to);
+                eprintln!("kept {}", to.display());
+            }
+        }
     }
 }
 
@@ -397,22 +412,27 @@ pub fn wait_until_or_logs(nodes: &[Daemon], secs: u64, what: &str, mut pred: imp
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !pred() {
         if Instant::now() >= deadline {
-            let mut logs = String::new();
-            for n in nodes {
-                let log = n.log();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = &lines[lines.len().saturating_sub(60)..];
-                logs.push_str(&format!(
-                    "\n--- {} (last {} lines) ---\n",
-                    n.node_name,
-                    tail.len()
-                ));
-                logs.push_str(&tail.join("\n"));
-            }
-            panic!("timed out waiting for {what}{logs}");
+            panic_with_logs(nodes, &format!("timed out waiting for {what}"));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Panics with `msg` followed by the end of each of `nodes`' logs.
+pub fn panic_with_logs(nodes: &[Daemon], msg: &str) -> ! {
+    let mut logs = String::new();
+    for n in nodes {
+        let log = n.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
+        logs.push_str(&format!(
+            "\n--- {} (last {} lines) ---\n",
+            n.node_name,
+            tail.len()
+        ));
+        logs.push_str(&tail.join("\n"));
+    }
+    panic!("{msg}{logs}");
 }
 
 /// Waits until `pred` holds, polling; panics with `what` after `secs`.
