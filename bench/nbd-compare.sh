@@ -45,7 +45,7 @@ done
 for b in fio nbdkit qemu-nbd python3; do command -v $b >/dev/null || { echo "missing $b" >&2; exit 1; }; done
 
 cargo build --release -q -p sanvirtd -p sanvirt-cli
-SANVIRTD=$PWD/target/release/sanvirtd
+SANVIRTD=${SANVIRTD:-$PWD/target/release/sanvirtd}  # SANVIRTD= another build, for an A/B
 SANVIRT=$PWD/target/release/sanvirt
 
 work=${dir:-$(mktemp -d /var/tmp/sanvirt-bench.XXXXXX)}

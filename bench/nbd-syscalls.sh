@@ -11,6 +11,10 @@
 # `perf stat` counts the client's system calls over the whole job and the
 # server's over 4 s in its middle. This is where the figures behind
 # docs/benchmarks.md's "the client is the limit at QD32" come from.
+# PERF_RECORD=DIR also records a call-graph profile of each server over the
+# same 4 s (DIR/SERVER.data; read with `perf report -i DIR/SERVER.data
+# --no-children --sort sym`); PERF_RECORD_ARGS replaces its default -g
+# (e.g. "--call-graph dwarf" for call chains through sanvirtd itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runtime=8; size_mib=256
@@ -49,7 +53,13 @@ done
 measure() { # name pid uri
   local name=$1 pid=$2 uri=$3 before after
   before=$(awk '{print $14 + $15}' /proc/$pid/stat)
-  ( sleep 2; perf stat -x, -o "$work/server.perf" -e "$calls,context-switches" -p "$pid" -- sleep 4 ) &
+  ( sleep 2
+    if [ -n "${PERF_RECORD:-}" ]; then
+      mkdir -p "$PERF_RECORD"
+      perf record -q ${PERF_RECORD_ARGS:--g} -o "$PERF_RECORD/$name.data" -p "$pid" -- sleep 4 >/dev/null 2>&1 &
+    fi
+    perf stat -x, -o "$work/server.perf" -e "$calls,context-switches" -p "$pid" -- sleep 4
+    wait ) &
   local sampler=$!
   perf stat -x, -o "$work/client.perf" -e "$calls,context-switches" -- \
     fio --name=j --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \

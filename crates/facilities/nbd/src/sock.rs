@@ -8,12 +8,17 @@
 //!   of the next WRITE payload. Where the kernel refuses the option the
 //!   connection consumes before every peek, as before.
 //! * **Readiness.** Every call runs inside [`TcpStream::try_io`], so only
-//!   `EAGAIN` clears tokio's readiness. A short transfer does not: under
-//!   load the client's next request often arrives within microseconds, and
-//!   trying again at once is cheaper than a round through `epoll_wait`
-//!   (clearing readiness on short transfers, as tokio's own `poll_read`
-//!   does, cost 10-20% of the IOPS of 4 KiB random writes at QD32, whose
-//!   payload `readv` is usually short of the next header).
+//!   `EAGAIN` clears tokio's readiness. A short read or `readv` does not:
+//!   under load the client's next request often arrives within
+//!   microseconds, and trying again at once is cheaper than a round
+//!   through `epoll_wait` (clearing readiness on short transfers, as
+//!   tokio's own `poll_read` does, cost 10-20% of the IOPS of 4 KiB random
+//!   writes at QD32, whose payload `readv` is usually short of the next
+//!   header). A short *peek* does clear it: a peek asks for every header
+//!   the connection has room for, so a short one saw the whole socket, and
+//!   the peek after the replies would only return `EAGAIN` (one system
+//!   call in three at QD32 reads). Bytes arriving after it wake the task
+//!   again (edge-triggered readiness, tokio's tick guard).
 //! * **Bytes already peeked are read even when readiness is clear.** With a
 //!   peek offset, a peek past the last byte returns `EAGAIN` and clears
 //!   readiness while the headers it skipped are still unread; reading them
@@ -64,9 +69,13 @@ pub enum Got {
 /// Readiness may have been cleared while they stayed unread, so when tokio
 /// says "not ready" the call is made anyway, outside `try_io` (it changes no
 /// readiness: data arriving later sets it again).
+///
+/// `drained_below`: a transfer of fewer bytes than this (but not 0) also
+/// clears readiness (0: only `EAGAIN` does).
 fn transfer(
     stream: &TcpStream,
     present: bool,
+    drained_below: usize,
     mut f: impl FnMut(RawFd) -> isize,
 ) -> io::Result<Got> {
     let fd = stream.as_raw_fd();
@@ -77,10 +86,15 @@ fn transfer(
             return Err(io::Error::last_os_error());
         }
         got = Some(n as usize);
+        if n > 0 && (n as usize) < drained_below {
+            // Tells tokio to clear readiness; the bytes are kept.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
         Ok(())
     });
     match (r, got) {
         (Ok(()), Some(n)) => Ok(Got::Bytes(n)),
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock && n > 0 => Ok(Got::Bytes(n)),
         // Not ready in tokio's eyes, without a system call.
         (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock && present => {
             let n = f(fd);
@@ -101,10 +115,11 @@ fn transfer(
     }
 }
 
-/// `recv(MSG_PEEK)` into `buf` (from the peek offset, where set).
+/// `recv(MSG_PEEK)` into `buf` (from the peek offset, where set). A peek
+/// that fills less than `buf` clears readiness (see the module docs).
 pub fn peek(stream: &TcpStream, buf: &mut [u8], present: bool) -> io::Result<Got> {
     let want = buf.len();
-    transfer(stream, present, |fd| {
+    transfer(stream, present, want, |fd| {
         // SAFETY: `buf` is valid for `want` bytes of writes.
         unsafe {
             libc::recv(
@@ -120,7 +135,7 @@ pub fn peek(stream: &TcpStream, buf: &mut [u8], present: bool) -> io::Result<Got
 /// `recv` into `buf`.
 pub fn read(stream: &TcpStream, buf: &mut [u8], present: bool) -> io::Result<Got> {
     let want = buf.len();
-    transfer(stream, present, |fd| {
+    transfer(stream, present, 0, |fd| {
         // SAFETY: `buf` is valid for `want` bytes of writes.
         unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) }
     })
@@ -129,7 +144,7 @@ pub fn read(stream: &TcpStream, buf: &mut [u8], present: bool) -> io::Result<Got
 /// `readv` into `iov`.
 pub fn readv(stream: &TcpStream, iov: &mut [IoSliceMut<'_>], present: bool) -> io::Result<Got> {
     let cnt = iov.len().min(libc::c_int::MAX as usize) as libc::c_int;
-    transfer(stream, present, |fd| {
+    transfer(stream, present, 0, |fd| {
         // SAFETY: `IoSliceMut` is ABI-compatible with `iovec` on Unix; every
         // slice is valid for writes of its length.
         unsafe { libc::readv(fd, iov.as_mut_ptr().cast(), cnt) }
