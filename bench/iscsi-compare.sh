@@ -44,9 +44,8 @@ done
 qemu-img --help 2>/dev/null | grep -q ' iscsi' \
   || { echo "qemu-img has no iscsi driver (Debian: apt-get install qemu-block-extra)" >&2; exit 1; }
 
-cargo build --release -q -p sanvirtd -p sanvirt-cli
-SANVIRTD=$PWD/target/release/sanvirtd
-SANVIRT=$PWD/target/release/sanvirt
+. bench/lib.sh
+bench_build
 
 INITIATOR=iqn.2026-11.dev.sanvirt:bench-initiator
 BASE=${BENCH_PORT_BASE:-23260}       # iSCSI portals BASE..BASE+4
@@ -66,27 +65,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
-files=()
-for i in 0 1 2 3; do
-  f=$work/backing$i.img
-  if [ ! -f "$f" ]; then
-    dd if=/dev/urandom of="$f" bs=1M count="$size_mib" status=none
-  fi
-  files+=("$f")
-done
-total=$((4 * size_mib * 1024 * 1024))
+backing_files
 
 port_free() { ! (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null; }
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 for p in $BASE $((BASE+1)) $((BASE+2)) $((BASE+3)) $((BASE+4)); do
   port_free $p || { echo "port $p in use; set BENCH_PORT_BASE" >&2; exit 1; }
 done
 
-# Same page-cache state for every server: evicted, then read back in small
-# folios (bench/warm_cache.py explains why this matters on ext4).
-warm() { python3 bench/warm_cache.py "${files[@]}"; }
-
-cpu_ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
 hz=$(getconf CLK_TCK)
 results=$work/results.jsonl; : > "$results"
 
@@ -130,28 +115,16 @@ start_sanvirt() { # name io_mode layout(striped|image) index
   warm
   local name=$1 mode=$2 layout=$3 k=$4 d=$work/$1
   local port=$((BASE + k)) aport=$((ADMIN_BASE + k)) nport=$((NBD_BASE + k))
-  rm -rf "$d"; mkdir -p "$d"
-  cat > "$d/sanvirtd.toml" <<TOML
-data_dir = "$d/data"
-[admin]
-listen = "127.0.0.1:$aport"
-[nbd]
-listen = "127.0.0.1:$nport"
+  sanvirtd_start "$d" "$aport" "[nbd]
+listen = \"127.0.0.1:$nport\"
 [iscsi]
-listen = "127.0.0.1:$port"
+listen = \"127.0.0.1:$port\"
 [backend]
-io_mode = "$mode"
-TOML
-  "$SANVIRTD" --config "$d/sanvirtd.toml" --create-cluster bench > "$d/log" 2>&1 &
-  pids+=($!); SERVER_PID=$!
-  wait_port "$aport"
-  export SANVIRT_API=http://127.0.0.1:$aport SANVIRT_TOKEN_FILE=$d/data/api-token
-  "$SANVIRT" pool create --name p0 --extent-size 1MiB >/dev/null
+io_mode = \"$mode\""
   if [ "$layout" = striped ]; then
-    for i in 0 1 2 3; do "$SANVIRT" mdisk add --name md$i --path "${files[$i]}" >/dev/null; done
-    "$SANVIRT" pool add-mdisk --pool p0 md0 md1 md2 md3 >/dev/null
-    "$SANVIRT" volume create --name bench --pool p0 --size $((total / 1048576))MiB --striped >/dev/null
+    striped_volume
   else
+    "$SANVIRT" pool create --name p0 --extent-size 1MiB >/dev/null
     "$SANVIRT" mdisk add --name md0 --path "${files[0]}" >/dev/null
     "$SANVIRT" volume create-image --name bench --pool p0 --mdisk md0 >/dev/null
   fi

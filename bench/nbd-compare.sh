@@ -44,60 +44,29 @@ while [ $# -gt 0 ]; do
 done
 for b in fio nbdkit qemu-nbd python3; do command -v $b >/dev/null || { echo "missing $b" >&2; exit 1; }; done
 
-cargo build --release -q -p sanvirtd -p sanvirt-cli
-SANVIRTD=${SANVIRTD:-$PWD/target/release/sanvirtd}  # SANVIRTD= another build, for an A/B
-SANVIRT=$PWD/target/release/sanvirt
+. bench/lib.sh
+bench_build
 
 work=${dir:-$(mktemp -d /var/tmp/sanvirt-bench.XXXXXX)}
 mkdir -p "$work"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; [ -z "$dir" ] && rm -rf "$work"; }
 trap cleanup EXIT
-
-files=()
-for i in 0 1 2 3; do
-  f=$work/backing$i.img
-  if [ ! -f "$f" ]; then
-    dd if=/dev/urandom of="$f" bs=1M count="$size_mib" status=none
-  fi
-  files+=("$f")
-done
-total=$((4 * size_mib * 1024 * 1024))
-
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+backing_files
 
 start_sanvirt() { # mode nbd_port admin_port
   warm
-  local mode=$1 port=$2 aport=$3 d=$work/sanvirt-$1
-  rm -rf "$d"; mkdir -p "$d"
-  cat > "$d/sanvirtd.toml" <<TOML
-data_dir = "$d/data"
-[admin]
-listen = "127.0.0.1:$aport"
-[nbd]
-listen = "127.0.0.1:$port"
+  local mode=$1 port=$2 aport=$3
+  sanvirtd_start "$work/sanvirt-$1" "$aport" "[nbd]
+listen = \"127.0.0.1:$port\"
 [backend]
-io_mode = "$mode"
+io_mode = \"$mode\"
 inline_writes = ${INLINE:-true}
-${EXTRA_TOML:-}
-TOML
-  "$SANVIRTD" --config "$d/sanvirtd.toml" --create-cluster bench > "$d/log" 2>&1 &
-  pids+=($!); SERVER_PID=$!
-  wait_port "$aport"
-  export SANVIRT_API=http://127.0.0.1:$aport SANVIRT_TOKEN_FILE=$d/data/api-token
-  for i in 0 1 2 3; do "$SANVIRT" mdisk add --name md$i --path "${files[$i]}" >/dev/null; done
-  "$SANVIRT" pool create --name p0 --extent-size 1MiB >/dev/null
-  "$SANVIRT" pool add-mdisk --pool p0 md0 md1 md2 md3 >/dev/null
-  "$SANVIRT" volume create --name bench --pool p0 --size $((total / 1048576))MiB --striped >/dev/null
+${EXTRA_TOML:-}"
+  striped_volume
   wait_port "$port"
   URI=nbd://127.0.0.1:$port/bench
 }
-
-# Same page-cache state for every server: evicted, then read back in small
-# folios (bench/warm_cache.py explains why this matters on ext4).
-warm() { python3 bench/warm_cache.py "${files[@]}"; }
-
-cpu_ticks() { awk '{print $14 + $15}' /proc/$1/stat; }
 
 want() { [ -z "${SERVERS:-}" ] || [[ " $SERVERS " == *" $1 "* ]]; }
 
@@ -142,15 +111,7 @@ fi
 # read of the volume through NBD, as the peers' data is warmed in the page
 # cache. Writes go through to the page cache (a lone node runs write-through).
 if want sanvirt-cache; then
-clean=$(( total / 4096 + 4096 ))
-pages=$(( (clean + 2 * 4096) * 4 / 3 + 4096 )) # the cache leaves a quarter to the front ends
-EXTRA_TOML="[buffers]
-pages = $pages
-iobs = $pages
-[cache]
-dirty_pages_max = 4096
-volume_dirty_pages_max = 2048
-clean_pages_max = $clean" start_sanvirt buffered 20815 20483
+EXTRA_TOML=$(cache_toml "$total") start_sanvirt buffered 20815 20483
 fio --name=warm --ioengine=nbd --uri="$URI" --rw=read --bs=1m --iodepth=8 --size="$total" >/dev/null 2>&1 || echo "warm-up read failed" >&2
 run_jobs sanvirt-cache "$SERVER_PID" "$URI" "$total"
 kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true

@@ -28,23 +28,16 @@ done
 for b in fio nbdkit perf python3; do command -v $b >/dev/null || { echo "missing $b" >&2; exit 1; }; done
 [ "$runtime" -ge 7 ] || { echo "--runtime must be at least 7 (the server is sampled for 4 s after 2 s)" >&2; exit 2; }
 
-cargo build --release -q -p sanvirtd -p sanvirt-cli
-SANVIRTD=${SANVIRTD:-$PWD/target/release/sanvirtd}  # SANVIRTD= another build, for an A/B
-SANVIRT=$PWD/target/release/sanvirt
+. bench/lib.sh
+bench_build
 work=$(mktemp -d /var/tmp/sanvirt-syscalls.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-files=()
-for i in 0 1 2 3; do
-  dd if=/dev/urandom of="$work/b$i.img" bs=1M count="$size_mib" status=none
-  files+=("$work/b$i.img")
-done
-total=$((4 * size_mib * 1048576))
+backing_files
 set -- ${JOB:-randread 4k 32}
 rw=$1 bs=$2 qd=$3 rate=${4:-0}
 
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 calls='raw_syscalls:sys_enter'
 for c in recvfrom sendto sendmsg readv writev read write pread64 preadv2 pwrite64 pwritev2 poll ppoll epoll_wait futex; do
   calls+=",syscalls:sys_enter_$c"
@@ -52,7 +45,7 @@ done
 
 measure() { # name pid uri
   local name=$1 pid=$2 uri=$3 before after
-  before=$(awk '{print $14 + $15}' /proc/$pid/stat)
+  before=$(cpu_ticks "$pid")
   ( sleep 2
     if [ -n "${PERF_RECORD:-}" ]; then
       mkdir -p "$PERF_RECORD"
@@ -67,7 +60,7 @@ measure() { # name pid uri
         --runtime="$runtime" --time_based --size="$total" \
         --output-format=json --output="$work/fio.json" >/dev/null 2>&1
   wait "$sampler"
-  after=$(awk '{print $14 + $15}' /proc/$pid/stat)
+  after=$(cpu_ticks "$pid")
   python3 - "$name" "$before" "$after" "$(getconf CLK_TCK)" "$work" <<'PY'
 import json, sys
 name, before, after, hz, work = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
@@ -97,33 +90,18 @@ echo
 echo "| server | IOPS | server CPU µs/IO | client CPU µs/IO | client calls per I/O | server calls per I/O |"
 echo "|---|---:|---:|---:|---|---|"
 for s in ${SERVERS:-sanvirt nbdkit nbdkit-null}; do
-  python3 bench/warm_cache.py "${files[@]}"
+  warm
   case $s in
     sanvirt|sanvirt-cache)
-      d=$work/$s; rm -rf "$d"; mkdir -p "$d"
-      cat > "$d/sanvirtd.toml" <<TOML
-data_dir = "$d/data"
-[admin]
-listen = "127.0.0.1:20880"
-[nbd]
-listen = "127.0.0.1:20881"
+      extra=""
+      [ "$s" = sanvirt-cache ] && extra=$(cache_toml "$total") # as in nbd-compare.sh
+      sanvirtd_start "$work/$s" 20880 "[nbd]
+listen = \"127.0.0.1:20881\"
 [backend]
-io_mode = "buffered"
-TOML
-      if [ "$s" = sanvirt-cache ]; then
-        # The cache sized for the whole volume, as in nbd-compare.sh.
-        clean=$(( total / 4096 + 4096 ))
-        pages=$(( (clean + 2 * 4096) * 4 / 3 + 4096 ))
-        printf '[buffers]\npages = %d\niobs = %d\n[cache]\ndirty_pages_max = 4096\nvolume_dirty_pages_max = 2048\nclean_pages_max = %d\n' \
-          "$pages" "$pages" "$clean" >> "$d/sanvirtd.toml"
-      fi
-      "$SANVIRTD" --config "$d/sanvirtd.toml" --create-cluster bench > "$d/log" 2>&1 &
-      pids+=($!); P=$!; wait_port 20880
-      export SANVIRT_API=http://127.0.0.1:20880 SANVIRT_TOKEN_FILE=$d/data/api-token
-      for i in 0 1 2 3; do "$SANVIRT" mdisk add --name md$i --path "${files[$i]}" >/dev/null; done
-      "$SANVIRT" pool create --name p0 --extent-size 1MiB >/dev/null
-      "$SANVIRT" pool add-mdisk --pool p0 md0 md1 md2 md3 >/dev/null
-      "$SANVIRT" volume create --name bench --pool p0 --size $((total / 1048576))MiB --striped >/dev/null
+io_mode = \"buffered\"
+$extra"
+      P=$SERVER_PID
+      striped_volume
       wait_port 20881
       if [ "$s" = sanvirt-cache ]; then
         fio --name=warm --ioengine=nbd --uri=nbd://127.0.0.1:20881/bench --rw=read --bs=1m \
