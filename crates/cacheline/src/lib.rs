@@ -617,7 +617,7 @@ impl<S: IoServer + Clone> Line<S> {
         let exhausted = || WireIoError::from_io(&sanvirt_facility::IoError::Exhausted { disk });
         let invalid =
             |reason| WireIoError::from_io(&sanvirt_facility::IoError::Invalid { disk, reason });
-        Ok(match op {
+        let mut req = match op {
             IoOp::Read => {
                 if len > wire::FRAME_MAX as u64 {
                     return Err(invalid("forwarded read larger than a frame"));
@@ -639,10 +639,21 @@ impl<S: IoServer + Clone> Line<S> {
             }
             IoOp::Flush => IoRequest::flush(disk),
             IoOp::Unmap => IoRequest::unmap(disk, offset, len),
-            IoOp::WriteZeroes => {
-                IoRequest::write_zeroes(disk, offset, len, IoFlags { fua, no_unmap })
-            }
-        })
+            IoOp::WriteZeroes => IoRequest::write_zeroes(
+                disk,
+                offset,
+                len,
+                IoFlags {
+                    fua,
+                    no_unmap,
+                    ..IoFlags::default()
+                },
+            ),
+        };
+        // Served here only if this node owns the volume (never forwarded
+        // back: see `IoFlags::from_partner`).
+        req.flags.from_partner = true;
+        Ok(req)
     }
 }
 
@@ -801,7 +812,15 @@ impl<S: IoServer + Clone> Forward for Line<S> {
             }
             match r {
                 Err(_) => Err((req, lost("went down before the reply"))),
-                Ok(Err(e)) => Ok(Err(e.into_io(req.disk, req.op, req.len))),
+                Ok(Err(e)) => match e.into_io(req.disk, req.op, req.len) {
+                    // The partner no longer owns the volume (the roles are
+                    // changing): the cache sends it again on the path it
+                    // finds then, here or to the partner.
+                    sanvirt_facility::IoError::NotOwner { .. } => {
+                        Err((req, lost("the partner does not own the volume now")))
+                    }
+                    e => Ok(Err(e)),
+                },
                 Ok(Ok(data)) => {
                     if req.op != IoOp::Read {
                         return Ok(Ok(req.buf.take()));

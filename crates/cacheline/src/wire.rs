@@ -51,6 +51,7 @@ const E_UNAVAILABLE: u8 = 5;
 const E_MEDIUM: u8 = 6;
 const E_NO_SPACE: u8 = 7;
 const E_EXHAUSTED: u8 = 8;
+const E_NOT_OWNER: u8 = 9;
 
 impl WireIoError {
     pub fn from_io(e: &IoError) -> WireIoError {
@@ -63,6 +64,7 @@ impl WireIoError {
             IoError::Medium { offset, errno, .. } => (E_MEDIUM, *errno, *offset),
             IoError::NoSpace { .. } => (E_NO_SPACE, 0, 0),
             IoError::Exhausted { .. } => (E_EXHAUSTED, 0, 0),
+            IoError::NotOwner { .. } => (E_NOT_OWNER, 0, 0),
         };
         let mut text = e.to_string();
         text.truncate(TEXT_MAX);
@@ -98,6 +100,7 @@ impl WireIoError {
             },
             E_NO_SPACE => IoError::NoSpace { disk },
             E_EXHAUSTED => IoError::Exhausted { disk },
+            E_NOT_OWNER => IoError::NotOwner { disk },
             _ => IoError::Unavailable {
                 disk,
                 reason: Arc::from(self.text),
@@ -856,6 +859,9 @@ mod tests {
         );
         let back = WireIoError::from_io(&IoError::NoSpace { disk: 1 }).into_io(9, IoOp::Write, 1);
         assert_eq!(back, IoError::NoSpace { disk: 9 });
+        // The forwarding node retries on this one: it must come back as is.
+        let back = WireIoError::from_io(&IoError::NotOwner { disk: 1 }).into_io(9, IoOp::Read, 1);
+        assert_eq!(back, IoError::NotOwner { disk: 9 });
     }
 
     #[tokio::test]

@@ -69,6 +69,13 @@ pub struct IoFlags {
     pub fua: bool,
     /// For `WriteZeroes`: keep the range allocated (do not punch a hole).
     pub no_unmap: bool,
+    /// Forwarded by the partner node's cache to this node, the volume's
+    /// owner as the partner saw it. A cache that does not own the volume
+    /// (any more) refuses it with [`IoError::NotOwner`] instead of forwarding
+    /// it back: while the two nodes' roles change, a request bouncing
+    /// between them would hold a forwarding credit on each side per hop and
+    /// could take them all (docs/cache.md, "Forwarding").
+    pub from_partner: bool,
 }
 
 /// One request travelling right through the stack.
@@ -217,6 +224,11 @@ pub enum IoError {
     /// A resource the request needs (pages, IOBs) could not be had.
     #[error("disk {disk}: out of buffers")]
     Exhausted { disk: DiskId },
+    /// A request forwarded by the partner node ([`IoFlags::from_partner`])
+    /// reached a cache that does not own the volume now; the partner sends
+    /// it again once the roles have settled. Never reaches a host.
+    #[error("disk {disk}: not owned by this node now")]
+    NotOwner { disk: DiskId },
 }
 
 impl IoError {
@@ -243,6 +255,7 @@ impl IoError {
             IoError::Medium { .. } => 5,        // EIO
             IoError::NoSpace { .. } => 28,      // ENOSPC
             IoError::Exhausted { .. } => 12,    // ENOMEM
+            IoError::NotOwner { .. } => 5,      // EIO
         }
     }
 }

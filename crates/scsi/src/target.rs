@@ -467,7 +467,9 @@ pub fn io_error_sense(e: &IoError, write: bool) -> Sense {
         IoError::Invalid { .. } => Sense::new(key::HARDWARE_ERROR, 0x44, 0x00),
         IoError::NotSupported { .. } => Sense::invalid_opcode(),
         // LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED.
-        IoError::Unavailable { .. } => Sense::new(key::NOT_READY, 0x04, 0x03),
+        IoError::Unavailable { .. } | IoError::NotOwner { .. } => {
+            Sense::new(key::NOT_READY, 0x04, 0x03)
+        }
         IoError::Medium { offset, .. } => {
             let s = if write {
                 Sense::new(key::MEDIUM_ERROR, 0x0C, 0x00)
@@ -1977,8 +1979,8 @@ impl<S: IoServer> ScsiTarget<S> {
                     off,
                     len,
                     IoFlags {
-                        fua: false,
                         no_unmap: !unmap,
+                        ..IoFlags::default()
                     },
                 )
             };

@@ -304,7 +304,7 @@ fn fua_writes_and_flush_complete_and_read_back() {
                 be.submit(IoRequest::flush(1)).await.expect("flush");
                 let fua = IoFlags {
                     fua: true,
-                    no_unmap: false,
+                    ..IoFlags::default()
                 };
                 be.submit(IoRequest::write_zeroes(1, 0, 8192, fua))
                     .await

@@ -90,8 +90,8 @@ async fn block_device_conformance_and_capabilities() {
                     .await
                     .expect("write");
                 let flags = IoFlags {
-                    fua: false,
                     no_unmap,
+                    ..IoFlags::default()
                 };
                 be.submit(IoRequest::write_zeroes(1, off, len, flags))
                     .await

@@ -255,9 +255,11 @@ impl<S: IoServer> Cache<S> {
 
 impl<S: IoServer> Inner<S> {
     /// A request that could not complete on the path it took (forwarded
-    /// over a line that is down, or the volume changed hands): tried again
-    /// on the volume's path now, until it completes or
-    /// [`FORWARD_WAIT_MAX`] passes with the line down.
+    /// over a line that is down, refused by a partner that no longer owns
+    /// the volume, or the volume changed hands): tried again on the
+    /// volume's path now, until it completes or [`FORWARD_WAIT_MAX`]
+    /// passes. A request the partner forwarded here is never forwarded
+    /// back: it fails with [`IoError::NotOwner`] and the partner retries.
     pub(crate) async fn reroute(&self, vol: &Arc<Vol>, mut req: IoRequest) -> IoResult {
         let deadline = tokio::time::Instant::now() + FORWARD_WAIT_MAX;
         loop {
@@ -280,6 +282,12 @@ impl<S: IoServer> Inner<S> {
                     },
                 }
                 continue;
+            }
+            if req.flags.from_partner {
+                // The partner sent it here as to the owner: it tries again
+                // (forwarding it back could bounce it between the two nodes
+                // while their roles change, a credit held per hop).
+                return Err(IoError::NotOwner { disk: vol.disk });
             }
             let forward = self.forward.read().clone();
             if let Some(f) = forward {

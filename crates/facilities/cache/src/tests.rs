@@ -377,6 +377,110 @@ async fn forwarded_requests_reach_the_owner_and_are_resent_after_a_lost_line() {
     assert_eq!(back_end(&c, &pool, 0, 4096).await, vec![9; 4096]);
 }
 
+/// The partner's cache as the cache line reaches it: a request arrives
+/// marked `from_partner` (the line sends a copy: its own stays, to send
+/// again), and `NotOwner` comes back as a retry, as `sanvirt-cacheline` does.
+struct Partner {
+    cache: Cache<MemDisks>,
+    sent: AtomicUsize,
+}
+
+impl Forward for Partner {
+    fn submit(
+        &self,
+        req: IoRequest,
+    ) -> Pin<Box<dyn Future<Output = Result<IoResult, (IoRequest, LineLost)>> + Send>> {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let cache = self.cache.clone();
+        Box::pin(async move {
+            let copy = IoRequest {
+                flags: IoFlags {
+                    from_partner: true,
+                    ..req.flags
+                },
+                buf: req.buf.as_ref().map(|b| b.share().expect("share")),
+                ..req
+            };
+            match cache.submit(copy).await {
+                Err(IoError::NotOwner { .. }) => {
+                    Err((req, LineLost("the partner does not own it".into())))
+                }
+                r => Ok(r),
+            }
+        })
+    }
+
+    fn block_status(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        len: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<Result<Vec<AllocExtent>, IoError>, LineLost>> + Send>>
+    {
+        let cache = self.cache.clone();
+        Box::pin(async move { Ok(cache.block_status(disk, offset, len).await) })
+    }
+}
+
+/// While a volume changes hands, each node may for a moment see the other
+/// as the owner. A request the partner forwarded is then refused, never
+/// forwarded back (it would bounce between the nodes, a forwarding credit
+/// held per hop on each, until the credits ran out and every forwarded
+/// request waited for ever: seen in the two-node kill test); the node that
+/// took it from the host sends it again until the owner serves it.
+#[tokio::test(start_paused = true)]
+async fn a_request_from_the_partner_is_never_forwarded_back() {
+    let (a, pool) = cache_with(limits());
+    let (b, _) = cache_with(limits());
+    let forward = VolumeSetup {
+        mode: CacheMode::WriteBack,
+        role: Role::Forward,
+        epoch: 1,
+    };
+    a.set_volume(DISK, forward.clone());
+    b.set_volume(DISK, forward);
+    let a_to_b = Arc::new(Partner {
+        cache: b.clone(),
+        sent: AtomicUsize::new(0),
+    });
+    let b_to_a = Arc::new(Partner {
+        cache: a.clone(),
+        sent: AtomicUsize::new(0),
+    });
+    a.set_forward(Some(a_to_b.clone() as Arc<dyn Forward>));
+    b.set_forward(Some(b_to_a.clone() as Arc<dyn Forward>));
+    let w = {
+        let (a, pool) = (a.clone(), pool.clone());
+        tokio::spawn(async move { write(&a, &pool, 4096, &[6; 4096], false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!w.is_finished(), "completed with no owner");
+    let tries = a_to_b.sent.load(Ordering::Relaxed);
+    assert!(
+        (2..=10).contains(&tries),
+        "sent again at a bounded pace while no node owns it: {tries} tries in 100 ms"
+    );
+    assert_eq!(
+        b_to_a.sent.load(Ordering::Relaxed),
+        0,
+        "b forwarded a request that came from its partner"
+    );
+    // The handover completes: b owns the volume; a's next try is served.
+    b.set_volume(
+        DISK,
+        VolumeSetup {
+            epoch: 2,
+            ..owner(false)
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(1), w)
+        .await
+        .expect("served once b owns the volume")
+        .unwrap();
+    assert_eq!(read(&b, &pool, 4096, 4096).await, vec![6; 4096]);
+    assert_eq!(b_to_a.sent.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test]
 async fn adopted_copies_are_read_and_destaged_as_dirty_pages() {
     let (c, pool) = cache_with(limits());

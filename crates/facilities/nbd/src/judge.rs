@@ -122,9 +122,10 @@ pub fn errno_for(e: &IoError, cmd: Command) -> u32 {
         IoError::Invalid { .. } | IoError::NotSupported { .. } => NBD_EINVAL,
         IoError::NoSpace { .. } => NBD_ENOSPC,
         IoError::Exhausted { .. } => NBD_ENOMEM,
-        IoError::NoSuchDisk { .. } | IoError::Unavailable { .. } | IoError::Medium { .. } => {
-            NBD_EIO
-        }
+        IoError::NoSuchDisk { .. }
+        | IoError::Unavailable { .. }
+        | IoError::Medium { .. }
+        | IoError::NotOwner { .. } => NBD_EIO,
     }
 }
 

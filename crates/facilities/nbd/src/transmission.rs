@@ -1033,6 +1033,7 @@ where
         let mut flags = IoFlags {
             fua,
             no_unmap: h.flags & CMD_FLAG_NO_HOLE != 0,
+            ..IoFlags::default()
         };
         let op = match cmd {
             Command::Read => {

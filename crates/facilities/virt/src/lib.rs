@@ -195,6 +195,7 @@ impl<S: IoServer> Inner<S> {
             IoError::NotSupported { op, .. } => IoError::NotSupported { disk: volume, op },
             IoError::NoSpace { .. } => IoError::NoSpace { disk: volume },
             IoError::Exhausted { .. } => IoError::Exhausted { disk: volume },
+            IoError::NotOwner { .. } => IoError::NotOwner { disk: volume },
         }
     }
 
