@@ -10,12 +10,54 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Ports handed to test daemons: below the kernel's ephemeral range
+/// (32768-60999 here), so that no outgoing connection can take one between
+/// the moment it is chosen and the moment a daemon binds it, or while a
+/// killed daemon is down. (Ports from `bind(0)` came from that range: a
+/// kill test failed once with "Address already in use".)
+const TEST_PORTS: std::ops::Range<u16> = 20000..32000;
+
+/// A port no other test process holds and nothing listens on now. Held
+/// for the life of this process (an exclusive `flock` on a file per port
+/// under the temp directory, released when the process exits), so
+/// concurrent test processes never pick the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    use std::os::fd::AsRawFd;
+    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("sanvirt-test-ports");
+    std::fs::create_dir_all(&dir).expect("port lock directory");
+    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
+    let mut x = u64::from(std::process::id())
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos().into()),
+        );
+    for _ in 0..span {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let port = TEST_PORTS.start + ((x >> 33) % span) as u16;
+        let Ok(f) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        // SAFETY: flock(2) on a file descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        HELD.lock().unwrap().push(f);
+        return port;
+    }
+    panic!("no free test port in {TEST_PORTS:?}");
 }
 
 /// Path of a workspace binary built next to this test executable.
