@@ -40,8 +40,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use sanvirt_buffer::{Buffer, BufferPool};
-use sanvirt_cache::{Adopted, Forward, Forwarded, ForwardedStatus, LineLost, Mirror, MirrorError};
-use sanvirt_facility::{AllocExtent, DiskId, IoFlags, IoOp, IoRequest, IoServer};
+use sanvirt_cache::{
+    Adopted, Forward, Forwarded, ForwardedStatus, LineLost, Mirror, MirrorError, PartnerServe,
+};
+use sanvirt_facility::{AllocExtent, DiskId, IoFlags, IoOp, IoRequest};
 use sanvirt_objpool::credit::{CreditConsumer, CreditMsg, CreditProvider, LineId};
 use sanvirt_objpool::{ranks, ChildLimits, CompoundPool, Pool, Rank, WorkItem};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
@@ -194,7 +196,7 @@ fn lost(reason: &str) -> LineLost {
     LineLost(reason.into())
 }
 
-impl<S: IoServer + Clone> Line<S> {
+impl<S: PartnerServe + Clone> Line<S> {
     pub fn new(cfg: LineConfig, local: S, pool: Arc<BufferPool>) -> Line<S> {
         let n = cfg.forward_credits.max(1);
         let cbs = Pool::base(
@@ -593,7 +595,7 @@ impl<S: IoServer + Clone> Line<S> {
                 result: self
                     .inner
                     .local
-                    .block_status(disk, offset, len)
+                    .partner_block_status(disk, offset, len)
                     .await
                     .map_err(|e| WireIoError::from_io(&e)),
             },
@@ -663,7 +665,7 @@ impl<S> Inner<S> {
     }
 }
 
-async fn writer<S: IoServer + Clone, W: AsyncWrite + Unpin>(
+async fn writer<S: PartnerServe + Clone, W: AsyncWrite + Unpin>(
     line: Line<S>,
     conn: Arc<Conn>,
     mut wr: BufWriter<W>,
@@ -696,7 +698,7 @@ async fn writer<S: IoServer + Clone, W: AsyncWrite + Unpin>(
     let _ = wr.shutdown().await;
 }
 
-async fn reader<S: IoServer + Clone, R: AsyncRead + Unpin>(
+async fn reader<S: PartnerServe + Clone, R: AsyncRead + Unpin>(
     line: Line<S>,
     conn: Arc<Conn>,
     mut rd: R,
@@ -723,7 +725,7 @@ async fn reader<S: IoServer + Clone, R: AsyncRead + Unpin>(
     line.end(&conn, &reason);
 }
 
-impl<S: IoServer + Clone> Mirror for Line<S> {
+impl<S: PartnerServe + Clone> Mirror for Line<S> {
     fn mirror(
         &self,
         disk: DiskId,
@@ -768,7 +770,7 @@ impl<S: IoServer + Clone> Mirror for Line<S> {
     }
 }
 
-impl<S: IoServer + Clone> Forward for Line<S> {
+impl<S: PartnerServe + Clone> Forward for Line<S> {
     fn submit(&self, mut req: IoRequest) -> Forwarded {
         let line = self.clone();
         Box::pin(async move {
@@ -867,7 +869,13 @@ impl<S: IoServer + Clone> Forward for Line<S> {
             drop(credit);
             match r {
                 Err(_) => Err(lost("went down before the reply")),
-                Ok(r) => Ok(r.map_err(|e| e.into_io(disk, IoOp::Read, len))),
+                Ok(r) => match r.map_err(|e| e.into_io(disk, IoOp::Read, len)) {
+                    // As for a request: the partner no longer owns it.
+                    Err(sanvirt_facility::IoError::NotOwner { .. }) => {
+                        Err(lost("the partner does not own the volume now"))
+                    }
+                    r => Ok(r),
+                },
             }
         })
     }

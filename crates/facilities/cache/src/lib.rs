@@ -1209,6 +1209,58 @@ impl<S: IoServer> IoClient for Inner<S> {
     }
 }
 
+impl<S: IoServer> Inner<S> {
+    /// Block status of a range. Allocation is decided below the cache:
+    /// dirty pages of the range are destaged first, or a hole (reading as
+    /// zeros) could be reported where a completed write is still only in
+    /// memory. `from_partner`: asked by the partner node, so never
+    /// forwarded back (see `IoFlags::from_partner`).
+    async fn block_status(
+        self: Arc<Self>,
+        disk: DiskId,
+        offset: u64,
+        len: u64,
+        from_partner: bool,
+    ) -> Result<Vec<AllocExtent>, IoError> {
+        let vol = self.vol(disk)?;
+        if let Some(r) = self
+            .forwarded_block_status(&vol, offset, len, from_partner)
+            .await
+        {
+            return r;
+        }
+        if len > 0 && offset.checked_add(len).is_some_and(|e| e <= vol.size()) {
+            let (first, last) = pages_of(offset, len);
+            self.wait_clean(&vol, first, last, None, |_| ()).await?;
+        }
+        self.server.block_status(disk, offset, len).await
+    }
+}
+
+/// The node's own cache as the cache line serves the partner with it.
+pub trait PartnerServe: IoServer {
+    /// Block status asked by the partner node: [`IoError::NotOwner`] when
+    /// this node does not own the volume now (never forwarded back; the
+    /// partner asks again).
+    fn partner_block_status(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<AllocExtent>, IoError>> + Send;
+}
+
+impl<S: IoServer> PartnerServe for Cache<S> {
+    fn partner_block_status(
+        &self,
+        disk: DiskId,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Vec<AllocExtent>, IoError>> + Send {
+        Arc::clone(&self.inner).block_status(disk, offset, len, true)
+    }
+}
+
 impl<S: IoServer> IoServer for Cache<S> {
     fn submit(&self, req: IoRequest) -> impl Future<Output = IoResult> + Send {
         self.inner.submit(req)
@@ -1225,21 +1277,7 @@ impl<S: IoServer> IoServer for Cache<S> {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Vec<AllocExtent>, IoError>> + Send {
-        // Allocation is decided below the cache: dirty pages of the range
-        // are destaged first, or a hole (reading as zeros) could be reported
-        // where a completed write is still only in memory.
-        let inner = Arc::clone(&self.inner);
-        async move {
-            let vol = inner.vol(disk)?;
-            if let Some(r) = inner.forwarded_block_status(&vol, offset, len).await {
-                return r;
-            }
-            if len > 0 && offset.checked_add(len).is_some_and(|e| e <= vol.size()) {
-                let (first, last) = pages_of(offset, len);
-                inner.wait_clean(&vol, first, last, None, |_| ()).await?;
-            }
-            inner.server.block_status(disk, offset, len).await
-        }
+        Arc::clone(&self.inner).block_status(disk, offset, len, false)
     }
 
     fn bind_client(&self, client: Weak<dyn IoClient>) {

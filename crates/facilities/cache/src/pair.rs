@@ -315,17 +315,23 @@ impl<S: IoServer> Inner<S> {
         }
     }
 
-    /// Block status of a volume whose owner is the partner.
+    /// Block status of a volume whose owner is the partner (`None`: this
+    /// node serves it). Asked by the partner (`from_partner`), it is
+    /// refused instead, as a forwarded request is (see [`Self::reroute`]).
     pub(crate) async fn forwarded_block_status(
         &self,
         vol: &Arc<Vol>,
         offset: u64,
         len: u64,
+        from_partner: bool,
     ) -> Option<Result<Vec<AllocExtent>, IoError>> {
         let deadline = tokio::time::Instant::now() + FORWARD_WAIT_MAX;
         loop {
             if !matches!(vol.setup.lock().role, Role::Forward) {
                 return None;
+            }
+            if from_partner {
+                return Some(Err(IoError::NotOwner { disk: vol.disk }));
             }
             let forward = self.forward.read().clone();
             if let Some(f) = forward {

@@ -417,8 +417,16 @@ impl Forward for Partner {
         len: u64,
     ) -> Pin<Box<dyn Future<Output = Result<Result<Vec<AllocExtent>, IoError>, LineLost>> + Send>>
     {
+        self.sent.fetch_add(1, Ordering::Relaxed);
         let cache = self.cache.clone();
-        Box::pin(async move { Ok(cache.block_status(disk, offset, len).await) })
+        Box::pin(async move {
+            match cache.partner_block_status(disk, offset, len).await {
+                Err(IoError::NotOwner { .. }) => {
+                    Err(LineLost("the partner does not own it".into()))
+                }
+                r => Ok(r),
+            }
+        })
     }
 }
 
@@ -453,12 +461,18 @@ async fn a_request_from_the_partner_is_never_forwarded_back() {
         let (a, pool) = (a.clone(), pool.clone());
         tokio::spawn(async move { write(&a, &pool, 4096, &[6; 4096], false).await })
     };
+    let st = {
+        let a = a.clone();
+        tokio::spawn(async move { a.block_status(DISK, 0, 65536).await })
+    };
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!w.is_finished(), "completed with no owner");
+    assert!(!st.is_finished(), "block status answered with no owner");
     let tries = a_to_b.sent.load(Ordering::Relaxed);
     assert!(
-        (2..=10).contains(&tries),
-        "sent again at a bounded pace while no node owns it: {tries} tries in 100 ms"
+        (4..=20).contains(&tries),
+        "sent again at a bounded pace while no node owns it (a write and a \
+         block status): {tries} tries in 100 ms"
     );
     assert_eq!(
         b_to_a.sent.load(Ordering::Relaxed),
@@ -477,6 +491,12 @@ async fn a_request_from_the_partner_is_never_forwarded_back() {
         .await
         .expect("served once b owns the volume")
         .unwrap();
+    let ext = tokio::time::timeout(Duration::from_secs(1), st)
+        .await
+        .expect("block status answered once b owns the volume")
+        .unwrap()
+        .unwrap();
+    assert!(!ext.is_empty());
     assert_eq!(read(&b, &pool, 4096, 4096).await, vec![6; 4096]);
     assert_eq!(b_to_a.sent.load(Ordering::Relaxed), 0);
 }
