@@ -26,19 +26,8 @@ pub fn free_port() -> u16 {
     static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
     let dir = std::env::temp_dir().join("sanvirt-test-ports");
     std::fs::create_dir_all(&dir).expect("port lock directory");
-    let span = u64::from(TEST_PORTS.end - TEST_PORTS.start);
-    let mut x = u64::from(std::process::id())
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos().into()),
-        );
-    for _ in 0..span {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let port = TEST_PORTS.start + ((x >> 33) % span) as u16;
+    for _ in 0..TEST_PORTS.len() {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), TEST_PORTS);
         let Ok(f) = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
