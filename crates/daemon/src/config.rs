@@ -108,6 +108,14 @@ pub struct AdminConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct NbdConfig {
     pub listen: SocketAddr,
+    /// Request coalescing: the most requests an idle connection waits for
+    /// before it wakes, when its client keeps enough in flight (0 or 1: off).
+    pub coalesce_requests_max: u32,
+    /// The longest a request waits for others to arrive with it, in µs.
+    pub coalesce_wait_us: u64,
+    /// Coalesce only where a probe measured that it does not slow the
+    /// client; `false` coalesces wherever the client keeps a batch in flight.
+    pub coalesce_probe: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -189,8 +197,12 @@ impl Default for AdminConfig {
 
 impl Default for NbdConfig {
     fn default() -> Self {
+        let nbd = sanvirt_nbd::NbdConfig::default();
         NbdConfig {
             listen: "127.0.0.1:10809".parse().expect("literal address"),
+            coalesce_requests_max: nbd.coalesce_requests_max,
+            coalesce_wait_us: nbd.coalesce_wait.as_micros() as u64,
+            coalesce_probe: nbd.coalesce_probe,
         }
     }
 }

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use parking_lot::Mutex;
@@ -547,6 +547,9 @@ pub async fn run(
         Arc::clone(&pool),
         NbdConfig {
             node: cfg.node_id,
+            coalesce_requests_max: cfg.nbd.coalesce_requests_max,
+            coalesce_wait: Duration::from_micros(cfg.nbd.coalesce_wait_us),
+            coalesce_probe: cfg.nbd.coalesce_probe,
             ..NbdConfig::default()
         },
     )

@@ -5,8 +5,9 @@ use std::time::Duration;
 use sanvirt_facility::NodeId;
 
 use crate::limits::{
-    CONNECTIONS_DEFAULT, CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_S_DEFAULT, PAYLOAD_BYTES_MAX,
-    SHUTDOWN_GRACE_S_DEFAULT,
+    COALESCE_REQUESTS_DEFAULT, COALESCE_WAIT_US_DEFAULT, COALESCE_WAIT_US_MAX,
+    COALESCE_WAIT_US_MIN, CONNECTIONS_DEFAULT, CONNECTIONS_MAX, HANDSHAKE_TIMEOUT_S_DEFAULT,
+    IN_FLIGHT_MAX, PAYLOAD_BYTES_MAX, SHUTDOWN_GRACE_S_DEFAULT,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,14 @@ pub struct NbdConfig {
     /// After shutdown, time connections get to finish in-flight requests
     /// (a client that stops reading replies cannot hold the server up longer).
     pub shutdown_grace: Duration,
+    /// Request coalescing (`crate::coalesce`): the most requests an idle
+    /// connection waits for before it wakes (0 or 1: off).
+    pub coalesce_requests_max: u32,
+    /// The longest a request waits for others to arrive with it.
+    pub coalesce_wait: Duration,
+    /// Coalesce only where measuring shows it does not slow the client
+    /// (`false`: wherever the client keeps a batch in flight).
+    pub coalesce_probe: bool,
 }
 
 impl Default for NbdConfig {
@@ -36,6 +45,9 @@ impl Default for NbdConfig {
             connections_max: CONNECTIONS_DEFAULT,
             handshake_timeout: Duration::from_secs(HANDSHAKE_TIMEOUT_S_DEFAULT),
             shutdown_grace: Duration::from_secs(SHUTDOWN_GRACE_S_DEFAULT),
+            coalesce_requests_max: COALESCE_REQUESTS_DEFAULT,
+            coalesce_wait: Duration::from_micros(COALESCE_WAIT_US_DEFAULT),
+            coalesce_probe: true,
         }
     }
 }
@@ -46,6 +58,12 @@ pub enum ConfigError {
     PayloadMax(u32),
     #[error("connections_max must be between 1 and {CONNECTIONS_MAX}, not {0}")]
     Connections(usize),
+    #[error("coalesce_requests_max must be at most {IN_FLIGHT_MAX}, not {0}")]
+    CoalesceRequests(u32),
+    #[error(
+        "coalesce_wait must be between {COALESCE_WAIT_US_MIN} and {COALESCE_WAIT_US_MAX} µs, not {0} µs"
+    )]
+    CoalesceWait(u128),
 }
 
 impl NbdConfig {
@@ -55,6 +73,13 @@ impl NbdConfig {
         }
         if !(1..=CONNECTIONS_MAX).contains(&self.connections_max) {
             return Err(ConfigError::Connections(self.connections_max));
+        }
+        if self.coalesce_requests_max as usize > IN_FLIGHT_MAX {
+            return Err(ConfigError::CoalesceRequests(self.coalesce_requests_max));
+        }
+        let us = self.coalesce_wait.as_micros();
+        if !(COALESCE_WAIT_US_MIN as u128..=COALESCE_WAIT_US_MAX as u128).contains(&us) {
+            return Err(ConfigError::CoalesceWait(us));
         }
         Ok(())
     }

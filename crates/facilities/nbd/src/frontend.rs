@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::coalesce::{Coalesce, CoalesceStats};
 use crate::config::{ConfigError, NbdConfig};
 use crate::exports::{ExportSummary, Exports};
 use crate::limits::IN_FLIGHT_MAX;
@@ -38,6 +39,8 @@ pub struct NbdFrontEnd<S: IoServer> {
     config: NbdConfig,
     exports: Exports,
     shutdown: Arc<watch::Sender<bool>>,
+    /// Request coalescing of the connections that ended, summed.
+    coalesced: parking_lot::Mutex<CoalesceStats>,
 }
 
 /// Stops a running front end: listeners stop accepting, handshakes end,
@@ -91,6 +94,7 @@ impl<S: IoServer> NbdFrontEnd<S> {
             config,
             exports: Exports::default(),
             shutdown: Arc::new(tx),
+            coalesced: parking_lot::Mutex::new(CoalesceStats::default()),
         });
         let client: Arc<dyn IoClient> = fe.clone();
         let weak: Weak<dyn IoClient> = Arc::downgrade(&client);
@@ -108,6 +112,11 @@ impl<S: IoServer> NbdFrontEnd<S> {
     }
 
     /// The configuration in force (payload maximum clamped to the pool).
+    /// What request coalescing did on the connections that have ended.
+    pub fn coalesce_stats(&self) -> CoalesceStats {
+        *self.coalesced.lock()
+    }
+
     pub fn config(&self) -> &NbdConfig {
         &self.config
     }
@@ -257,9 +266,25 @@ impl<S: IoServer> NbdFrontEnd<S> {
             &self.blocks,
             session,
             Box::pin(self.stopped()),
+        )
+        .coalescing(
+            Coalesce::new(self.config.coalesce_requests_max, self.config.coalesce_wait)
+                .probing(self.config.coalesce_probe),
         );
         poll_fn(|cx| t.poll(cx)).await;
-        tracing::info!(%peer, %export, "client disconnected");
+        let c = t.coalesce_stats();
+        self.coalesced.lock().add(&c);
+        tracing::info!(
+            %peer,
+            %export,
+            coalesced_waits = c.waits,
+            coalesced_requests = c.asked,
+            coalesce_stalls = c.stalls,
+            coalesce_quiet = c.quiet,
+            coalesce_probes = c.probes,
+            coalesce_kept = c.kept,
+            "client disconnected"
+        );
     }
 }
 

@@ -22,6 +22,7 @@
 //! stop.shutdown();
 //! ```
 
+pub mod coalesce;
 pub mod config;
 pub mod exports;
 pub mod frontend;

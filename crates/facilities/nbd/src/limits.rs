@@ -69,6 +69,13 @@ pub const BUFFER_RETRY_INTERVAL_MS: u64 = 1;
 /// Poll-loop rounds before a connection yields to the runtime.
 pub const POLL_ROUNDS_MAX: usize = 32;
 
+/// Request coalescing (`crate::coalesce`): default largest batch an idle
+/// connection waits for, and the bounds and default of the wait.
+pub const COALESCE_REQUESTS_DEFAULT: u32 = 8;
+pub const COALESCE_WAIT_US_DEFAULT: u64 = 200;
+pub const COALESCE_WAIT_US_MIN: u64 = 10;
+pub const COALESCE_WAIT_US_MAX: u64 = 10_000;
+
 /// Default and largest number of concurrent connections.
 pub const CONNECTIONS_DEFAULT: usize = 256;
 pub const CONNECTIONS_MAX: usize = 4096;
@@ -93,3 +100,8 @@ const _: () = assert!(DISCARD_CHUNK_BYTES >= IN_FLIGHT_MAX * REQUEST_HEADER_BYTE
 const _: () =
     assert!(CONSUME_BATCH_BYTES + IN_FLIGHT_MAX * REQUEST_HEADER_BYTES <= DISCARD_CHUNK_BYTES);
 const _: () = assert!(CONNECTIONS_DEFAULT <= CONNECTIONS_MAX);
+const _: () = assert!(COALESCE_REQUESTS_DEFAULT as usize <= IN_FLIGHT_MAX);
+const _: () = assert!(
+    COALESCE_WAIT_US_MIN <= COALESCE_WAIT_US_DEFAULT
+        && COALESCE_WAIT_US_DEFAULT <= COALESCE_WAIT_US_MAX
+);

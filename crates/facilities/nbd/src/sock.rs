@@ -53,6 +53,33 @@ pub fn set_peek_off(stream: &TcpStream, off: usize) -> io::Result<()> {
     }
 }
 
+/// Sets the socket's receive low-water mark (`SO_RCVLOWAT`): the kernel
+/// reports it readable, and wakes the connection, only once `bytes` are
+/// waiting (or the stream ended). Non-blocking reads still return whatever
+/// is there. Raising the mark signals readiness at once if that many bytes
+/// are already waiting, lowering it likewise.
+pub fn set_rcvlowat(stream: &TcpStream, bytes: usize) -> io::Result<()> {
+    let v: libc::c_int = bytes
+        .max(1)
+        .try_into()
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a valid socket fd, a c_int option value of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// What a non-blocking transfer did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Got {

@@ -44,6 +44,7 @@ use sanvirt_objpool::Pool;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use crate::coalesce::{Coalesce, CoalesceStats, Mark, Timer};
 use crate::judge::{errno_for, judge, ExportView, Verdict};
 use crate::limits::*;
 use crate::negotiate::{Session, BASE_ALLOCATION_ID};
@@ -280,6 +281,16 @@ pub struct Transmission<'a, S, F, G> {
     retry_armed: bool,
     shutdown: Pin<Box<dyn Future<Output = ()> + Send + 'a>>,
     write_broken: bool,
+    /// Request coalescing ([`crate::coalesce`]): the policy, the bound on a
+    /// wait (created at the first wait), the socket's receive low-water mark
+    /// as last set (1: the kernel's default).
+    coalesce: Coalesce,
+    timer: Option<Timer>,
+    lowat: usize,
+    /// The wait's timer ran out; judged when the connection is next idle.
+    expired: bool,
+    /// Peek once even if tokio has no readiness (after a wait timed out).
+    force_peek: bool,
 }
 
 impl<'a, S, F, G> Transmission<'a, S, F, G>
@@ -323,7 +334,23 @@ where
             retry_armed: false,
             shutdown,
             write_broken: false,
+            coalesce: Coalesce::new(0, Duration::ZERO),
+            timer: None,
+            lowat: 1,
+            expired: false,
+            force_peek: false,
         }
+    }
+
+    /// Coalesces requests as `c` decides (off without).
+    pub fn coalescing(mut self, c: Coalesce) -> Self {
+        self.coalesce = c;
+        self
+    }
+
+    /// What request coalescing did on this connection.
+    pub fn coalesce_stats(&self) -> CoalesceStats {
+        self.coalesce.stats()
     }
 
     /// Drives the connection; ready when the session is over (client
@@ -333,6 +360,9 @@ where
         // Once per wakeup (it registers this task's waker), not per round.
         if !matches!(self.recv, Recv::Stopped) && self.shutdown.as_mut().poll(cx).is_ready() {
             self.stop("server shutting down");
+        }
+        if self.coalesce.waiting() {
+            self.wait_woken(cx);
         }
         for _ in 0..POLL_ROUNDS_MAX {
             let mut progress = self.poll_completions();
@@ -355,12 +385,124 @@ where
                 return Poll::Ready(());
             }
             if !progress {
+                if self.park(cx) {
+                    cx.waker().wake_by_ref();
+                }
                 return Poll::Pending;
             }
         }
         // Plenty of work: let other tasks run, then continue.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    // ------------------------------------------------------------ coalescing
+
+    /// Polled during a coalesced wait: the batch arrived, or the timer ran
+    /// out (then the connection reads whatever is there).
+    fn wait_woken(&mut self, cx: &mut Context<'_>) {
+        let expired = self.timer.as_mut().is_some_and(|t| t.poll_expired(cx));
+        if expired {
+            self.expired = true;
+            self.force_peek = true;
+            self.set_mark(1);
+        } else {
+            self.coalesce.woken(Instant::now().into_std());
+        }
+    }
+
+    /// The poll loop found nothing to do: choose how to wait. `true`: that
+    /// changed something worth another round.
+    fn park(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.coalesce.enabled() {
+            return false;
+        }
+        let now = Instant::now().into_std();
+        if std::mem::take(&mut self.expired) {
+            self.coalesce.timed_out(now);
+        }
+        let clean = matches!(self.recv, Recv::Headers) && self.hdr_have == 0;
+        let idle = clean
+            && self.busy == 0
+            && self.sendq.is_empty()
+            && self.buf_wait.is_none()
+            && self.waited.is_none()
+            && !self.retry_armed;
+        if !idle {
+            // Waiting for the rest of a header or payload: any byte counts.
+            if !clean && self.lowat > 1 {
+                self.set_mark(1);
+            }
+            return false;
+        }
+        match self.coalesce.idle(now) {
+            Mark::Keep => false,
+            Mark::Off => {
+                if self.lowat > 1 {
+                    self.set_mark(1);
+                }
+                false
+            }
+            Mark::Wait(bytes) => {
+                // Headers parsed but unread would count towards the mark.
+                if self.consume_pending > 0 && !self.consume(cx) {
+                    self.coalesce.cancel();
+                    if self.lowat > 1 {
+                        self.set_mark(1);
+                    }
+                    return true;
+                }
+                if self.lowat != bytes && !self.set_mark(bytes) {
+                    return false;
+                }
+                let wait = self.coalesce.wait();
+                let timer = match self.timer.take().map_or_else(Timer::new, Ok) {
+                    Ok(t) => self.timer.insert(t),
+                    Err(e) => return self.coalesce_failed("timer", &e),
+                };
+                if let Err(e) = timer.arm(wait) {
+                    return self.coalesce_failed("timer", &e);
+                }
+                // Registers the waker for the expiry; it cannot have run
+                // out yet, but if it has, handle it now.
+                if timer.poll_expired(cx) {
+                    self.expired = true;
+                    self.force_peek = true;
+                    self.set_mark(1);
+                    return true;
+                }
+                false
+            }
+        }
+    }
+
+    /// Sets the socket's receive low-water mark; `false` if the kernel
+    /// refused (coalescing is then off for this connection).
+    fn set_mark(&mut self, bytes: usize) -> bool {
+        match crate::sock::set_rcvlowat(self.stream, bytes) {
+            Ok(()) => {
+                self.lowat = bytes;
+                true
+            }
+            Err(e) => {
+                self.coalesce_failed("SO_RCVLOWAT", &e);
+                false
+            }
+        }
+    }
+
+    /// Turns coalescing off for this connection after a system call failed.
+    /// `true`: the connection should run another round.
+    fn coalesce_failed(&mut self, what: &'static str, e: &io::Error) -> bool {
+        tracing::debug!(what, error = %e, "request coalescing off for this connection");
+        let stats = self.coalesce.stats();
+        self.coalesce = Coalesce::off_after(stats);
+        if self.lowat > 1 && crate::sock::set_rcvlowat(self.stream, 1).is_ok() {
+            self.lowat = 1;
+        }
+        // Read whatever is waiting without waiting for readiness.
+        self.force_peek = true;
+        true
     }
 
     fn stop(&mut self, reason: &'static str) {
@@ -410,6 +552,13 @@ where
         s.extents.clear();
         s.state = SlotState::Running;
         self.busy += 1;
+        let payload = if h.command() == Command::Write {
+            h.len as usize
+        } else {
+            0
+        };
+        self.coalesce
+            .request(REQUEST_HEADER_BYTES + payload, self.busy);
         i
     }
 
@@ -848,8 +997,9 @@ where
         let want = (free * REQUEST_HEADER_BYTES - self.hdr_have).min(self.scratch.len());
         // Where this peek starts, past the next unread byte.
         let start = self.peek_off.unwrap_or(0);
+        let present = self.seen > start || std::mem::take(&mut self.force_peek);
         let n = loop {
-            match crate::sock::peek(self.stream, &mut self.scratch[..want], self.seen > start) {
+            match crate::sock::peek(self.stream, &mut self.scratch[..want], present) {
                 Ok(Got::Bytes(n)) => break n,
                 Ok(Got::WouldBlock) => match self.readable(cx) {
                     Readable::Again => {}
