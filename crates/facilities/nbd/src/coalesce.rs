@@ -54,8 +54,10 @@ use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-/// Most bytes of requests one coalesced wait asks for.
-pub const COALESCE_BYTES_MAX: usize = 64 << 10;
+/// Most bytes of requests one coalesced wait asks for. Measured: batches of
+/// 15 4 KiB writes (62 KiB) stalled and the probes turned them off (cause
+/// not examined); batches of 8 (33 KiB) worked.
+pub const COALESCE_BYTES_MAX: usize = 32 << 10;
 
 /// One probe window (about 500 requests at 100k IOPS).
 pub const PROBE_WINDOW: Duration = Duration::from_millis(5);
@@ -601,11 +603,11 @@ mod tests {
         assert_eq!(c.idle(t), Mark::Wait(8 * 28), "no more than requests_max");
         t += STEP;
         c.woken(t);
-        busy(&mut c, 32, 28 + 16384);
-        assert_eq!(c.idle(t), Mark::Wait(3 * (28 + 16384)), "at most 64 KiB");
+        busy(&mut c, 32, 28 + 8192);
+        assert_eq!(c.idle(t), Mark::Wait(3 * (28 + 8192)), "at most 32 KiB");
         t += STEP;
         c.woken(t);
-        busy(&mut c, 32, 28 + 65536);
+        busy(&mut c, 32, 28 + 16384);
         assert_eq!(c.idle(t), Mark::Off, "large requests are not coalesced");
         // The smallest request sets the unit: a mixed batch never waits for
         // more bytes than k of its smallest requests.

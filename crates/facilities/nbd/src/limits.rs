@@ -71,7 +71,7 @@ pub const POLL_ROUNDS_MAX: usize = 32;
 
 /// Request coalescing (`crate::coalesce`): default largest batch an idle
 /// connection waits for, and the bounds and default of the wait.
-pub const COALESCE_REQUESTS_DEFAULT: u32 = 8;
+pub const COALESCE_REQUESTS_DEFAULT: u32 = 16;
 pub const COALESCE_WAIT_US_DEFAULT: u64 = 200;
 pub const COALESCE_WAIT_US_MIN: u64 = 10;
 pub const COALESCE_WAIT_US_MAX: u64 = 10_000;
