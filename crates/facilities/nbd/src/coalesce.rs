@@ -497,6 +497,15 @@ mod tests {
     const WAIT: Duration = Duration::from_micros(200);
     const STEP: Duration = Duration::from_micros(50);
 
+    /// A policy (batches of up to 8) that has decided to coalesce for the
+    /// next minute, and the time it decided.
+    fn coalescing() -> (Coalesce, Instant) {
+        let mut c = Coalesce::new(8, WAIT);
+        let t = Instant::now();
+        c.phase = Phase::On(t + Duration::from_secs(60));
+        (c, t)
+    }
+
     /// One busy period: `n` requests of `bytes`, outstanding up to `n`.
     fn busy(c: &mut Coalesce, n: usize, bytes: usize) {
         for i in 1..=n {
@@ -588,9 +597,7 @@ mod tests {
 
     #[test]
     fn the_batch_is_at_most_the_peak_the_cap_and_the_byte_bound() {
-        let mut c = Coalesce::new(8, WAIT);
-        let mut t = Instant::now();
-        c.phase = Phase::On(t + Duration::from_secs(60));
+        let (mut c, mut t) = coalescing();
         busy(&mut c, 3, 28);
         assert_eq!(
             c.idle(t),
@@ -629,9 +636,7 @@ mod tests {
 
     #[test]
     fn frequent_stalls_stop_coalescing_until_the_next_probe_a_quiet_timer_does_not() {
-        let mut c = Coalesce::new(8, WAIT);
-        let t = Instant::now();
-        c.phase = Phase::On(t + Duration::from_secs(60));
+        let (mut c, t) = coalescing();
         busy(&mut c, 8, 28);
         assert!(matches!(c.idle(t), Mark::Wait(_)));
         c.timed_out(t + WAIT);
@@ -656,9 +661,7 @@ mod tests {
 
     #[test]
     fn a_wake_with_nothing_new_keeps_the_wait() {
-        let mut c = Coalesce::new(8, WAIT);
-        let t = Instant::now();
-        c.phase = Phase::On(t + Duration::from_secs(60));
+        let (mut c, t) = coalescing();
         busy(&mut c, 8, 28);
         assert!(matches!(c.idle(t), Mark::Wait(_)));
         c.woken(t + STEP);
@@ -668,9 +671,7 @@ mod tests {
 
     #[test]
     fn slow_batches_shrink_the_cap_fast_ones_grow_it_a_paced_client_is_not_kept_waiting() {
-        let mut c = Coalesce::new(8, WAIT);
-        let mut t = Instant::now();
-        c.phase = Phase::On(t + Duration::from_secs(60));
+        let (mut c, mut t) = coalescing();
         busy(&mut c, 16, 28);
         assert_eq!(c.idle(t), Mark::Wait(8 * 28));
         // Filled at more than FILL_PER_REQUEST_MAX each: cap 8 -> 4 -> 2.

@@ -33,24 +33,7 @@ use tokio::net::TcpStream;
 /// Sets the socket's peek offset to `off` bytes past the next unread byte.
 /// `Err` where the kernel does not support `SO_PEEK_OFF` on TCP.
 pub fn set_peek_off(stream: &TcpStream, off: usize) -> io::Result<()> {
-    let v: libc::c_int = off
-        .try_into()
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    // SAFETY: a valid socket fd, a c_int option value of the right size.
-    let r = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEEK_OFF,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    set_socket_int(stream, libc::SO_PEEK_OFF, off)
 }
 
 /// Sets the socket's receive low-water mark (`SO_RCVLOWAT`): the kernel
@@ -59,8 +42,12 @@ pub fn set_peek_off(stream: &TcpStream, off: usize) -> io::Result<()> {
 /// is there. Raising the mark signals readiness at once if that many bytes
 /// are already waiting, lowering it likewise.
 pub fn set_rcvlowat(stream: &TcpStream, bytes: usize) -> io::Result<()> {
-    let v: libc::c_int = bytes
-        .max(1)
+    set_socket_int(stream, libc::SO_RCVLOWAT, bytes.max(1))
+}
+
+/// `setsockopt(SOL_SOCKET, opt)` with an `int` value.
+fn set_socket_int(stream: &TcpStream, opt: libc::c_int, value: usize) -> io::Result<()> {
+    let v: libc::c_int = value
         .try_into()
         .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: a valid socket fd, a c_int option value of the right size.
@@ -68,7 +55,7 @@ pub fn set_rcvlowat(stream: &TcpStream, bytes: usize) -> io::Result<()> {
         libc::setsockopt(
             stream.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
+            opt,
             (&v as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
