@@ -19,11 +19,11 @@
 //! client and server take turns and cost 25-45% of the IOPS. So each
 //! connection *probes*: windows of [`PROBE_WINDOW`] alternate between not
 //! coalescing and coalescing, [`PROBE_ROUNDS`] of each, and it coalesces
-//! only if that raised the rate of requests by [`GAIN_MIN_PERMILLE`] or
+//! unless that lowered the rate of requests by [`LOSS_MAX_PERMILLE`] or
 //! more. The verdict holds for a while ([`PROBE_GAP_MIN`], doubling while
 //! the verdict repeats, up to [`PROBE_GAP_MAX`]), then it probes again. A
-//! client that sends at a fixed rate gains nothing from waiting, so it is
-//! not made to wait (outside probes).
+//! client that paces its requests (a fixed rate) fills batches slowly and
+//! is not made to wait (the fill rule below).
 //!
 //! **No client waits for a batch that will not come.**
 //! * `k` is at most the number of requests the client was seen to have
@@ -37,9 +37,10 @@
 //!   waiting is a *stall*: the batch shrinks to two, and if stalls exceed
 //!   [`STALLS_PER_WAITS_MAX`] coalescing stops until the next probe. A
 //!   timer that finds nothing waiting only means the client went quiet.
-//! * Batches that take longer than half the wait to fill halve the largest
-//!   batch (the cap); batches that fill quickly raise it by one, up to
-//!   [`Coalesce::requests_max`] (additive increase, multiplicative decrease).
+//! * Batches whose requests arrive more than [`FILL_PER_REQUEST_MAX`] apart
+//!   halve the largest batch (the cap); at two already, such a batch counts
+//!   as a stall. Batches that fill quickly raise the cap by one, up to the
+//!   configured largest batch (additive increase, multiplicative decrease).
 //! * Only small requests are coalesced: a batch is at most
 //!   [`COALESCE_BYTES_MAX`] on the wire.
 //!

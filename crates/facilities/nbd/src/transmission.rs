@@ -16,7 +16,7 @@
 //!   end of the last accepted header, so a WRITE payload is never pulled into
 //!   scratch memory: it is read with `readv` straight into the pages of a
 //!   [`Buffer`] from the pool. With a peek offset (`SO_PEEK_OFF`, see
-//!   [`crate::sock`]) the parsed headers are not consumed before the next
+//!   `crate::sock`) the parsed headers are not consumed before the next
 //!   peek: they are read in bulk once [`CONSUME_BATCH_BYTES`] have gathered,
 //!   or by the first iovec of the next payload's `readv`, so a stream of
 //!   reads costs one system call per batch of headers. A request whose buffer cannot be had leaves its
@@ -269,7 +269,7 @@ pub struct Transmission<'a, S, F, G> {
     /// Bytes past the next unread byte known to be in the socket (peeked).
     /// A peek past them (`EAGAIN`) clears tokio's readiness while they stay
     /// unread, so reads of them must not wait for readiness
-    /// ([`crate::sock`]).
+    /// (`crate::sock`).
     seen: usize,
     /// Waiting (FIFO, in the pool) for the buffer of the header at the
     /// front of the socket; boxed only on this exhaustion path.
