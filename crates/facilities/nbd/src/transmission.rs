@@ -403,12 +403,18 @@ where
     fn wait_woken(&mut self, cx: &mut Context<'_>) {
         let expired = self.timer.as_mut().is_some_and(|t| t.poll_expired(cx));
         if expired {
-            self.expired = true;
-            self.force_peek = true;
-            self.set_mark(1);
+            self.wait_ran_out();
         } else {
             self.coalesce.woken(Instant::now().into_std());
         }
+    }
+
+    /// The wait's timer ran out: wake on any byte again and read whatever is
+    /// there (the wait is judged when the connection is next idle).
+    fn wait_ran_out(&mut self) {
+        self.expired = true;
+        self.force_peek = true;
+        self.set_mark(1);
     }
 
     /// The poll loop found nothing to do: choose how to wait. `true`: that
@@ -466,9 +472,7 @@ where
                 // Registers the waker for the expiry; it cannot have run
                 // out yet, but if it has, handle it now.
                 if timer.poll_expired(cx) {
-                    self.expired = true;
-                    self.force_peek = true;
-                    self.set_mark(1);
+                    self.wait_ran_out();
                     return true;
                 }
                 false
@@ -552,7 +556,7 @@ where
         s.extents.clear();
         s.state = SlotState::Running;
         self.busy += 1;
-        let payload = if h.command() == Command::Write {
+        let payload = if s.cmd == Command::Write {
             h.len as usize
         } else {
             0
