@@ -195,6 +195,19 @@ impl Default for AdminConfig {
     }
 }
 
+impl NbdConfig {
+    /// The NBD front end's configuration for node `node`.
+    pub fn front_end(&self, node: u64) -> sanvirt_nbd::NbdConfig {
+        sanvirt_nbd::NbdConfig {
+            node,
+            coalesce_requests_max: self.coalesce_requests_max,
+            coalesce_wait: std::time::Duration::from_micros(self.coalesce_wait_us),
+            coalesce_probe: self.coalesce_probe,
+            ..sanvirt_nbd::NbdConfig::default()
+        }
+    }
+}
+
 impl Default for NbdConfig {
     fn default() -> Self {
         let nbd = sanvirt_nbd::NbdConfig::default();
@@ -257,6 +270,9 @@ impl DaemonConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.node_id == 0 {
             bail!("node_id must be at least 1");
+        }
+        if let Err(e) = self.nbd.front_end(self.node_id).validate() {
+            bail!("invalid [nbd] settings: {e}");
         }
         if !(BUFFER_PAGES_MIN..=BUFFER_PAGES_MAX).contains(&self.buffers.pages) {
             bail!(
@@ -365,5 +381,18 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("io_mode"));
         let c: DaemonConfig = toml::from_str("[buffers]\npages = 10").unwrap();
         assert!(c.validate().is_err());
+        // Checked with the rest of the file, before anything starts.
+        let c: DaemonConfig = toml::from_str("[nbd]\ncoalesce_wait_us = 5").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("coalesce_wait must be between 10 and 10000 µs, not 5"),
+            "{e}"
+        );
+        let c: DaemonConfig = toml::from_str("[nbd]\ncoalesce_requests_max = 100").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("coalesce_requests_max"));
     }
 }

@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Context;
 use parking_lot::Mutex;
@@ -28,7 +28,7 @@ use sanvirt_config::{Command, ConfigError, Outcome, State};
 use sanvirt_facility::fanout::FanOut;
 use sanvirt_facility::{IoRequest, IoServer};
 use sanvirt_iscsi::IscsiFrontEnd;
-use sanvirt_nbd::{NbdConfig, NbdFrontEnd};
+use sanvirt_nbd::NbdFrontEnd;
 use sanvirt_scsi::{AluaAccess, AluaGroups, ScsiTarget, TargetIdentity, TargetPortGroup};
 use sanvirt_thin::Thin;
 use sanvirt_virt::Virtualization;
@@ -545,13 +545,7 @@ pub async fn run(
     let nbd: Arc<Stack> = NbdFrontEnd::try_new(
         server.clone(),
         Arc::clone(&pool),
-        NbdConfig {
-            node: cfg.node_id,
-            coalesce_requests_max: cfg.nbd.coalesce_requests_max,
-            coalesce_wait: Duration::from_micros(cfg.nbd.coalesce_wait_us),
-            coalesce_probe: cfg.nbd.coalesce_probe,
-            ..NbdConfig::default()
-        },
+        cfg.nbd.front_end(cfg.node_id),
     )
     .context("invalid NBD configuration")?;
 
@@ -973,7 +967,7 @@ mod tests {
         let nbd = NbdFrontEnd::new(
             FanOut::new(Leased::new(thin, Held)),
             Arc::clone(&pool),
-            NbdConfig::default(),
+            sanvirt_nbd::NbdConfig::default(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
