@@ -18,6 +18,7 @@ use crate::config::{ConfigError, NbdConfig};
 use crate::exports::{ExportSummary, Exports};
 use crate::limits::IN_FLIGHT_MAX;
 use crate::negotiate::handshake;
+use crate::transmission::BatchStats;
 use crate::transmission::{exec, Slot, Transmission};
 use sanvirt_objpool::{ranks, Pool, PoolError, PoolStats};
 
@@ -41,6 +42,7 @@ pub struct NbdFrontEnd<S: IoServer> {
     shutdown: Arc<watch::Sender<bool>>,
     /// Request coalescing of the connections that ended, summed.
     coalesced: parking_lot::Mutex<CoalesceStats>,
+    batched: parking_lot::Mutex<BatchStats>,
 }
 
 /// Stops a running front end: listeners stop accepting, handshakes end,
@@ -95,6 +97,7 @@ impl<S: IoServer> NbdFrontEnd<S> {
             exports: Exports::default(),
             shutdown: Arc::new(tx),
             coalesced: parking_lot::Mutex::new(CoalesceStats::default()),
+            batched: parking_lot::Mutex::new(BatchStats::default()),
         });
         let client: Arc<dyn IoClient> = fe.clone();
         let weak: Weak<dyn IoClient> = Arc::downgrade(&client);
@@ -115,6 +118,11 @@ impl<S: IoServer> NbdFrontEnd<S> {
     /// What request coalescing did on the connections that have ended.
     pub fn coalesce_stats(&self) -> CoalesceStats {
         *self.coalesced.lock()
+    }
+
+    /// What WRITE batching did on the connections that have ended.
+    pub fn batch_stats(&self) -> BatchStats {
+        *self.batched.lock()
     }
 
     pub fn config(&self) -> &NbdConfig {
@@ -274,6 +282,8 @@ impl<S: IoServer> NbdFrontEnd<S> {
         poll_fn(|cx| t.poll(cx)).await;
         let c = t.coalesce_stats();
         self.coalesced.lock().add(&c);
+        let b = t.batch_stats();
+        self.batched.lock().add(&b);
         tracing::info!(
             %peer,
             %export,
@@ -283,6 +293,8 @@ impl<S: IoServer> NbdFrontEnd<S> {
             coalesce_quiet = c.quiet,
             coalesce_probes = c.probes,
             coalesce_kept = c.kept,
+            batch_peeks = b.peeks,
+            batched_writes = b.writes,
             "client disconnected"
         );
     }

@@ -54,12 +54,21 @@ pub const SEND_IOV_MAX: usize = 1024;
 /// iovecs handed to one `readv` of a WRITE payload.
 pub const RECV_IOV_MAX: usize = 256;
 
+/// WRITE batches (one peek for several requests, `Transmission::recv_batch`):
+/// requests per batch, bytes per batch (headers and payloads), iovecs per
+/// peek, and the longest payload batched (longer writes gain nothing: a
+/// batch would hold too few).
+pub const BATCH_REQUESTS_MAX: usize = 16;
+pub const BATCH_BYTES_MAX: usize = 64 << 10;
+pub const BATCH_IOV_MAX: usize = 64;
+pub const BATCH_PAYLOAD_MAX: usize = 16 << 10;
+
 /// Scratch memory per connection, for throwing away payloads.
 pub const DISCARD_CHUNK_BYTES: usize = 16 << 10;
 
-/// Parsed request headers left unread in the socket (with a peek offset)
-/// are consumed once this many bytes have gathered, unless a WRITE
-/// payload's `readv` takes them first.
+/// Parsed request headers (and payloads a batch peek put in place) left
+/// unread in the socket (with a peek offset) are thrown away once this many
+/// bytes have gathered, unless a WRITE payload's `readv` takes them first.
 pub const CONSUME_BATCH_BYTES: usize = 4096;
 
 /// A connection short of buffers waits in the pool's FIFO queue; if the pool
@@ -96,6 +105,10 @@ const _: () = assert!(OPTION_DATA_BYTES_MAX as u64 <= OPTION_DISCARD_BYTES_MAX);
 const _: () = assert!(ERROR_MESSAGE_BYTES_MAX <= u16::MAX as usize);
 const _: () = assert!(BLOCK_STATUS_EXTENTS_MAX >= 1 && BLOCK_STATUS_EXTENTS_MAX <= 1 << 20);
 const _: () = assert!(DISCARD_CHUNK_BYTES >= IN_FLIGHT_MAX * REQUEST_HEADER_BYTES);
+// At least one request of the longest batched payload fits a batch peek.
+const _: () = assert!(BATCH_BYTES_MAX >= REQUEST_HEADER_BYTES + BATCH_PAYLOAD_MAX);
+const _: () = assert!(BATCH_IOV_MAX > BATCH_PAYLOAD_MAX / 4096 + 1);
+const _: () = assert!(BATCH_REQUESTS_MAX <= IN_FLIGHT_MAX);
 // Pending headers plus one more peek fit the scratch the readv throws them into.
 const _: () =
     assert!(CONSUME_BATCH_BYTES + IN_FLIGHT_MAX * REQUEST_HEADER_BYTES <= DISCARD_CHUNK_BYTES);

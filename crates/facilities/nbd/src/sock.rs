@@ -4,9 +4,11 @@
 //! * **Peek offset** (`SO_PEEK_OFF`, TCP since Linux 6.9): successive peeks
 //!   return successive bytes, so the request headers a connection has
 //!   already parsed need not be read (consumed) before it peeks at the next
-//!   ones. The connection consumes them later in bulk, or with the `readv`
-//!   of the next WRITE payload. Where the kernel refuses the option the
-//!   connection consumes before every peek, as before.
+//!   ones. The connection consumes them later in bulk ([`discard`], which
+//!   copies nothing), or with the `readv` of the next WRITE payload. A batch
+//!   peek ([`peekv`]) lands several WRITEs' headers and payloads where they
+//!   belong in one call. Where the kernel refuses the option the connection
+//!   consumes before every peek, as before.
 //! * **Readiness.** Every call runs inside [`TcpStream::try_io`], so only
 //!   `EAGAIN` clears tokio's readiness. A short read or `readv` does not:
 //!   under load the client's next request often arrives within
@@ -141,6 +143,41 @@ pub fn peek(stream: &TcpStream, buf: &mut [u8], present: bool) -> io::Result<Got
                 buf.as_mut_ptr().cast(),
                 want,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        }
+    })
+}
+
+/// `recvmsg(MSG_PEEK)` into `iov` (from the peek offset, where set): one
+/// peek that lands request headers and WRITE payloads where they belong. A
+/// peek that fills less than `iov` clears readiness, as [`peek`] does.
+pub fn peekv(stream: &TcpStream, iov: &mut [IoSliceMut<'_>], present: bool) -> io::Result<Got> {
+    let want: usize = iov.iter().map(|s| s.len()).sum();
+    transfer(stream, present, want, |fd| {
+        // SAFETY: a zeroed `msghdr` is valid (no name, no control data);
+        // `IoSliceMut` is ABI-compatible with `iovec` on Unix and every
+        // slice is valid for writes of its length.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = iov.as_mut_ptr().cast();
+            msg.msg_iovlen = iov.len() as _;
+            libc::recvmsg(fd, &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        }
+    })
+}
+
+/// Throws away the next `len` bytes without copying them (`MSG_TRUNC`,
+/// which Linux honours for TCP since 2.4, tcp(7)): bytes the connection has
+/// already peeked into place.
+pub fn discard(stream: &TcpStream, len: usize, present: bool) -> io::Result<Got> {
+    transfer(stream, present, 0, |fd| {
+        // SAFETY: with MSG_TRUNC, TCP copies nothing to the (null) buffer.
+        unsafe {
+            libc::recv(
+                fd,
+                std::ptr::null_mut(),
+                len,
+                libc::MSG_TRUNC | libc::MSG_DONTWAIT,
             )
         }
     })

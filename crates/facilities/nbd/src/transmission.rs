@@ -19,7 +19,11 @@
 //!   `crate::sock`) the parsed headers are not consumed before the next
 //!   peek: they are read in bulk once [`CONSUME_BATCH_BYTES`] have gathered,
 //!   or by the first iovec of the next payload's `readv`, so a stream of
-//!   reads costs one system call per batch of headers. A request whose buffer cannot be had leaves its
+//!   reads costs one system call per batch of headers. After a short WRITE
+//!   the next peek is a *batch peek* (`Transmission::recv_batch`) that
+//!   puts the following WRITEs' payloads straight into buffers allocated
+//!   for them in advance; accepted bytes are thrown away with `MSG_TRUNC`,
+//!   without a copy. A request whose buffer cannot be had leaves its
 //!   header unread in the socket while the connection waits in the pool's
 //!   FIFO queue (`BufferPool::alloc_wait`): backpressure, no error.
 //! * **Executing.** Requests run concurrently; each slot future is polled only
@@ -291,6 +295,31 @@ pub struct Transmission<'a, S, F, G> {
     expired: bool,
     /// Peek once even if tokio has no readiness (after a wait timed out).
     force_peek: bool,
+    /// Write batches ([`Transmission::recv_batch`]): the payload length of
+    /// the last request if it was a WRITE short enough to batch (0: not),
+    /// how many requests the next batch peek covers, and its header and
+    /// payload space (kept between batches: no allocation per batch).
+    batch_len: usize,
+    batch_guess: usize,
+    batch_hdrs: [[u8; REQUEST_HEADER_BYTES]; BATCH_REQUESTS_MAX],
+    batch_bufs: Vec<Buffer>,
+    batch_stats: BatchStats,
+}
+
+/// What WRITE batching did on a connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Batch peeks that returned bytes.
+    pub peeks: u64,
+    /// WRITEs whose payload (all of it or its start) came with a batch peek.
+    pub writes: u64,
+}
+
+impl BatchStats {
+    pub fn add(&mut self, o: &BatchStats) {
+        self.peeks += o.peeks;
+        self.writes += o.writes;
+    }
 }
 
 impl<'a, S, F, G> Transmission<'a, S, F, G>
@@ -339,6 +368,11 @@ where
             lowat: 1,
             expired: false,
             force_peek: false,
+            batch_len: 0,
+            batch_guess: 2,
+            batch_hdrs: [[0; REQUEST_HEADER_BYTES]; BATCH_REQUESTS_MAX],
+            batch_bufs: Vec::with_capacity(BATCH_REQUESTS_MAX),
+            batch_stats: BatchStats::default(),
         }
     }
 
@@ -351,6 +385,11 @@ where
     /// What request coalescing did on this connection.
     pub fn coalesce_stats(&self) -> CoalesceStats {
         self.coalesce.stats()
+    }
+
+    /// What WRITE batching did on this connection.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batch_stats
     }
 
     /// Drives the connection; ready when the session is over (client
@@ -525,8 +564,7 @@ where
     /// would see ECONNRESET).
     fn drain_parsed(&mut self) {
         while self.consume_pending > 0 {
-            let k = self.consume_pending.min(self.scratch.len());
-            match crate::sock::read(self.stream, &mut self.scratch[..k], true) {
+            match crate::sock::discard(self.stream, self.consume_pending, true) {
                 Ok(Got::Bytes(m)) if m > 0 => {
                     self.consume_pending -= m;
                     self.consumed(m);
@@ -558,6 +596,11 @@ where
         self.busy += 1;
         let payload = if s.cmd == Command::Write {
             h.len as usize
+        } else {
+            0
+        };
+        self.batch_len = if payload <= BATCH_PAYLOAD_MAX {
+            payload
         } else {
             0
         };
@@ -859,12 +902,12 @@ where
         }
     }
 
-    /// Reads and drops `consume_pending` bytes already parsed from a peek.
+    /// Drops the `consume_pending` bytes already parsed from a peek.
     fn consume(&mut self, cx: &mut Context<'_>) -> bool {
         while self.consume_pending > 0 {
-            // Peeked, so there: read without waiting for readiness.
-            let k = self.consume_pending.min(self.scratch.len());
-            match crate::sock::read(self.stream, &mut self.scratch[..k], true) {
+            // Peeked, so there: read without waiting for readiness; nothing
+            // to copy (headers parsed, payloads already in their buffers).
+            match crate::sock::discard(self.stream, self.consume_pending, true) {
                 Ok(Got::Bytes(0)) => {
                     self.stop("client closed the connection");
                     return false;
@@ -997,6 +1040,11 @@ where
         if !self.align_peek() {
             // Consume first (the caller's loop does), then peek; or stopped.
             return true;
+        }
+        if self.batch_len > 0 && self.hdr_have == 0 && self.peek_off.is_some() {
+            if let Some(progress) = self.recv_batch(cx, self.batch_len) {
+                return progress;
+            }
         }
         let want = (free * REQUEST_HEADER_BYTES - self.hdr_have).min(self.scratch.len());
         // Where this peek starts, past the next unread byte.
@@ -1227,6 +1275,175 @@ where
         Admit::Next
     }
 
+    /// The payload of the WRITE in `slot` is all in its buffer: run it.
+    fn payload_done(&mut self, slot: usize) {
+        let s = &mut self.slots[slot];
+        let buf = s.data.take().expect("payload buffer");
+        let fua = s.flags & CMD_FLAG_FUA != 0;
+        let req = IoRequest::write(self.session.export.disk(), s.offset, buf, fua);
+        self.recv = Recv::Headers;
+        self.run(slot, Op::Io(req));
+    }
+
+    /// One peek for a batch of WRITEs: while the last request was a WRITE
+    /// of `len` bytes, the next ones probably are too (a client's queue of
+    /// random writes), so the peek's iovecs alternate a header's space and
+    /// a buffer of `len` bytes, allocated in advance, for as many requests
+    /// as the last batch suggested. Each header that is indeed such a WRITE
+    /// gets its buffer with its payload already in it; the first that is
+    /// not ends the batch (what the peek put after it is ignored and peeked
+    /// again from the right place). The accepted bytes are thrown away
+    /// later in one `MSG_TRUNC` call. So a batch of `k` writes costs two
+    /// system calls instead of a `readv` each, and no extra copy: the
+    /// payload moves once, from the socket into its pages.
+    ///
+    /// `None`: no buffer for even one request now; use the plain peek.
+    fn recv_batch(&mut self, cx: &mut Context<'_>, len: usize) -> Option<bool> {
+        let start = self.peek_off.unwrap_or(0);
+        let mut present = self.seen > start || self.force_peek;
+        if !present {
+            // Nothing known to be there: do not allocate for nothing.
+            match self.readable(cx) {
+                Readable::Again => {}
+                Readable::Pending => return Some(false),
+                Readable::Failed => return Some(true),
+            }
+        }
+        let unit = REQUEST_HEADER_BYTES + len;
+        let iovs = 1 + len.div_ceil(PAGE_SIZE);
+        let count = self
+            .batch_guess
+            .min(self.free.len())
+            .min(BATCH_BYTES_MAX / unit)
+            .min(BATCH_IOV_MAX / iovs)
+            .max(1);
+        debug_assert!(self.batch_bufs.is_empty());
+        while self.batch_bufs.len() < count {
+            match self.pool.alloc(len) {
+                Ok(b) => self.batch_bufs.push(b),
+                Err(_) => break,
+            }
+        }
+        if self.batch_bufs.is_empty() {
+            return None;
+        }
+        let count = self.batch_bufs.len();
+        self.force_peek = false;
+        let stream = self.stream;
+        let n = loop {
+            let mut iov: [IoSliceMut<'_>; BATCH_IOV_MAX] =
+                std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            let mut k = 0;
+            for (hdr, buf) in self.batch_hdrs.iter_mut().zip(self.batch_bufs.iter_mut()) {
+                iov[k] = IoSliceMut::new(hdr);
+                k += 1;
+                for seg in buf.segments_mut() {
+                    iov[k] = IoSliceMut::new(seg);
+                    k += 1;
+                }
+            }
+            match crate::sock::peekv(stream, &mut iov[..k], present) {
+                Ok(Got::Bytes(n)) => break n,
+                Ok(Got::WouldBlock) => match self.readable(cx) {
+                    Readable::Again => present = false,
+                    Readable::Pending => {
+                        self.batch_bufs.clear();
+                        return Some(false);
+                    }
+                    Readable::Failed => {
+                        self.batch_bufs.clear();
+                        return Some(true);
+                    }
+                },
+                Err(_) => {
+                    self.batch_bufs.clear();
+                    self.stop("read failed");
+                    return Some(true);
+                }
+            }
+        };
+        self.seen = self.seen.max(start + n);
+        if let Some(off) = self.peek_off.as_mut() {
+            *off += n;
+        }
+        if n == 0 {
+            self.batch_bufs.clear();
+            self.stop("client closed the connection");
+            return Some(true);
+        }
+        self.batch_stats.peeks += 1;
+        // Bytes of the peek accepted (parsed headers, received payloads).
+        let mut pos = 0;
+        let mut whole = 0;
+        let mut bufs = std::mem::take(&mut self.batch_bufs);
+        for (j, buf) in bufs.drain(..).enumerate() {
+            let rest = n - pos;
+            if rest < REQUEST_HEADER_BYTES {
+                // A partial header: header bytes only, safe to consume.
+                self.hdr_buf[..rest].copy_from_slice(&self.batch_hdrs[j][..rest]);
+                self.hdr_have = rest;
+                pos += rest;
+                break;
+            }
+            let h = match RequestHeader::parse(&self.batch_hdrs[j]) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::warn!(error = %e, "closing connection: stream out of sync");
+                    self.stop("bad request magic");
+                    break;
+                }
+            };
+            let fits = h.command() == Command::Write && h.len as usize == len;
+            if fits {
+                // `execute` takes the buffer as if a pool wait had given it.
+                self.waited = Some(Ok(buf));
+            }
+            let admitted = self.admit(&h);
+            let took = fits && self.waited.is_none();
+            self.waited = None;
+            match admitted {
+                Admit::NoBuffer => {
+                    self.no_buffer(cx);
+                    break;
+                }
+                // Not a payload in this buffer: what follows is elsewhere.
+                Admit::Next => {
+                    pos += REQUEST_HEADER_BYTES;
+                    break;
+                }
+                Admit::Last => pos += REQUEST_HEADER_BYTES,
+            }
+            let Recv::Payload { slot, .. } = self.recv else {
+                // Refused (its payload is discarded from the socket) or stopped.
+                break;
+            };
+            if !took {
+                // A WRITE of another length: its own buffer, read as usual.
+                break;
+            }
+            let got = (n - pos).min(len);
+            pos += got;
+            self.batch_stats.writes += 1;
+            if got < len {
+                self.recv = Recv::Payload {
+                    slot,
+                    received: got,
+                };
+                break;
+            }
+            self.payload_done(slot);
+            whole += 1;
+        }
+        self.batch_bufs = bufs;
+        self.consume_pending += pos;
+        self.batch_guess = if whole == count {
+            (count * 2).min(BATCH_REQUESTS_MAX)
+        } else {
+            (whole + 1).clamp(2, BATCH_REQUESTS_MAX)
+        };
+        Some(pos > 0 || matches!(self.recv, Recv::Stopped))
+    }
+
     fn recv_payload(&mut self, cx: &mut Context<'_>, slot: usize, mut received: usize) -> bool {
         let stream = self.stream;
         loop {
@@ -1265,9 +1482,11 @@ where
                 // What follows a payload on the wire is the next request
                 // header (never payload bytes), so once the iovecs cover the
                 // rest of the payload the same readv may fetch it: a stream
-                // of writes costs one system call per write.
+                // of writes costs one system call per write. Not after a
+                // write short enough to batch: the next header is left for
+                // the batch peek, which fetches it with its payload.
                 debug_assert_eq!(self.hdr_have, 0);
-                if whole_rest {
+                if whole_rest && self.batch_len == 0 {
                     iov[k] = IoSliceMut::new(&mut self.hdr_buf[..]);
                     k += 1;
                 }
@@ -1288,11 +1507,7 @@ where
                     received += m;
                     if received >= len {
                         self.hdr_have = received - len;
-                        let buf = s.data.take().expect("payload buffer");
-                        let fua = s.flags & CMD_FLAG_FUA != 0;
-                        let req = IoRequest::write(self.session.export.disk(), s.offset, buf, fua);
-                        self.recv = Recv::Headers;
-                        self.run(slot, Op::Io(req));
+                        self.payload_done(slot);
                         return true;
                     }
                     self.recv = Recv::Payload { slot, received };
