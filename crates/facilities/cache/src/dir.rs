@@ -98,24 +98,25 @@ impl Dir {
     /// Drops clean tracks of pages `[first, last]` (their data may be stale
     /// after a write that bypassed the cache).
     pub fn invalidate_clean(&mut self, first: u64, last: u64) -> usize {
-        let stale_track = |t: &Track| t.dirty == 0 && t.destaging.is_none();
+        let stale = |t: &Track| t.dirty == 0 && t.destaging.is_none();
         // Probe the range's pages, or walk the map when it has fewer
         // entries than the range has pages (an unmap of a whole volume).
-        let stale: Vec<u64> = if last.saturating_sub(first) < self.tracks.len() as u64 {
-            (first..=last)
-                .filter(|p| self.tracks.get(p).is_some_and(stale_track))
-                .collect()
+        // No allocation: this runs for every write that bypasses the cache.
+        if last.saturating_sub(first) < self.tracks.len() as u64 {
+            let mut gone = 0;
+            for p in first..=last {
+                if self.tracks.get(&p).is_some_and(stale) {
+                    self.tracks.remove(&p);
+                    gone += 1;
+                }
+            }
+            gone
         } else {
+            let before = self.tracks.len();
             self.tracks
-                .iter()
-                .filter(|(p, t)| (first..=last).contains(*p) && stale_track(t))
-                .map(|(p, _)| *p)
-                .collect()
-        };
-        for p in &stale {
-            self.tracks.remove(p);
+                .retain(|p, t| !((first..=last).contains(p) && stale(t)));
+            before - self.tracks.len()
         }
-        stale.len()
     }
 
     /// Evicts clean tracks, oldest first, until at most `keep` clean tracks
