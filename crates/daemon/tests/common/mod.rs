@@ -18,32 +18,28 @@ use std::time::{Duration, Instant};
 const TEST_PORTS: std::ops::Range<u16> = 20000..32000;
 
 /// A port no other test process holds and nothing listens on now. Held
-/// for the life of this process (an exclusive `flock` on a file per port
-/// under the temp directory, released when the process exits), so
-/// concurrent test processes never pick the same one.
+/// for the life of this process by a Unix socket bound in the abstract
+/// namespace under a name made from the port: the kernel lets one socket
+/// hold a name, frees it when the process exits (however it exits), and
+/// leaves no file behind. So concurrent test processes never pick the same
+/// port. (Lock files under the temp directory did the same but stayed
+/// there, one per port ever used.)
 pub fn free_port() -> u16 {
-    use std::os::fd::AsRawFd;
-    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
-    let dir = std::env::temp_dir().join("sanvirt-test-ports");
-    std::fs::create_dir_all(&dir).expect("port lock directory");
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    static HELD: std::sync::Mutex<Vec<UnixListener>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..TEST_PORTS.len() {
         let port = rand::Rng::gen_range(&mut rand::thread_rng(), TEST_PORTS);
-        let Ok(f) = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(port.to_string()))
-        else {
+        let name = format!("sanvirt-test-port-{port}");
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract socket name");
+        // Taken by another test process (EADDRINUSE), or in use right now.
+        let Ok(hold) = UnixListener::bind_addr(&addr) else {
             continue;
         };
-        // SAFETY: flock(2) on a file descriptor we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            continue;
-        }
         if TcpListener::bind(("127.0.0.1", port)).is_err() {
             continue;
         }
-        HELD.lock().unwrap().push(f);
+        HELD.lock().unwrap().push(hold);
         return port;
     }
     panic!("no free test port in {TEST_PORTS:?}");
