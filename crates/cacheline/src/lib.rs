@@ -150,6 +150,29 @@ impl Conn {
         let mut rx = self.closed.subscribe();
         let _ = rx.wait_for(|c| *c).await;
     }
+
+    /// A forwarded exchange's reply is in: its credit goes back, and a
+    /// revocation the partner asked for meanwhile is answered now (not only
+    /// after the next request).
+    fn settle<C>(&self, credit: C) {
+        drop(credit);
+        if let Some(m) = self.consumer.poll_revoke() {
+            self.send(&Msg::Credit(m));
+        }
+    }
+}
+
+/// What an error from the partner becomes. `NotOwner`: the partner no longer
+/// owns the volume (the roles are changing), so the line reports itself
+/// lost for this request and the cache sends it again on the path it finds
+/// then, here or to the partner. Any other error is the request's.
+fn partner_error(e: sanvirt_facility::IoError) -> Result<sanvirt_facility::IoError, LineLost> {
+    match e {
+        sanvirt_facility::IoError::NotOwner { .. } => {
+            Err(lost("the partner does not own the volume now"))
+        }
+        e => Ok(e),
+    }
 }
 
 struct Inner<S> {
@@ -808,20 +831,12 @@ impl<S: PartnerServe + Clone> Forward for Line<S> {
                 _ => encode(&msg),
             });
             let r = rx.await;
-            drop(credit);
-            if let Some(m) = conn.consumer.poll_revoke() {
-                conn.send(&Msg::Credit(m));
-            }
+            conn.settle(credit);
             match r {
                 Err(_) => Err((req, lost("went down before the reply"))),
-                Ok(Err(e)) => match e.into_io(req.disk, req.op, req.len) {
-                    // The partner no longer owns the volume (the roles are
-                    // changing): the cache sends it again on the path it
-                    // finds then, here or to the partner.
-                    sanvirt_facility::IoError::NotOwner { .. } => {
-                        Err((req, lost("the partner does not own the volume now")))
-                    }
-                    e => Ok(Err(e)),
+                Ok(Err(e)) => match partner_error(e.into_io(req.disk, req.op, req.len)) {
+                    Ok(e) => Ok(Err(e)),
+                    Err(l) => Err((req, l)),
                 },
                 Ok(Ok(data)) => {
                     if req.op != IoOp::Read {
@@ -866,16 +881,11 @@ impl<S: PartnerServe + Clone> Forward for Line<S> {
                 len,
             });
             let r = rx.await;
-            drop(credit);
+            conn.settle(credit);
             match r {
                 Err(_) => Err(lost("went down before the reply")),
-                Ok(r) => match r.map_err(|e| e.into_io(disk, IoOp::Read, len)) {
-                    // As for a request: the partner no longer owns it.
-                    Err(sanvirt_facility::IoError::NotOwner { .. }) => {
-                        Err(lost("the partner does not own the volume now"))
-                    }
-                    r => Ok(r),
-                },
+                Ok(Ok(extents)) => Ok(Ok(extents)),
+                Ok(Err(e)) => partner_error(e.into_io(disk, IoOp::Read, len)).map(Err),
             }
         })
     }
