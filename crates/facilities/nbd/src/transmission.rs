@@ -18,8 +18,9 @@
 //!   [`Buffer`] from the pool. With a peek offset (`SO_PEEK_OFF`, see
 //!   `crate::sock`) the parsed headers are not consumed before the next
 //!   peek: they are read in bulk once [`CONSUME_BATCH_BYTES`] have gathered,
-//!   or by the first iovec of the next payload's `readv`, so a stream of
-//!   reads costs one system call per batch of headers. After a short WRITE
+//!   or by the first iovec of the next payload's `readv`, and always before
+//!   the connection waits (unread bytes can hold the receive window shut:
+//!   see `poll_recv`). After a short WRITE
 //!   the next peek is a *batch peek* (`Transmission::recv_batch`) that
 //!   puts the following WRITEs' payloads straight into buffers allocated
 //!   for them in advance; accepted bytes are thrown away with `MSG_TRUNC`,
@@ -896,6 +897,19 @@ where
                 Recv::Stopped => false,
             };
             if !step {
+                // About to wait (for the client's bytes, a slot or a
+                // buffer): read out every accepted byte first. Bytes left
+                // in the socket keep their whole segment charged to the
+                // receive buffer, so the kernel may advertise a zero window
+                // (it keeps the window shut while the free space is below
+                // the largest segment seen), and a client blocked sending
+                // the rest of a request would never send it. Found with a
+                // batch peek that ended inside a header: 8 bytes left of a
+                // 52 KiB segment, the client's send queue full, both sides
+                // waiting.
+                if self.consume_pending > 0 && !matches!(self.recv, Recv::Stopped) {
+                    self.consume(cx);
+                }
                 return progress;
             }
             progress = true;

@@ -852,14 +852,7 @@ fn write_batches_keep_framing_and_data() {
             cookie += 1;
             let block = blocks.next().expect("enough blocks");
             let mut header = |kind: u16, flags: u16, offset: u64, len: u32| {
-                let h = RequestHeader {
-                    flags,
-                    kind,
-                    cookie,
-                    offset,
-                    len,
-                };
-                wire.extend_from_slice(&h.encode());
+                wire.extend_from_slice(&request_bytes(kind, flags, cookie, offset, len));
             };
             match next(20) {
                 // A read of a block this burst does not write.
@@ -976,24 +969,10 @@ fn write_batches_keep_framing_and_data() {
     // the connection closes.
     let mut wire = Vec::new();
     for i in 0..4u64 {
-        let h = RequestHeader {
-            flags: 0,
-            kind: CMD_WRITE,
-            cookie: 9000 + i,
-            offset: i * 4096,
-            len: 4096,
-        };
-        wire.extend_from_slice(&h.encode());
+        wire.extend_from_slice(&request_bytes(CMD_WRITE, 0, 9000 + i, i * 4096, 4096));
         wire.extend_from_slice(&pattern(4096, i as u8));
     }
-    let mut bad = RequestHeader {
-        flags: 0,
-        kind: CMD_WRITE,
-        cookie: 9004,
-        offset: 0,
-        len: 4096,
-    }
-    .encode();
+    let mut bad = request_bytes(CMD_WRITE, 0, 9004, 0, 4096);
     bad[0] ^= 0xff;
     wire.extend_from_slice(&bad);
     wire.extend_from_slice(&pattern(4096, 4));

@@ -268,14 +268,7 @@ impl Raw {
     }
 
     pub fn request(&mut self, kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-        let h = RequestHeader {
-            flags,
-            kind,
-            cookie,
-            offset,
-            len,
-        };
-        self.send(&h.encode());
+        self.send(&request_bytes(kind, flags, cookie, offset, len));
     }
 
     pub fn write(&mut self, cookie: u64, offset: u64, data: &[u8]) {
@@ -323,6 +316,18 @@ impl Raw {
         self.request(CMD_READ, 0, 0x5151, offset, len);
         self.reply(|_| len as usize)
     }
+}
+
+/// A request header's 28 bytes on the wire.
+pub fn request_bytes(kind: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> [u8; 28] {
+    RequestHeader {
+        flags,
+        kind,
+        cookie,
+        offset,
+        len,
+    }
+    .encode()
 }
 
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
