@@ -9,7 +9,7 @@
 //!   write (`Copy`) and completes the write when the partner acknowledges
 //!   it; when the pages are destaged it says so (`Destaged`) and the
 //!   partner drops the copies. The partner's copies live in its
-//!   [`MirrorTable`](table::MirrorTable) and become its own dirty pages if
+//!   [`MirrorTable`] and become its own dirty pages if
 //!   it wins a break ([`Line::take_copies`]). The line implements
 //!   [`sanvirt_cache::Mirror`].
 //! * **forwarding**: a node that does not own a volume sends the host's
