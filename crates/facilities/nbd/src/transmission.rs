@@ -1055,7 +1055,13 @@ where
             // Consume first (the caller's loop does), then peek; or stopped.
             return true;
         }
-        if self.batch_len > 0 && self.hdr_have == 0 && self.peek_off.is_some() {
+        // Not with a buffer from a finished pool wait at hand: it is for the
+        // header at the front, which the plain path admits.
+        if self.batch_len > 0
+            && self.hdr_have == 0
+            && self.peek_off.is_some()
+            && self.waited.is_none()
+        {
             if let Some(progress) = self.recv_batch(cx, self.batch_len) {
                 return progress;
             }
