@@ -63,7 +63,9 @@ pub const BATCH_BYTES_MAX: usize = 64 << 10;
 pub const BATCH_IOV_MAX: usize = 64;
 pub const BATCH_PAYLOAD_MAX: usize = 16 << 10;
 
-/// Scratch memory per connection, for throwing away payloads.
+/// Scratch memory per connection (peeked headers, and accepted bytes a
+/// payload `readv` reads out); also the piece size in which refused WRITE
+/// payloads are thrown away (`MSG_TRUNC`, no copy).
 pub const DISCARD_CHUNK_BYTES: usize = 16 << 10;
 
 /// Parsed request headers (and payloads a batch peek put in place) left

@@ -183,15 +183,6 @@ pub fn discard(stream: &TcpStream, len: usize, present: bool) -> io::Result<Got>
     })
 }
 
-/// `recv` into `buf`.
-pub fn read(stream: &TcpStream, buf: &mut [u8], present: bool) -> io::Result<Got> {
-    let want = buf.len();
-    transfer(stream, present, 0, |fd| {
-        // SAFETY: `buf` is valid for `want` bytes of writes.
-        unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), want, libc::MSG_DONTWAIT) }
-    })
-}
-
 /// `readv` into `iov`.
 pub fn readv(stream: &TcpStream, iov: &mut [IoSliceMut<'_>], present: bool) -> io::Result<Got> {
     let cnt = iov.len().min(libc::c_int::MAX as usize) as libc::c_int;

@@ -1550,9 +1550,10 @@ where
 
     fn recv_discard(&mut self, cx: &mut Context<'_>, slot: usize, mut remaining: u64) -> bool {
         loop {
-            let k = remaining.min(self.scratch.len() as u64) as usize;
+            // Thrown away in the kernel: no copy into scratch memory.
+            let k = remaining.min(DISCARD_CHUNK_BYTES as u64) as usize;
             let present = self.seen > 0;
-            match crate::sock::read(self.stream, &mut self.scratch[..k], present) {
+            match crate::sock::discard(self.stream, k, present) {
                 Ok(Got::Bytes(0)) => {
                     self.stop("client closed the connection inside a write payload");
                     return true;
